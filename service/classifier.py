@@ -1,0 +1,105 @@
+"""One ONNX Runtime session around one exported model file."""
+
+import hashlib
+import logging
+from pathlib import Path
+
+import numpy as np
+import onnxruntime as ort
+
+from service.model_metadata import ModelMetadata
+from service.preprocessing import N_CROPS
+
+log = logging.getLogger(__name__)
+
+
+def file_sha256(path: Path) -> str:
+    digest = hashlib.sha256()
+    with path.open("rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+def session_options(intra_op_threads: int) -> ort.SessionOptions:
+    options = ort.SessionOptions()
+    # All graph rewrites (constant folding, Conv+ReLU fusion, layout changes): the default, but
+    # stated because everything below relies on the fused graph.
+    options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
+    # One session serves every request and the batcher calls it from one thread, so all cores go
+    # to intra-op parallelism inside each Conv/Gemm; 0 means one thread per physical core.
+    options.intra_op_num_threads = intra_op_threads
+    options.inter_op_num_threads = 1
+    options.execution_mode = ort.ExecutionMode.ORT_SEQUENTIAL
+    # The arena keeps activation buffers between calls of similar batch sizes instead of
+    # returning them to the allocator each time (default, kept on purpose).
+    options.enable_cpu_mem_arena = True
+    return options
+
+
+def provider_list(names: list[str]) -> list[str | tuple[str, dict[str, str]]]:
+    available = set(ort.get_available_providers())
+    providers: list[str | tuple[str, dict[str, str]]] = []
+    for name in names:
+        if name not in available:
+            log.warning("execution provider %s is not in this onnxruntime build; skipped", name)
+        elif name == "CUDAExecutionProvider":
+            # Exhaustive cuDNN algorithm search once per input shape: the batcher sends few
+            # distinct shapes, so the one-off cost buys the fastest convolution kernels.
+            providers.append((name, {"cudnn_conv_algo_search": "EXHAUSTIVE"}))
+        else:
+            providers.append(name)
+    if not providers:
+        providers.append("CPUExecutionProvider")
+    return providers
+
+
+class OnnxClassifier:
+    """An exported AlexNet: its metadata and one warmed-up ``InferenceSession``."""
+
+    def __init__(
+        self, path: Path, providers: list[str], intra_op_threads: int = 0, warm_up: bool = True
+    ) -> None:
+        self.path = path
+        self.sha256 = file_sha256(path)
+        self.session = ort.InferenceSession(
+            str(path), session_options(intra_op_threads), providers=provider_list(providers)
+        )
+        props = self.session.get_modelmeta().custom_metadata_map
+        self.metadata = ModelMetadata.from_props(props)
+        # ONNX Runtime falls back to CPU silently when CUDA libraries are missing: only the
+        # session knows which providers it really got.
+        self.providers: list[str] = self.session.get_providers()
+        if "CUDAExecutionProvider" in providers and "CUDAExecutionProvider" not in self.providers:
+            log.warning(
+                "CUDAExecutionProvider was requested but the session runs on %s "
+                "(CUDA 13 / cuDNN 9 libraries not found, or no GPU)",
+                self.providers,
+            )
+        if warm_up:
+            self.warm_up()
+        log.info(
+            "loaded model %s (%s, %d classes) on %s",
+            self.version, self.metadata.layout, self.metadata.num_classes, self.providers,
+        )
+
+    @property
+    def version(self) -> str:
+        return self.metadata.version
+
+    def warm_up(self) -> None:
+        # The first run allocates buffers and (on CUDA) picks kernels; pay it before serving.
+        size = self.metadata.input_size
+        self.logits(np.zeros((N_CROPS, 3, size, size), dtype=np.float32))
+
+    def logits(self, batch: np.ndarray) -> np.ndarray:
+        meta = self.metadata
+        return self.session.run([meta.output_name], {meta.input_name: batch})[0]
+
+    def probabilities(self, crops: np.ndarray) -> np.ndarray:
+        """(n*10, 3, S, S) crops -> (n, classes): the softmax of each crop, averaged per image."""
+        logits = self.logits(crops).astype(np.float64)
+        logits -= logits.max(axis=1, keepdims=True)
+        softmax = np.exp(logits)
+        softmax /= softmax.sum(axis=1, keepdims=True)
+        return softmax.reshape(-1, N_CROPS, softmax.shape[1]).mean(axis=1)

@@ -1,0 +1,51 @@
+"""What an exported model file says about itself, in the ONNX ``metadata_props``.
+
+Written by the export stage, read by the service: one schema for both sides, so that a model
+file is all the service needs to serve it correctly (labels, sizes, normalisation, provenance).
+Each field is stored under its own key as JSON, readable in Netron or ``onnx.load``.
+"""
+
+import json
+from datetime import datetime
+
+from pydantic import BaseModel, Field
+
+FORMAT = "alexnet-serve/1"
+INPUT_NAME = "images"
+OUTPUT_NAME = "logits"
+
+
+class ModelMetadata(BaseModel):
+    format: str = FORMAT
+    version: str = Field(description="unique name of this export; also the file's stem")
+    layout: str = Field(description="'paper' or 'torchvision'")
+    labels: list[str]
+    wnids: list[str | None] = Field(description="WordNet ID of each class, where it has one")
+    input_size: int = Field(224, description="side of the square crops the network takes")
+    resize_size: int = Field(256, description="shorter side before the central square is cut")
+    mean: list[float] = Field(description="per-channel mean, on pixel values scaled to [0, 1]")
+    std: list[float] = Field(description="per-channel std, on pixel values scaled to [0, 1]")
+    source: str = Field(description="where the weights came from: pretrained, checkpoint, random")
+    source_sha256: str | None = Field(None, description="SHA-256 of the weights file, if any")
+    trained: bool = Field(description="false for random weights: predictions are meaningless")
+    exported_at: datetime
+    validation_top1: float | None = None
+    validation_top5: float | None = None
+    input_name: str = INPUT_NAME
+    output_name: str = OUTPUT_NAME
+
+    @property
+    def num_classes(self) -> int:
+        return len(self.labels)
+
+    def to_props(self) -> dict[str, str]:
+        return {key: json.dumps(value) for key, value in self.model_dump(mode="json").items()}
+
+    @classmethod
+    def from_props(cls, props: dict[str, str]) -> "ModelMetadata":
+        if json.loads(props.get("format", "null")) != FORMAT:
+            raise ValueError(
+                "the model file carries no alexnet-serve metadata (labels, sizes, normalisation); "
+                "export it with `alexnet-export`"
+            )
+        return cls.model_validate({k: json.loads(v) for k, v in props.items() if k in cls.model_fields})

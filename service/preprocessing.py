@@ -1,0 +1,153 @@
+"""Image bytes -> the paper's ten crops, as one float32 batch. No torch.
+
+decode (format from the bytes, JPEG draft mode) -> EXIF orientation -> RGB -> shorter side to
+``resize`` (bilinear, antialiased, as torchvision's preset) -> central ``resize``x``resize`` ->
+ten ``crop``x``crop`` crops: four corners, centre, and the horizontal mirror of each -> scaled to
+[0, 1] and normalised with the model's mean/std -> (10, 3, crop, crop).
+
+Training (model_export) and the service both use these functions, so that a model is validated
+with exactly the preprocessing it is served with.
+"""
+
+import io
+import time
+import warnings
+from dataclasses import dataclass
+
+import numpy as np
+from PIL import Image, ImageOps, UnidentifiedImageError
+
+# Formats read from the bytes' signature; the file name and declared content type are ignored.
+FORMATS = ("JPEG", "PNG", "GIF", "WEBP", "BMP", "TIFF")
+N_CROPS = 10
+
+
+class ImageInputError(ValueError):
+    """A problem with the uploaded bytes, reported to the client as ``status_code``."""
+
+    def __init__(self, status_code: int, detail: str) -> None:
+        super().__init__(detail)
+        self.status_code = status_code
+        self.detail = detail
+
+
+@dataclass(frozen=True)
+class Preprocessed:
+    crops: np.ndarray  # (10, 3, crop, crop) float32
+    decode_s: float
+    preprocess_s: float
+
+
+def _check_pixels(size: tuple[int, int], max_pixels: int) -> None:
+    width, height = size
+    if width * height > max_pixels:
+        raise ImageInputError(
+            413, f"image is {width}x{height} = {width * height} pixels, over the limit of {max_pixels}"
+        )
+
+
+def _open(data: bytes, max_pixels: int) -> Image.Image:
+    if not data:
+        raise ImageInputError(400, "empty file: the upload has no bytes")
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("error", Image.DecompressionBombWarning)
+            image = Image.open(io.BytesIO(data), formats=FORMATS)
+    except (Image.DecompressionBombError, Image.DecompressionBombWarning) as exc:
+        raise ImageInputError(413, f"image has too many pixels: {exc}") from None
+    except UnidentifiedImageError:
+        raise ImageInputError(
+            415, f"not a supported image: the bytes are none of {', '.join(FORMATS)}"
+        ) from None
+    except Exception as exc:  # a malformed header can raise almost anything from a plugin
+        raise ImageInputError(422, f"corrupt image header: {exc}") from None
+    _check_pixels(image.size, max_pixels)  # from the header, before any pixel is allocated
+    return image
+
+
+def _to_rgb(image: Image.Image) -> Image.Image:
+    """Any Pillow mode to 8-bit RGB. Transparent pixels go onto white (their stored colour is
+    often arbitrary); 16-bit and float images are scaled into 8 bits instead of being clipped."""
+    if image.mode == "RGB":
+        return image
+    if image.mode == "P":
+        image = image.convert("RGBA" if "transparency" in image.info else "RGB")
+    if image.mode in ("RGBA", "LA", "PA", "RGBa", "La"):
+        rgba = image.convert("RGBA")
+        background = Image.new("RGBA", rgba.size, (255, 255, 255, 255))
+        return Image.alpha_composite(background, rgba).convert("RGB")
+    if image.mode.startswith("I") or image.mode == "F":
+        values = np.asarray(image, dtype=np.float32)
+        if image.mode == "F":
+            top = 1.0 if float(np.nanmax(values, initial=0.0)) <= 1.0 else 255.0
+        else:
+            top = 65535.0 if image.mode.startswith("I;16") or values.max(initial=0) > 255 else 255.0
+        grey = np.clip(np.nan_to_num(values) * (255.0 / top), 0, 255).round().astype(np.uint8)
+        return Image.fromarray(grey, mode="L").convert("RGB")
+    return image.convert("RGB")
+
+
+def decode(data: bytes, resize: int, max_pixels: int) -> Image.Image:
+    """Bytes -> upright RGB image whose shorter side is at least ``resize`` where the original's
+    was (JPEGs are decoded at a reduced scale when they are much larger: draft mode)."""
+    image = _open(data, max_pixels)
+    try:
+        if image.format == "JPEG":
+            width, height = image.size
+            shorter = min(width, height)
+            if shorter >= 2 * resize:
+                # libjpeg scales by 1/2, 1/4 or 1/8 while decoding; draft picks the smallest
+                # result that is still at least the requested size.
+                image.draft("RGB", (-(-width * resize // shorter), -(-height * resize // shorter)))
+        image.load()  # first frame of animations; raises on truncated data
+        image = ImageOps.exif_transpose(image)
+        return _to_rgb(image)
+    except ImageInputError:
+        raise
+    except (OSError, SyntaxError, ValueError, EOFError) as exc:
+        raise ImageInputError(422, f"corrupt or truncated image data: {exc}") from None
+    except Exception as exc:  # noqa: BLE001 - a decoder plugin failing on hostile bytes
+        raise ImageInputError(422, f"image could not be decoded: {type(exc).__name__}: {exc}") from None
+
+
+def resize_center(image: Image.Image, resize: int) -> np.ndarray:
+    """Shorter side to ``resize`` (torchvision's Resize), then the central square (CenterCrop).
+    Returns (resize, resize, 3) uint8."""
+    width, height = image.size
+    if width <= height:
+        new_size = (resize, max(resize, int(resize * height / width)))
+    else:
+        new_size = (max(resize, int(resize * width / height)), resize)
+    resized = image.resize(new_size, Image.Resampling.BILINEAR)
+    left = int(round((new_size[0] - resize) / 2.0))
+    top = int(round((new_size[1] - resize) / 2.0))
+    return np.asarray(resized.crop((left, top, left + resize, top + resize)))
+
+
+def crop_offsets(resize: int, crop: int) -> list[tuple[int, int]]:
+    """(top, left) of the five crops: top-left, top-right, bottom-left, bottom-right, centre."""
+    far = resize - crop
+    centre = int(round(far / 2.0))
+    return [(0, 0), (0, far), (far, 0), (far, far), (centre, centre)]
+
+
+def ten_crop(square: np.ndarray, crop: int, mean: list[float], std: list[float]) -> np.ndarray:
+    """(S, S, 3) uint8 -> (10, 3, crop, crop) float32: the five crops, then their mirrors."""
+    scale = np.asarray(std, dtype=np.float32) * 255.0
+    normalised = (square.astype(np.float32) - np.asarray(mean, dtype=np.float32) * 255.0) / scale
+    chw = normalised.transpose(2, 0, 1)  # a view; each crop below is copied once into place
+    out = np.empty((N_CROPS, 3, crop, crop), dtype=np.float32)
+    for i, (top, left) in enumerate(crop_offsets(square.shape[0], crop)):
+        out[i] = chw[:, top : top + crop, left : left + crop]
+        out[i + 5] = out[i][:, :, ::-1]
+    return out
+
+
+def preprocess(
+    data: bytes, *, resize: int, crop: int, mean: list[float], std: list[float], max_pixels: int
+) -> Preprocessed:
+    started = time.perf_counter()
+    image = decode(data, resize, max_pixels)
+    decoded = time.perf_counter()
+    crops = ten_crop(resize_center(image, resize), crop, mean, std)
+    return Preprocessed(crops, decoded - started, time.perf_counter() - decoded)
