@@ -30,24 +30,42 @@ def parser() -> argparse.ArgumentParser:
         "  alexnet-export --source random --layout paper --output /tmp/smoke.onnx",
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
-    p.add_argument("--source", choices=("pretrained", "checkpoint", "random"), default="pretrained",
-                   help="official ImageNet weights (downloaded once, SHA-256 checked), a local "
-                   "checkpoint, or seeded random weights for smoke tests (default: pretrained)")
-    p.add_argument("--layout", choices=LAYOUTS, default=None,
-                   help="network layout (pretrained: torchvision; random: default paper; "
-                   "checkpoint: as recorded in it)")
+    p.add_argument(
+        "--source",
+        choices=("pretrained", "checkpoint", "random"),
+        default="pretrained",
+        help="official ImageNet weights (downloaded once, SHA-256 checked), a local "
+        "checkpoint, or seeded random weights for smoke tests (default: pretrained)",
+    )
+    p.add_argument(
+        "--layout",
+        choices=LAYOUTS,
+        default=None,
+        help="network layout (pretrained: torchvision; random: default paper; checkpoint: as recorded in it)",
+    )
     p.add_argument("--checkpoint", type=Path, help="with --source checkpoint: the .pt/.pth file")
     p.add_argument("--seed", type=int, default=0, help="with --source random (default 0)")
-    p.add_argument("--weights-dir", type=Path, default=Path("weights"),
-                   help="where models and the downloaded weights live (default: weights)")
+    p.add_argument(
+        "--weights-dir",
+        type=Path,
+        default=Path("weights"),
+        help="where models and the downloaded weights live (default: weights)",
+    )
     p.add_argument("--output", type=Path, help="ONNX file to write (default: <weights-dir>/<version>.onnx)")
     p.add_argument("--input-size", type=int, default=224, help="crop side the network takes (default 224)")
     p.add_argument("--resize-size", type=int, default=256, help="shorter side before cropping (default 256)")
     p.add_argument("--url", default=PRETRAINED_URL, help="download URL of the pretrained weights (a mirror)")
-    p.add_argument("--sha256", default=PRETRAINED_SHA256_PREFIX,
-                   help="expected SHA-256 (or its prefix) of the pretrained file")
-    p.add_argument("--triton", type=Path, metavar="REPO",
-                   help="also write a Triton model repository (REPO/alexnet/1/model.onnx + config.pbtxt)")
+    p.add_argument(
+        "--sha256",
+        default=PRETRAINED_SHA256_PREFIX,
+        help="expected SHA-256 (or its prefix) of the pretrained file",
+    )
+    p.add_argument(
+        "--triton",
+        type=Path,
+        metavar="REPO",
+        help="also write a Triton model repository (REPO/alexnet/1/model.onnx + config.pbtxt)",
+    )
     return p
 
 
@@ -72,7 +90,10 @@ def main(argv: list[str] | None = None) -> int:
         version = make_version(weights.model.layout, weights.source, datetime.now(UTC))
         output = args.output or args.weights_dir / f"{version}.onnx"
         result = export_onnx(
-            weights, output, input_size=args.input_size, resize_size=args.resize_size,
+            weights,
+            output,
+            input_size=args.input_size,
+            resize_size=args.resize_size,
             version=version if args.output is None else None,
         )
     except (WeightsError, ExportError) as exc:

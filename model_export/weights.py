@@ -116,7 +116,8 @@ def load_state_dict_strict(model: AlexNet, state: dict[str, torch.Tensor], origi
         if k in state and tuple(state[k].shape) != tuple(v.shape)
     ]
     if missing or unexpected or wrong_shape:
-        parts = [f"{origin} does not fit the {model.layout} layout with {model.classifier[-1].out_features} classes"]
+        classes = model.classifier[-1].out_features
+        parts = [f"{origin} does not fit the {model.layout} layout with {classes} classes"]
         if missing:
             parts.append(f"missing keys: {', '.join(missing)}")
         if unexpected:
@@ -127,7 +128,9 @@ def load_state_dict_strict(model: AlexNet, state: dict[str, torch.Tensor], origi
     model.load_state_dict(state, strict=True)
 
 
-def load_pretrained(weights_dir: Path, url: str = PRETRAINED_URL, sha256_prefix: str = PRETRAINED_SHA256_PREFIX) -> LoadedWeights:
+def load_pretrained(
+    weights_dir: Path, url: str = PRETRAINED_URL, sha256_prefix: str = PRETRAINED_SHA256_PREFIX
+) -> LoadedWeights:
     path = pretrained_file(weights_dir, url, sha256_prefix)
     model = AlexNet("torchvision", 1000)
     load_state_dict_strict(model, torch.load(path, map_location="cpu", weights_only=True), str(path))
@@ -151,8 +154,13 @@ def load_checkpoint(path: Path, layout: Layout | None = None) -> LoadedWeights:
         model = AlexNet(layout or content.get("layout", "paper"), len(classes.labels))
         load_state_dict_strict(model, content["model"], str(path))
         return LoadedWeights(
-            model, f"checkpoint:{path.name}", sha256_of(path), True, classes,
-            tuple(content["mean"]), tuple(content["std"]),
+            model,
+            f"checkpoint:{path.name}",
+            sha256_of(path),
+            True,
+            classes,
+            tuple(content["mean"]),
+            tuple(content["std"]),
             {k: content[k] for k in ("validation_top1", "validation_top5") if k in content},
         )
     state = content

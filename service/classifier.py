@@ -80,7 +80,10 @@ class OnnxClassifier:
             self.warm_up()
         log.info(
             "loaded model %s (%s, %d classes) on %s",
-            self.version, self.metadata.layout, self.metadata.num_classes, self.providers,
+            self.version,
+            self.metadata.layout,
+            self.metadata.num_classes,
+            self.providers,
         )
 
     @property

@@ -106,7 +106,7 @@ def decode(data: bytes, resize: int, max_pixels: int) -> Image.Image:
         raise
     except (OSError, SyntaxError, ValueError, EOFError) as exc:
         raise ImageInputError(422, f"corrupt or truncated image data: {exc}") from None
-    except Exception as exc:  # noqa: BLE001 - a decoder plugin failing on hostile bytes
+    except Exception as exc:
         raise ImageInputError(422, f"image could not be decoded: {type(exc).__name__}: {exc}") from None
 
 
@@ -119,15 +119,15 @@ def resize_center(image: Image.Image, resize: int) -> np.ndarray:
     else:
         new_size = (max(resize, int(resize * width / height)), resize)
     resized = image.resize(new_size, Image.Resampling.BILINEAR)
-    left = int(round((new_size[0] - resize) / 2.0))
-    top = int(round((new_size[1] - resize) / 2.0))
+    left = round((new_size[0] - resize) / 2.0)
+    top = round((new_size[1] - resize) / 2.0)
     return np.asarray(resized.crop((left, top, left + resize, top + resize)))
 
 
 def crop_offsets(resize: int, crop: int) -> list[tuple[int, int]]:
     """(top, left) of the five crops: top-left, top-right, bottom-left, bottom-right, centre."""
     far = resize - crop
-    centre = int(round(far / 2.0))
+    centre = round(far / 2.0)  # torchvision's CenterCrop rounding
     return [(0, 0), (0, far), (far, 0), (far, far), (centre, centre)]
 
 

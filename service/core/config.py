@@ -3,10 +3,10 @@
 import os
 from functools import cache
 from pathlib import Path
+from typing import Annotated
 
 from pydantic import Field, SecretStr, model_validator
 from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
-from typing_extensions import Annotated
 
 
 def _split(value: object) -> object:
@@ -22,7 +22,8 @@ class Settings(BaseSettings):
     # Model
     weights_dir: Path = Field(Path("weights"), description="models (*.onnx), downloads, training runs")
     model: str | None = Field(
-        None, description="version (file stem) or file name in weights_dir to serve; default: the "
+        None,
+        description="version (file stem) or file name in weights_dir to serve; default: the "
         "activated one, else the newest *.onnx",
     )
     providers: CommaList = Field(
@@ -38,21 +39,25 @@ class Settings(BaseSettings):
 
     # Concurrency, batching, backpressure
     preprocess_threads: int = Field(
-        default_factory=lambda: min(4, os.cpu_count() or 1), ge=1,
+        default_factory=lambda: min(4, os.cpu_count() or 1),
+        ge=1,
         description="threads that decode and crop images (off the event loop)",
     )
     batching: bool = Field(True, description="gather concurrent requests into one inference call")
     max_batch_images: int = Field(8, ge=1, description="most images (x10 crops) in one inference call")
     max_batch_delay_ms: float = Field(2.0, ge=0, description="longest wait for more images to batch")
     max_queue_images: int = Field(
-        64, ge=1, description="images admitted (decoding, queued or running) before 503 + Retry-After",
+        64,
+        ge=1,
+        description="images admitted (decoding, queued or running) before 503 + Retry-After",
     )
     request_timeout_s: float = Field(30.0, gt=0, description="longest a request waits for its result")
 
     # Training and model management
     data_root: Path = Field(Path("data"), description="root that /train dataset paths are relative to")
     api_key: SecretStr | None = Field(
-        None, description="bearer key for /train and /model/activate; unset = those answer 403",
+        None,
+        description="bearer key for /train and /model/activate; unset = those answer 403",
     )
 
     # HTTP

@@ -1,0 +1,50 @@
+"""Prometheus metrics, in a registry of the app's own (two apps in one process stay apart)."""
+
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
+
+LATENCY_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.075, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30)
+BATCH_BUCKETS = (1, 2, 4, 8, 16, 32, 64, 128)
+
+
+class Metrics:
+    def __init__(self) -> None:
+        self.registry = CollectorRegistry()
+        r = self.registry
+        self.requests = Counter(
+            "alexnet_requests", "HTTP requests by route and status", ["method", "route", "status"], registry=r
+        )
+        self.request_seconds = Histogram(
+            "alexnet_request_seconds", "HTTP request latency", ["route"], buckets=LATENCY_BUCKETS, registry=r
+        )
+        self.in_flight = Gauge("alexnet_requests_in_flight", "HTTP requests being handled", registry=r)
+        self.decode_seconds = Histogram(
+            "alexnet_decode_seconds", "image decode time per image", buckets=LATENCY_BUCKETS, registry=r
+        )
+        self.preprocess_seconds = Histogram(
+            "alexnet_preprocess_seconds",
+            "resize and ten-crop time per image",
+            buckets=LATENCY_BUCKETS,
+            registry=r,
+        )
+        self.inference_seconds = Histogram(
+            "alexnet_inference_seconds",
+            "ONNX Runtime time per inference call",
+            buckets=LATENCY_BUCKETS,
+            registry=r,
+        )
+        self.batch_images = Histogram(
+            "alexnet_inference_batch_images",
+            "images (x10 crops) per inference call",
+            buckets=BATCH_BUCKETS,
+            registry=r,
+        )
+        self.queue_images = Gauge(
+            "alexnet_queue_images", "images admitted and not finished (decoding, queued, running)", registry=r
+        )
+        self.rejected = Counter(
+            "alexnet_rejected", "requests refused by backpressure", ["reason"], registry=r
+        )
+        self.images = Counter("alexnet_images", "images classified", registry=r)
+        self.model_info = Gauge(
+            "alexnet_model_info", "the model in service (value 1)", ["version", "providers"], registry=r
+        )

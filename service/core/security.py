@@ -1,0 +1,36 @@
+"""The API key that guards the endpoints which change the server (training, model switching)."""
+
+import secrets
+from typing import Annotated
+
+from fastapi import Depends, HTTPException, status
+from fastapi.security import HTTPAuthorizationCredentials, HTTPBearer
+
+from service.core.config import Settings
+from service.deps import get_settings
+
+bearer = HTTPBearer(auto_error=False, description="the key set in ALEXNET_API_KEY")
+
+
+def require_api_key(
+    settings: Annotated[Settings, Depends(get_settings)],
+    credentials: Annotated[HTTPAuthorizationCredentials | None, Depends(bearer)],
+) -> None:
+    if settings.api_key is None or not settings.api_key.get_secret_value():
+        # Secure by default: with no key configured nobody may change the server.
+        raise HTTPException(
+            status.HTTP_403_FORBIDDEN,
+            "this endpoint is disabled: set ALEXNET_API_KEY on the server and send "
+            "`Authorization: Bearer <key>`",
+        )
+    expected = settings.api_key.get_secret_value().encode()
+    given = credentials.credentials.encode() if credentials is not None else b""
+    if not secrets.compare_digest(given, expected):  # constant time: no timing oracle on the key
+        raise HTTPException(
+            status.HTTP_401_UNAUTHORIZED,
+            "missing or wrong API key (Authorization: Bearer <key>)",
+            headers={"WWW-Authenticate": "Bearer"},
+        )
+
+
+ApiKey = Depends(require_api_key)

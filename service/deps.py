@@ -1,0 +1,51 @@
+"""Dependencies injected into the routers: the app's shared objects, from ``app.state``."""
+
+from concurrent.futures import ThreadPoolExecutor
+from typing import Annotated
+
+from fastapi import Depends, HTTPException, Request, status
+
+from service.classifier import OnnxClassifier
+from service.core.config import Settings
+from service.core.metrics import Metrics
+from service.inference import InferenceQueue
+from service.model_registry import ModelRegistry
+
+
+def get_settings(request: Request) -> Settings:
+    return request.app.state.settings
+
+
+def get_registry(request: Request) -> ModelRegistry:
+    return request.app.state.registry
+
+
+def get_queue(request: Request) -> InferenceQueue:
+    return request.app.state.inference
+
+
+def get_metrics(request: Request) -> Metrics:
+    return request.app.state.metrics
+
+
+def get_pool(request: Request) -> ThreadPoolExecutor:
+    return request.app.state.preprocess_pool
+
+
+def get_classifier(registry: Annotated[ModelRegistry, Depends(get_registry)]) -> OnnxClassifier:
+    """The model in service at the moment the request arrives; it serves the whole request
+    even if another model is activated meanwhile."""
+    classifier = registry.current
+    if classifier is None:
+        raise HTTPException(
+            status.HTTP_503_SERVICE_UNAVAILABLE, f"no model loaded: {registry.not_ready_reason}"
+        )
+    return classifier
+
+
+SettingsDep = Annotated[Settings, Depends(get_settings)]
+RegistryDep = Annotated[ModelRegistry, Depends(get_registry)]
+QueueDep = Annotated[InferenceQueue, Depends(get_queue)]
+MetricsDep = Annotated[Metrics, Depends(get_metrics)]
+PoolDep = Annotated[ThreadPoolExecutor, Depends(get_pool)]
+ClassifierDep = Annotated[OnnxClassifier, Depends(get_classifier)]

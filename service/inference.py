@@ -1,0 +1,163 @@
+"""Admission control and dynamic batching in front of the ONNX Runtime session.
+
+Requests are admitted by image count (backpressure: a full queue is refused at once, before any
+decoding), then their crops go to one inference thread that gathers whatever other requests are
+waiting, up to ``max_batch_images``, waiting at most ``max_batch_delay`` for more (Triton's
+dynamic batcher in miniature). One thread is enough: ONNX Runtime parallelises inside each call.
+"""
+
+import asyncio
+import logging
+import queue
+import threading
+import time
+from collections.abc import Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass
+
+import numpy as np
+
+from service.classifier import OnnxClassifier
+from service.core.metrics import Metrics
+
+log = logging.getLogger(__name__)
+
+
+class Overloaded(Exception):
+    """The queue is full; the client should retry later."""
+
+
+@dataclass
+class InferenceResult:
+    probabilities: np.ndarray  # (images, classes)
+    seconds: float  # the inference call this request was part of
+    batch_images: int  # images in that call, this request's and others'
+
+
+@dataclass
+class _Job:
+    classifier: OnnxClassifier
+    crops: np.ndarray
+    images: int
+    future: "asyncio.Future[InferenceResult]"
+    loop: asyncio.AbstractEventLoop
+
+
+def _resolve(future: "asyncio.Future[InferenceResult]", value: InferenceResult | BaseException) -> None:
+    if future.done():  # the request timed out or its client went away meanwhile
+        return
+    if isinstance(value, BaseException):
+        future.set_exception(value)
+    else:
+        future.set_result(value)
+
+
+class InferenceQueue:
+    def __init__(
+        self,
+        metrics: Metrics,
+        *,
+        batching: bool,
+        max_batch_images: int,
+        max_batch_delay_s: float,
+        max_queue_images: int,
+    ) -> None:
+        self.metrics = metrics
+        self.batching = batching
+        self.max_batch_images = max_batch_images
+        self.max_batch_delay_s = max_batch_delay_s
+        self.max_queue_images = max_queue_images
+        self._jobs: queue.SimpleQueue[_Job | None] = queue.SimpleQueue()
+        self._held: _Job | None = None
+        self._admitted = 0
+        self._lock = threading.Lock()
+        self._thread = threading.Thread(target=self._serve, name="inference", daemon=True)
+
+    @property
+    def admitted(self) -> int:
+        return self._admitted
+
+    def start(self) -> None:
+        self._thread.start()
+
+    def stop(self) -> None:
+        self._jobs.put(None)
+        self._thread.join(timeout=30)
+
+    @contextmanager
+    def admit(self, images: int) -> Iterator[None]:
+        """Hold ``images`` places in the queue for the whole request (decode, queue, inference)."""
+        with self._lock:
+            if self._admitted + images > self.max_queue_images:
+                self.metrics.rejected.labels("queue_full").inc()
+                raise Overloaded(
+                    f"server busy: {self._admitted} images in progress, limit {self.max_queue_images}"
+                )
+            self._admitted += images
+            self.metrics.queue_images.set(self._admitted)
+        try:
+            yield
+        finally:
+            with self._lock:
+                self._admitted -= images
+                self.metrics.queue_images.set(self._admitted)
+
+    async def infer(self, classifier: OnnxClassifier, crops: np.ndarray, images: int) -> InferenceResult:
+        loop = asyncio.get_running_loop()
+        future: asyncio.Future[InferenceResult] = loop.create_future()
+        self._jobs.put(_Job(classifier, crops, images, future, loop))
+        return await future
+
+    def _next_batch(self) -> list[_Job] | None:
+        first = self._held if self._held is not None else self._jobs.get()
+        self._held = None
+        if first is None:
+            return None
+        batch, images = [first], first.images
+        deadline = time.monotonic() + self.max_batch_delay_s
+        while self.batching and images < self.max_batch_images:
+            remaining = deadline - time.monotonic()
+            try:  # past the deadline, still take whatever is already waiting
+                job = self._jobs.get(timeout=remaining) if remaining > 0 else self._jobs.get_nowait()
+            except queue.Empty:
+                break
+            # A job for another model (after a swap) or one that would overfill waits for the next call.
+            if (
+                job is None
+                or job.classifier is not first.classifier
+                or images + job.images > self.max_batch_images
+            ):
+                self._held = job
+                break
+            batch.append(job)
+            images += job.images
+        return batch
+
+    def _serve(self) -> None:
+        while (batch := self._next_batch()) is not None:
+            batch = [job for job in batch if not job.future.done()]
+            if batch:
+                self._run(batch)
+        if self._held is not None:
+            self._jobs.put(self._held)
+
+    def _run(self, batch: list[_Job]) -> None:
+        classifier = batch[0].classifier
+        crops = batch[0].crops if len(batch) == 1 else np.concatenate([job.crops for job in batch])
+        images = sum(job.images for job in batch)
+        started = time.perf_counter()
+        try:
+            probabilities = classifier.probabilities(crops)
+        except Exception as exc:
+            log.exception("inference failed for a batch of %d images", images)
+            for job in batch:
+                job.loop.call_soon_threadsafe(_resolve, job.future, RuntimeError(f"inference failed: {exc}"))
+            return
+        seconds = time.perf_counter() - started
+        self.metrics.inference_seconds.observe(seconds)
+        self.metrics.batch_images.observe(images)
+        offset = 0
+        for job in batch:
+            result = InferenceResult(probabilities[offset : offset + job.images], seconds, images)
+            offset += job.images
+            job.loop.call_soon_threadsafe(_resolve, job.future, result)

@@ -1,0 +1,139 @@
+"""Builds the FastAPI app; ``alexnet-serve`` runs it with uvicorn."""
+
+import asyncio
+import logging
+from collections.abc import AsyncIterator
+from concurrent.futures import ThreadPoolExecutor
+from contextlib import asynccontextmanager
+
+import uvicorn
+from fastapi import FastAPI, HTTPException, Request
+from fastapi.exceptions import RequestValidationError
+from fastapi.middleware.cors import CORSMiddleware
+from fastapi.openapi.docs import get_swagger_ui_html
+from fastapi.responses import HTMLResponse, JSONResponse
+from fastapi.staticfiles import StaticFiles
+from swagger_ui_bundle import swagger_ui_path
+
+from service.core.config import Settings, get_settings
+from service.core.metrics import Metrics
+from service.core.middleware import BodySizeLimit, RequestMetrics
+from service.inference import InferenceQueue, Overloaded
+from service.model_registry import ModelRegistry
+from service.preprocessing import ImageInputError
+from service.routers import health, models, predict
+
+log = logging.getLogger("service")
+
+DESCRIPTION = """
+AlexNet (Krizhevsky, Sutskever, Hinton, 2012) on ONNX Runtime. `POST /predict` an image and get
+its top-k classes: the image is resized (shorter side 256), its central 256x256 cut into the
+paper's ten 224x224 crops (corners, centre, mirrors), and the ten softmax outputs averaged.
+"""
+
+
+def _error(status: int, detail: str, headers: dict[str, str] | None = None) -> JSONResponse:
+    return JSONResponse({"detail": detail}, status_code=status, headers=headers)
+
+
+def create_app(settings: Settings | None = None) -> FastAPI:
+    settings = settings or get_settings()
+    metrics = Metrics()
+    registry = ModelRegistry(settings)
+    inference = InferenceQueue(
+        metrics,
+        batching=settings.batching,
+        max_batch_images=settings.max_batch_images,
+        max_batch_delay_s=settings.max_batch_delay_ms / 1000,
+        max_queue_images=settings.max_queue_images,
+    )
+
+    @asynccontextmanager
+    async def lifespan(app: FastAPI) -> AsyncIterator[None]:
+        pool = ThreadPoolExecutor(settings.preprocess_threads, thread_name_prefix="preprocess")
+        app.state.preprocess_pool = pool
+        await asyncio.to_thread(registry.load_at_startup)
+        inference.start()
+        try:
+            yield
+        finally:
+            inference.stop()
+            pool.shutdown(wait=True, cancel_futures=True)
+
+    app = FastAPI(
+        title="alexnet-serve",
+        version="0.1.0",
+        description=DESCRIPTION,
+        lifespan=lifespan,
+        docs_url=None,  # served below from local assets: the default loads them from a CDN
+        redoc_url=None,
+    )
+    app.state.settings = settings
+    app.state.metrics = metrics
+    app.state.registry = registry
+    app.state.inference = inference
+
+    app.include_router(predict.router)
+    app.include_router(models.router)
+    app.include_router(health.router)
+
+    app.mount("/static/swagger-ui", StaticFiles(directory=str(swagger_ui_path)), name="swagger-ui")
+
+    @app.get("/docs", include_in_schema=False)
+    async def swagger_ui() -> HTMLResponse:
+        return get_swagger_ui_html(
+            openapi_url=app.openapi_url or "/openapi.json",
+            title="alexnet-serve - Swagger UI",
+            swagger_js_url="/static/swagger-ui/swagger-ui-bundle.js",
+            swagger_css_url="/static/swagger-ui/swagger-ui.css",
+            swagger_favicon_url="/static/swagger-ui/favicon-32x32.png",
+        )
+
+    @app.exception_handler(ImageInputError)
+    async def image_error(request: Request, exc: ImageInputError) -> JSONResponse:
+        return _error(exc.status_code, exc.detail)
+
+    @app.exception_handler(Overloaded)
+    async def overloaded(request: Request, exc: Overloaded) -> JSONResponse:
+        return _error(503, str(exc), {"Retry-After": "1"})
+
+    @app.exception_handler(RequestValidationError)
+    async def validation_error(request: Request, exc: RequestValidationError) -> JSONResponse:
+        # One readable sentence in `detail`, the structured list beside it.
+        problems = "; ".join(
+            f"{'.'.join(str(p) for p in e['loc'] if p != 'body')}: {e['msg']}" for e in exc.errors()
+        )
+        errors = [{k: v for k, v in e.items() if k in ("loc", "msg", "type")} for e in exc.errors()]
+        return JSONResponse({"detail": f"invalid request: {problems}", "errors": errors}, status_code=422)
+
+    @app.exception_handler(HTTPException)
+    async def http_error(request: Request, exc: HTTPException) -> JSONResponse:
+        return _error(exc.status_code, str(exc.detail), exc.headers)
+
+    @app.exception_handler(Exception)
+    async def unexpected(request: Request, exc: Exception) -> JSONResponse:
+        log.exception("unhandled error on %s %s", request.method, request.url.path)
+        return _error(500, f"internal error: {type(exc).__name__}")
+
+    if settings.cors_origins:
+        app.add_middleware(
+            CORSMiddleware, allow_origins=settings.cors_origins, allow_methods=["*"], allow_headers=["*"]
+        )
+    app.add_middleware(BodySizeLimit, max_bytes=settings.max_upload_bytes)
+    app.add_middleware(RequestMetrics, metrics=metrics)
+    return app
+
+
+def run() -> None:
+    """``alexnet-serve``: one process, one model session (scale out with replicas, see README)."""
+    settings = get_settings()
+    logging.basicConfig(
+        level=settings.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s"
+    )
+    uvicorn.run(
+        create_app(settings),
+        host=settings.host,
+        port=settings.port,
+        log_level=settings.log_level,
+        timeout_graceful_shutdown=int(settings.request_timeout_s),
+    )

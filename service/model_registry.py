@@ -1,0 +1,82 @@
+"""Which model is in service: chosen at start-up, swapped atomically on activation."""
+
+import logging
+import os
+import threading
+from pathlib import Path
+
+from service.classifier import OnnxClassifier
+from service.core.config import Settings
+
+log = logging.getLogger(__name__)
+
+ACTIVE_FILE = "ACTIVE"  # holds the file name of the activated model, so a restart keeps it
+NO_MODEL_HINT = (
+    "export one with `alexnet-export --source pretrained` (or `--source random` for a smoke test) "
+    "or train one with POST /train, then restart or POST /model/activate"
+)
+
+
+class ModelNotFound(LookupError):
+    pass
+
+
+class ModelRegistry:
+    def __init__(self, settings: Settings) -> None:
+        self.settings = settings
+        self.weights_dir = settings.weights_dir
+        self.current: OnnxClassifier | None = None
+        self.not_ready_reason = "model not loaded yet"
+        self._activation = threading.Lock()
+
+    def available(self) -> list[Path]:
+        """Model files in the weights directory, newest first."""
+        if not self.weights_dir.is_dir():
+            return []
+        files = [p for p in self.weights_dir.glob("*.onnx") if p.is_file()]
+        return sorted(files, key=lambda p: p.stat().st_mtime, reverse=True)
+
+    def find(self, version: str) -> Path:
+        """The file whose stem or name is ``version``. Matched against the directory listing, so
+        no client string is ever joined into a path."""
+        for path in self.available():
+            if version in (path.stem, path.name):
+                return path
+        raise ModelNotFound(f"no model {version!r} in the weights directory")
+
+    def _load(self, path: Path) -> OnnxClassifier:
+        return OnnxClassifier(path, self.settings.providers, self.settings.intra_op_threads)
+
+    def load_at_startup(self) -> None:
+        candidates = self.available()
+        preferred: list[Path] = []
+        try:
+            if self.settings.model:
+                preferred = [self.find(self.settings.model)]
+            elif (pointer := self.weights_dir / ACTIVE_FILE).is_file():
+                preferred = [self.find(pointer.read_text().strip())]
+        except ModelNotFound as exc:
+            log.error("%s; trying the other models", exc)
+        for path in preferred + [p for p in candidates if p not in preferred]:
+            try:
+                self.current = self._load(path)
+                return
+            except Exception as exc:
+                log.error("cannot load %s: %s", path.name, exc)
+        found = f"{len(candidates)} *.onnx files found"
+        self.not_ready_reason = f"no loadable model in {self.weights_dir}/ ({found}): {NO_MODEL_HINT}"
+        log.warning(self.not_ready_reason)
+
+    def activate(self, version: str) -> OnnxClassifier:
+        """Load and warm the new model fully, then swap: requests already holding the old one
+        finish on it. Any failure leaves the served model as it was."""
+        with self._activation:
+            path = self.find(version)
+            classifier = self._load(path)
+            self.current = classifier
+            pointer = self.weights_dir / ACTIVE_FILE
+            tmp = pointer.with_name(f".{ACTIVE_FILE}.{os.getpid()}.part")
+            tmp.write_text(path.name)
+            os.replace(tmp, pointer)
+            log.info("activated model %s", classifier.version)
+            return classifier

@@ -1,0 +1,37 @@
+from fastapi import APIRouter, Response
+from fastapi.responses import JSONResponse
+from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
+
+from service.deps import MetricsDep, RegistryDep
+from service.schemas import Health, Readiness
+
+router = APIRouter(tags=["health"])
+
+
+@router.get("/health", response_model=Health, summary="Liveness: the process answers")
+async def health() -> Health:
+    return Health()
+
+
+@router.get(
+    "/ready",
+    response_model=Readiness,
+    responses={503: {"model": Readiness}},
+    summary="Readiness: a model is loaded and warmed up",
+)
+async def ready(registry: RegistryDep) -> Response:
+    classifier = registry.current
+    if classifier is None:
+        body = Readiness(ready=False, reason=registry.not_ready_reason)
+        return JSONResponse(body.model_dump(), status_code=503)
+    return JSONResponse(
+        Readiness(ready=True, model_version=classifier.version, providers=classifier.providers).model_dump()
+    )
+
+
+@router.get("/metrics", summary="Prometheus metrics", response_class=Response)
+async def metrics(metrics: MetricsDep, registry: RegistryDep) -> Response:
+    metrics.model_info.clear()
+    if (classifier := registry.current) is not None:
+        metrics.model_info.labels(classifier.version, ",".join(classifier.providers)).set(1)
+    return Response(generate_latest(metrics.registry), media_type=CONTENT_TYPE_LATEST)

@@ -1,0 +1,113 @@
+import asyncio
+import functools
+from typing import Annotated
+
+import numpy as np
+from fastapi import APIRouter, File, HTTPException, Query, UploadFile, status
+
+from service.deps import ClassifierDep, MetricsDep, PoolDep, QueueDep, SettingsDep
+from service.preprocessing import ImageInputError, Preprocessed, preprocess
+from service.schemas import ErrorResponse, ImagePrediction, Prediction, PredictResponse, Timings
+
+router = APIRouter(tags=["predict"])
+
+ERRORS: dict[int | str, dict[str, object]] = {
+    code: {"model": ErrorResponse, "description": text}
+    for code, text in {
+        400: "no file, an empty file, or too many files",
+        413: "body over the upload limit, or an image over the pixel limit",
+        415: "not an image in a supported format (JPEG, PNG, GIF, WebP, BMP, TIFF)",
+        422: "truncated or corrupt image, or a bad parameter",
+        503: "no model loaded, queue full or timed out (see Retry-After)",
+    }.items()
+}
+
+
+def top_k_predictions(
+    probabilities: np.ndarray, k: int, labels: list[str], wnids: list[str | None]
+) -> list[Prediction]:
+    k = min(k, probabilities.shape[0])
+    top = np.argpartition(-probabilities, k - 1)[:k]
+    top = top[np.argsort(-probabilities[top], kind="stable")]
+    return [
+        Prediction(index=int(i), wnid=wnids[i], label=labels[i], probability=float(probabilities[i]))
+        for i in top
+    ]
+
+
+@router.post(
+    "/predict",
+    response_model=PredictResponse,
+    responses=ERRORS,
+    summary="Top-k classes of one or more images (the paper's ten-crop average)",
+)
+async def predict(
+    classifier: ClassifierDep,
+    settings: SettingsDep,
+    inference: QueueDep,
+    pool: PoolDep,
+    metrics: MetricsDep,
+    file: Annotated[UploadFile | None, File(description="one image")] = None,
+    files: Annotated[list[UploadFile] | None, File(description="several images")] = None,
+    top_k: Annotated[int, Query(ge=1, le=1000, description="classes to return per image")] = 5,
+) -> PredictResponse:
+    uploads = ([file] if file is not None else []) + (files or [])
+    if not uploads:
+        raise HTTPException(
+            status.HTTP_400_BAD_REQUEST, "no image: send one as form field `file` or several as `files`"
+        )
+    if len(uploads) > settings.max_files:
+        raise HTTPException(
+            status.HTTP_400_BAD_REQUEST,
+            f"too many files: {len(uploads)}, at most {settings.max_files} per request",
+        )
+    meta = classifier.metadata
+    prepare = functools.partial(
+        preprocess,
+        resize=meta.resize_size,
+        crop=meta.input_size,
+        mean=meta.mean,
+        std=meta.std,
+        max_pixels=settings.max_pixels,
+    )
+    loop = asyncio.get_running_loop()
+
+    async def prepared(upload: UploadFile) -> Preprocessed:
+        data = await upload.read()
+        try:
+            return await loop.run_in_executor(pool, prepare, data)
+        except ImageInputError as exc:
+            name = f"file {upload.filename!r}: " if upload.filename else ""
+            raise ImageInputError(exc.status_code, name + exc.detail) from None
+
+    with inference.admit(len(uploads)):
+        try:
+            async with asyncio.timeout(settings.request_timeout_s):
+                images = await asyncio.gather(*(prepared(u) for u in uploads))
+                crops = images[0].crops if len(images) == 1 else np.concatenate([i.crops for i in images])
+                result = await inference.infer(classifier, crops, len(images))
+        except TimeoutError:
+            metrics.rejected.labels("timeout").inc()
+            raise HTTPException(
+                status.HTTP_503_SERVICE_UNAVAILABLE,
+                f"timed out after {settings.request_timeout_s:g} s waiting for inference: server overloaded",
+                headers={"Retry-After": "1"},
+            ) from None
+    metrics.images.inc(len(images))
+    results = []
+    for upload, image, probabilities in zip(uploads, images, result.probabilities, strict=True):
+        metrics.decode_seconds.observe(image.decode_s)
+        metrics.preprocess_seconds.observe(image.preprocess_s)
+        results.append(
+            ImagePrediction(
+                filename=upload.filename,
+                predictions=top_k_predictions(probabilities, top_k, meta.labels, meta.wnids),
+                timings=Timings(
+                    decode_ms=image.decode_s * 1000,
+                    preprocess_ms=image.preprocess_s * 1000,
+                    inference_ms=result.seconds * 1000,
+                    batch_images=result.batch_images,
+                ),
+            )
+        )
+    return PredictResponse(model_version=classifier.version, results=results)
