@@ -20,6 +20,15 @@ from PIL import Image, ImageOps, UnidentifiedImageError
 # Formats read from the bytes' signature; the file name and declared content type are ignored.
 FORMATS = ("JPEG", "PNG", "GIF", "WEBP", "BMP", "TIFF")
 N_CROPS = 10
+SIGNATURES = {
+    b"\xff\xd8\xff": "JPEG",
+    b"\x89PNG\r\n\x1a\n": "PNG",
+    b"GIF87a": "GIF",
+    b"GIF89a": "GIF",
+    b"BM": "BMP",
+    b"II*\x00": "TIFF",
+    b"MM\x00*": "TIFF",
+}
 
 
 class ImageInputError(ValueError):
@@ -36,6 +45,14 @@ class Preprocessed:
     crops: np.ndarray  # (10, 3, crop, crop) float32
     decode_s: float
     preprocess_s: float
+
+
+def sniff_format(data: bytes) -> str | None:
+    """The format the leading bytes claim, so that a broken file of a known format is reported
+    as corrupt (422) rather than as an unsupported format (415)."""
+    if data[:4] == b"RIFF" and data[8:12] == b"WEBP":
+        return "WEBP"
+    return next((fmt for magic, fmt in SIGNATURES.items() if data.startswith(magic)), None)
 
 
 def _check_pixels(size: tuple[int, int], max_pixels: int) -> None:
@@ -56,6 +73,8 @@ def _open(data: bytes, max_pixels: int) -> Image.Image:
     except (Image.DecompressionBombError, Image.DecompressionBombWarning) as exc:
         raise ImageInputError(413, f"image has too many pixels: {exc}") from None
     except UnidentifiedImageError:
+        if (claimed := sniff_format(data)) is not None:
+            raise ImageInputError(422, f"corrupt {claimed} file: its header cannot be read") from None
         raise ImageInputError(
             415, f"not a supported image: the bytes are none of {', '.join(FORMATS)}"
         ) from None

@@ -73,5 +73,3 @@ def server(imagenet_model_dir: Path) -> Iterator[str]:
 def client(server: str) -> Iterator[httpx.Client]:
     with httpx.Client(base_url=server, timeout=60) as c:
         yield c
-
-
