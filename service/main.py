@@ -21,7 +21,8 @@ from service.core.middleware import BodySizeLimit, RequestMetrics
 from service.inference import InferenceQueue, Overloaded
 from service.model_registry import ModelRegistry
 from service.preprocessing import ImageInputError
-from service.routers import health, models, predict
+from service.routers import health, models, predict, train
+from service.training_jobs import JobError, TrainingManager
 
 log = logging.getLogger("service")
 
@@ -53,10 +54,12 @@ def create_app(settings: Settings | None = None) -> FastAPI:
         pool = ThreadPoolExecutor(settings.preprocess_threads, thread_name_prefix="preprocess")
         app.state.preprocess_pool = pool
         await asyncio.to_thread(registry.load_at_startup)
+        app.state.training = TrainingManager(settings.weights_dir, settings.data_root, registry)
         inference.start()
         try:
             yield
         finally:
+            await app.state.training.shutdown()
             inference.stop()
             pool.shutdown(wait=True, cancel_futures=True)
 
@@ -75,6 +78,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
 
     app.include_router(predict.router)
     app.include_router(models.router)
+    app.include_router(train.router)
     app.include_router(health.router)
 
     app.mount("/static/swagger-ui", StaticFiles(directory=str(swagger_ui_path)), name="swagger-ui")
@@ -91,6 +95,10 @@ def create_app(settings: Settings | None = None) -> FastAPI:
 
     @app.exception_handler(ImageInputError)
     async def image_error(request: Request, exc: ImageInputError) -> JSONResponse:
+        return _error(exc.status_code, exc.detail)
+
+    @app.exception_handler(JobError)
+    async def job_error(request: Request, exc: JobError) -> JSONResponse:
         return _error(exc.status_code, exc.detail)
 
     @app.exception_handler(Overloaded)

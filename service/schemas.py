@@ -1,6 +1,8 @@
 """Request and response models of the HTTP API (shared by routers, tests and OpenAPI)."""
 
 from datetime import datetime
+from enum import StrEnum
+from typing import Literal
 
 from pydantic import BaseModel, ConfigDict, Field
 
@@ -113,3 +115,82 @@ class ModelInfo(BaseModel):
 
 class ActivateRequest(BaseModel):
     version: str = Field(description="a model version (file stem) in the weights directory", max_length=255)
+
+
+class JobState(StrEnum):
+    queued = "queued"
+    running = "running"
+    succeeded = "succeeded"
+    failed = "failed"
+    cancelled = "cancelled"
+    interrupted = "interrupted"  # the server stopped while it ran; resumable
+
+
+class TrainRequest(BaseModel):
+    model_config = ConfigDict(
+        extra="forbid",
+        json_schema_extra={
+            "examples": [
+                {"dataset": "digits", "epochs": 10, "batch_size": 64, "input_size": 64, "activate": True}
+            ]
+        },
+    )
+    dataset: str = Field(
+        min_length=1,
+        max_length=255,
+        description="image folder relative to ALEXNET_DATA_ROOT (with train/ and val/)",
+    )
+    epochs: int = Field(10, ge=1, le=500)
+    batch_size: int = Field(128, ge=1, le=1024)
+    lr: float = Field(0.01, gt=0, le=1)
+    lr_schedule: str | None = Field(
+        None,
+        max_length=500,
+        pattern=r"^\s*\d+:[0-9.eE+-]+(\s*,\s*\d+:[0-9.eE+-]+)*\s*$",
+        description="explicit per-epoch learning rates, e.g. 0:5e-4,2:2e-4,5:5e-5 "
+        "(default: divide by 10 on plateau)",
+    )
+    layout: Literal["paper", "torchvision"] = "paper"
+    init: Literal["paper", "caffe", "default"] = Field(
+        "caffe", description="caffe learns out of the box; paper (bias 1) stays at chance, see README"
+    )
+    input_scaling: Literal["paper", "imagenet"] = Field(
+        "paper", description="paper: 0-255 minus the channel mean; imagenet: mean/std normalised"
+    )
+    input_size: int = Field(224, ge=32, le=512, description="crop side")
+    resize_size: int | None = Field(
+        None, ge=32, le=1024, description="shorter side before cropping; default input_size x 256/224"
+    )
+    flip: bool = Field(True, description="random horizontal flips (off where mirroring changes the class)")
+    seed: int = Field(0, ge=0, le=2**31 - 1)
+    activate: bool = Field(False, description="serve the model when the job succeeds")
+
+
+class TrainingJob(BaseModel):
+    id: str
+    state: JobState
+    url: str
+    created_at: datetime
+    started_at: datetime | None
+    finished_at: datetime | None
+    request: TrainRequest
+    epoch: int | None = Field(None, description="epochs completed")
+    epochs: int
+    step: int | None = None
+    total_steps: int | None = None
+    progress: float = Field(0.0, ge=0, le=1, description="fraction of the training steps done")
+    eta_s: float | None = Field(None, description="estimated seconds to the end of training")
+    loss: float | None = Field(None, description="latest training loss")
+    val_top1: float | None = Field(None, description="latest validation top-1 (centre crop)")
+    val_top5: float | None = None
+    val10_top1: float | None = Field(None, description="final validation top-1 with the service's ten crops")
+    error: str | None = None
+    model_version: str | None = None
+    activated: bool = False
+    curves_url: str | None = None
+
+
+class TrainingMetrics(BaseModel):
+    id: str
+    epochs: list[dict[str, float | int | None]] = Field(description="one record per epoch")
+    steps: list[dict[str, float | int | None]] = Field(description="training loss and lr every few steps")
