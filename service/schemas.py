@@ -157,7 +157,7 @@ class TrainRequest(BaseModel):
     input_scaling: Literal["paper", "imagenet"] = Field(
         "paper", description="paper: 0-255 minus the channel mean; imagenet: mean/std normalised"
     )
-    input_size: int = Field(224, ge=32, le=512, description="crop side")
+    input_size: int = Field(224, ge=64, le=512, description="crop side (64 at least)")
     resize_size: int | None = Field(
         None, ge=32, le=1024, description="shorter side before cropping; default input_size x 256/224"
     )
