@@ -40,7 +40,11 @@ def wait_for(client: httpx.Client, job_id: str, states: set[str], timeout: float
 
 
 def test_train_activate_predict_end_to_end(api: httpx.Client, digits_root: tuple[Path, DigitsFolder]) -> None:
-    started = api.post("/train", json={**SMALL, "epochs": 8, "activate": True}, headers=KEY)
+    started = api.post(
+        "/train",
+        json={**SMALL, "epochs": 15, "layout": "torchvision", "target_top1": 0.9, "activate": True},
+        headers=KEY,
+    )
     assert started.status_code == 202, started.text
     job = started.json()
     assert started.headers["location"] == job["url"] == f"/train/{job['id']}"
@@ -57,14 +61,16 @@ def test_train_activate_predict_end_to_end(api: httpx.Client, digits_root: tuple
         time.sleep(1)
     assert state == "succeeded", current
     assert len(seen_progress) >= 2 and current["progress"] == 1.0
-    assert current["activated"] and current["model_version"] and current["val10_top1"] >= 0.9
+    assert current["activated"] and current["model_version"]
+    assert current["val_top1"] >= 0.9 and current["val10_top1"] >= 0.85  # centre crop; service's ten crops
 
     model = api.get("/model").json()
     assert model["version"] == current["model_version"] and model["trained"]
     assert model["labels_sample"] == [str(d) for d in range(10)] and model["validation_top1"] >= 0.9
 
     metrics = api.get(f"{job['url']}/metrics").json()
-    assert len(metrics["epochs"]) == 8 and metrics["steps"]
+    assert 1 <= len(metrics["epochs"]) <= 15 and metrics["steps"]
+    assert metrics["epochs"][0]["val_top1"] < 0.5  # it learned here, from chance
     curves = api.get(current["curves_url"])
     assert curves.status_code == 200 and curves.content.startswith(b"\x89PNG")
     assert [j["id"] for j in api.get("/train").json()] == [job["id"]]
