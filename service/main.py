@@ -13,6 +13,8 @@ from fastapi.middleware.cors import CORSMiddleware
 from fastapi.openapi.docs import get_swagger_ui_html
 from fastapi.responses import HTMLResponse, JSONResponse
 from fastapi.staticfiles import StaticFiles
+from starlette.exceptions import HTTPException as StarletteHTTPException
+from starlette.routing import Match
 from swagger_ui_bundle import swagger_ui_path
 
 from service.core.config import Settings, get_settings
@@ -25,6 +27,7 @@ from service.routers import health, models, predict, train
 from service.training_jobs import JobError, TrainingManager
 
 log = logging.getLogger("service")
+HTTP_METHODS = ("GET", "HEAD", "POST", "PUT", "PATCH", "DELETE", "OPTIONS")
 
 DESCRIPTION = """
 AlexNet (Krizhevsky, Sutskever, Hinton, 2012) on ONNX Runtime. `POST /predict` an image and get
@@ -108,15 +111,28 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     @app.exception_handler(RequestValidationError)
     async def validation_error(request: Request, exc: RequestValidationError) -> JSONResponse:
         # One readable sentence in `detail`, the structured list beside it.
+        # A problem with the body as a whole (missing, not an object) has no field: say "body".
         problems = "; ".join(
-            f"{'.'.join(str(p) for p in e['loc'] if p != 'body')}: {e['msg']}" for e in exc.errors()
+            f"{'.'.join(str(p) for p in e['loc'] if p != 'body') or 'body'}: {e['msg']}" for e in exc.errors()
         )
         errors = [{k: v for k, v in e.items() if k in ("loc", "msg", "type")} for e in exc.errors()]
         return JSONResponse({"detail": f"invalid request: {problems}", "errors": errors}, status_code=422)
 
-    @app.exception_handler(HTTPException)
+    # Starlette's own (404 no route, 405 wrong method) as well as FastAPI's subclass.
+    @app.exception_handler(StarletteHTTPException)
     async def http_error(request: Request, exc: HTTPException) -> JSONResponse:
-        return _error(exc.status_code, str(exc.detail), exc.headers)
+        headers = exc.headers
+        if exc.status_code == 405 and headers and "Allow" in headers:
+            # Starlette's Allow names the methods of the first route with this path only; GET and
+            # POST /train are two routes. A 405 must list all of them (RFC 9110, 15.5.6).
+            allowed = [
+                m
+                for m in HTTP_METHODS
+                if any(r.matches({**request.scope, "method": m})[0] is Match.FULL for r in app.routes)
+            ]
+            if allowed:  # else not a route's 405 (StaticFiles' own): its header is right
+                headers = {**headers, "Allow": ", ".join(allowed)}
+        return _error(exc.status_code, str(exc.detail), headers)
 
     @app.exception_handler(Exception)
     async def unexpected(request: Request, exc: Exception) -> JSONResponse:

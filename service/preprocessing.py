@@ -20,6 +20,8 @@ from PIL import Image, ImageOps, UnidentifiedImageError
 # Formats read from the bytes' signature; the file name and declared content type are ignored.
 FORMATS = ("JPEG", "PNG", "GIF", "WEBP", "BMP", "TIFF")
 N_CROPS = 10
+# Up to this aspect ratio the resized image is made whole, exactly as torchvision's Resize does.
+MAX_STRETCH = 4
 SIGNATURES = {
     b"\xff\xd8\xff": "JPEG",
     b"\x89PNG\r\n\x1a\n": "PNG",
@@ -137,10 +139,17 @@ def resize_center(image: Image.Image, resize: int) -> np.ndarray:
         new_size = (resize, max(resize, int(resize * height / width)))
     else:
         new_size = (max(resize, int(resize * width / height)), resize)
-    resized = image.resize(new_size, Image.Resampling.BILINEAR)
     left = round((new_size[0] - resize) / 2.0)
     top = round((new_size[1] - resize) / 2.0)
-    return np.asarray(resized.crop((left, top, left + resize, top + resize)))
+    if max(new_size) <= MAX_STRETCH * resize:
+        resized = image.resize(new_size, Image.Resampling.BILINEAR)
+        return np.asarray(resized.crop((left, top, left + resize, top + resize)))
+    # An extreme aspect ratio would make the whole resized image huge: a 118-byte 1x20000 PNG
+    # becomes 256x5,120,000 (5 GB). Resample only the source region that lands in the square
+    # (same scale, same pixel centres; may differ from the full resize by 1 grey level).
+    sx, sy = width / new_size[0], height / new_size[1]
+    box = (left * sx, top * sy, (left + resize) * sx, (top + resize) * sy)
+    return np.asarray(image.resize((resize, resize), Image.Resampling.BILINEAR, box=box))
 
 
 def crop_offsets(resize: int, crop: int) -> list[tuple[int, int]]:

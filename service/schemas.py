@@ -13,6 +13,19 @@ class ErrorResponse(BaseModel):
     )
 
 
+class ValidationIssue(BaseModel):
+    loc: list[str | int] = Field(description="where: body, query, path, then field names or indices")
+    msg: str
+    type: str
+
+
+class ValidationErrorResponse(ErrorResponse):
+    """422: ``detail`` as for every error, plus the structured list for a request that failed
+    validation (absent when the request was well-formed but its content was refused)."""
+
+    errors: list[ValidationIssue] = Field(default_factory=list)
+
+
 class Prediction(BaseModel):
     index: int = Field(description="class index in the model's output")
     wnid: str | None = Field(description="WordNet ID (ImageNet classes)")
@@ -163,6 +176,9 @@ class TrainRequest(BaseModel):
     )
     flip: bool = Field(True, description="random horizontal flips (off where mirroring changes the class)")
     seed: int = Field(0, ge=0, le=2**31 - 1)
+    target_top1: float | None = Field(
+        None, gt=0, le=1, description="stop early once validation top-1 (centre crop) reaches this fraction"
+    )
     activate: bool = Field(False, description="serve the model when the job succeeds")
 
 

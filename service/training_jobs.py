@@ -250,6 +250,8 @@ class TrainingManager:
         ]
         if r.lr_schedule:
             command += ["--lr-schedule", r.lr_schedule]
+        if r.target_top1 is not None:
+            command += ["--stop-at-top1", repr(r.target_top1)]
         if not r.flip:
             command.append("--no-flip")
         if resume:

@@ -6,7 +6,7 @@ from service.classifier import OnnxClassifier
 from service.core.security import ApiKey
 from service.deps import ClassifierDep, RegistryDep, SettingsDep
 from service.model_registry import ModelNotFound
-from service.schemas import ActivateRequest, ErrorResponse, ModelInfo
+from service.schemas import ActivateRequest, ErrorResponse, ModelInfo, ValidationErrorResponse
 
 router = APIRouter(prefix="/model", tags=["model"])
 
@@ -49,10 +49,12 @@ async def get_model(classifier: ClassifierDep, registry: RegistryDep, settings: 
     response_model=ModelInfo,
     dependencies=[ApiKey],
     responses={
+        400: {"model": ErrorResponse, "description": "a body that is not JSON"},
         401: {"model": ErrorResponse},
         403: {"model": ErrorResponse},
         404: {"model": ErrorResponse},
-        422: {"model": ErrorResponse},
+        413: {"model": ErrorResponse, "description": "body over the upload limit"},
+        422: {"model": ValidationErrorResponse, "description": "invalid body, or the model cannot be loaded"},
     },
     summary="Serve another model from the weights directory (switch or roll back)",
 )

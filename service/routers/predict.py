@@ -7,12 +7,19 @@ from fastapi import APIRouter, File, HTTPException, Query, UploadFile, status
 
 from service.deps import ClassifierDep, MetricsDep, PoolDep, QueueDep, SettingsDep
 from service.preprocessing import ImageInputError, Preprocessed, preprocess
-from service.schemas import ErrorResponse, ImagePrediction, Prediction, PredictResponse, Timings
+from service.schemas import (
+    ErrorResponse,
+    ImagePrediction,
+    Prediction,
+    PredictResponse,
+    Timings,
+    ValidationErrorResponse,
+)
 
 router = APIRouter(tags=["predict"])
 
 ERRORS: dict[int | str, dict[str, object]] = {
-    code: {"model": ErrorResponse, "description": text}
+    code: {"model": ValidationErrorResponse if code == 422 else ErrorResponse, "description": text}
     for code, text in {
         400: "no file, an empty file, or too many files",
         413: "body over the upload limit, or an image over the pixel limit",

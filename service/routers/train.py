@@ -6,17 +6,28 @@ from fastapi import APIRouter, Depends, HTTPException, Path, Request, Response, 
 from fastapi.responses import FileResponse
 
 from service.core.security import ApiKey
-from service.schemas import ErrorResponse, JobState, TrainingJob, TrainingMetrics, TrainRequest
+from service.schemas import (
+    ErrorResponse,
+    JobState,
+    TrainingJob,
+    TrainingMetrics,
+    TrainRequest,
+    ValidationErrorResponse,
+)
 from service.training_jobs import JobRecord, TrainingManager, read_metrics
 
 router = APIRouter(prefix="/train", tags=["train"])
 
 JobId = Annotated[str, Path(pattern=r"^[0-9a-f]{12}$", description="job id")]
+# The app's validation handler answers {"detail": str, "errors": [...]}; without this FastAPI
+# documents its own default shape ({"detail": [...]}) for every route with a parameter.
+INVALID: dict[int | str, dict[str, Any]] = {422: {"model": ValidationErrorResponse}}
 AUTH_ERRORS: dict[int | str, dict[str, Any]] = {
     401: {"model": ErrorResponse},
     403: {"model": ErrorResponse},
     404: {"model": ErrorResponse},
     409: {"model": ErrorResponse},
+    **INVALID,
 }
 
 
@@ -82,7 +93,12 @@ async def view(job: JobRecord) -> TrainingJob:
     status_code=status.HTTP_202_ACCEPTED,
     response_model=TrainingJob,
     dependencies=[ApiKey],
-    responses={**AUTH_ERRORS, 400: {"model": ErrorResponse}, 501: {"model": ErrorResponse}},
+    responses={
+        **AUTH_ERRORS,
+        400: {"model": ErrorResponse, "description": "dataset refused or not found; body not JSON"},
+        413: {"model": ErrorResponse, "description": "body over the upload limit"},
+        501: {"model": ErrorResponse},
+    },
     summary="Start a training job (one at a time; 409 while one runs)",
 )
 async def start_training(body: TrainRequest, manager: ManagerDep, response: Response) -> TrainingJob:
@@ -100,7 +116,7 @@ async def list_jobs(manager: ManagerDep) -> list[TrainingJob]:
 @router.get(
     "/{job_id}",
     response_model=TrainingJob,
-    responses={404: {"model": ErrorResponse}},
+    responses={404: {"model": ErrorResponse}, **INVALID},
     summary="State and progress of a job",
 )
 async def get_job(job_id: JobId, manager: ManagerDep) -> TrainingJob:
@@ -110,7 +126,7 @@ async def get_job(job_id: JobId, manager: ManagerDep) -> TrainingJob:
 @router.get(
     "/{job_id}/metrics",
     response_model=TrainingMetrics,
-    responses={404: {"model": ErrorResponse}},
+    responses={404: {"model": ErrorResponse}, **INVALID},
     summary="Loss and accuracy history of a job",
 )
 async def job_metrics(job_id: JobId, manager: ManagerDep) -> TrainingMetrics:
@@ -130,7 +146,7 @@ async def job_metrics(job_id: JobId, manager: ManagerDep) -> TrainingMetrics:
 @router.get(
     "/{job_id}/curves.png",
     response_class=FileResponse,
-    responses={404: {"model": ErrorResponse}},
+    responses={404: {"model": ErrorResponse}, **INVALID},
     summary="Loss and accuracy curves (PNG)",
 )
 async def job_curves(job_id: JobId, manager: ManagerDep) -> FileResponse:
@@ -158,7 +174,11 @@ async def cancel_job(job_id: JobId, manager: ManagerDep) -> TrainingJob:
     status_code=status.HTTP_202_ACCEPTED,
     response_model=TrainingJob,
     dependencies=[ApiKey],
-    responses=AUTH_ERRORS,
+    responses={
+        **AUTH_ERRORS,
+        400: {"model": ErrorResponse, "description": "its dataset is no longer under the data root"},
+        501: {"model": ErrorResponse},
+    },
     summary="Resume a stopped job from its last checkpoint",
 )
 async def resume_job(job_id: JobId, manager: ManagerDep) -> TrainingJob:
