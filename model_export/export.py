@@ -101,14 +101,17 @@ def export_onnx(
     os.close(fd)
     tmp = Path(tmp_name)
     try:
-        onnx.save_model(proto, tmp)
+        try:
+            onnx.save_model(proto, tmp)
+            with tmp.open("rb") as f:
+                os.fsync(f.fileno())
+        except OSError as exc:  # disk full (ENOSPC), a file size limit (EFBIG), permissions
+            raise ExportError(f"cannot write the model into {output.parent}/: {exc.strerror or exc}") from exc
         diff = check_parity(model, tmp, input_size)
         if not diff <= PARITY_TOLERANCE:
             raise ExportError(
                 f"ONNX Runtime and torch disagree: max abs logit difference {diff:.3g} > {PARITY_TOLERANCE}"
             )
-        with tmp.open("rb") as f:
-            os.fsync(f.fileno())
         tmp.chmod(0o644)  # mkstemp makes it private; the server may run as another user
         os.replace(tmp, output)
     finally:

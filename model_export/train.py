@@ -56,6 +56,7 @@ import argparse
 import json
 import math
 import os
+import shutil
 import signal
 import sys
 import tempfile
@@ -327,6 +328,15 @@ def atomic_write(path: Path, write: Callable[[Path], None]) -> None:
             os.fsync(f.fileno())
         tmp.chmod(0o644)  # mkstemp makes it private; the service may run as another user
         os.replace(tmp, path)
+    except (OSError, RuntimeError) as exc:
+        # A full disk surfaces from torch.save as "[enforce fail at inline_container.cc] unexpected
+        # pos": say which file, that the old one is intact, and how much room is left.
+        free = shutil.disk_usage(path.parent).free / 2**20
+        kept = f"the previous {path.name} is kept" if path.exists() else "nothing was written"
+        raise TrainingError(
+            f"cannot write {path} ({exc}); {free:.0f} MiB free on its filesystem (disk full, or a file "
+            f"size limit?); {kept}"
+        ) from exc
     finally:
         tmp.unlink(missing_ok=True)
 
@@ -502,8 +512,11 @@ def train(
     if args.resume:
         if not checkpoint_path.is_file():
             raise TrainingError(f"--resume: {checkpoint_path} does not exist")
-        resumed = torch.load(checkpoint_path, map_location="cpu", weights_only=True)
-        saved = resumed["config"]
+        try:  # weights_only: data, never code; a pickle that wants to run something is refused
+            resumed = torch.load(checkpoint_path, map_location="cpu", weights_only=True)
+            saved = resumed["config"]
+        except Exception as exc:
+            raise TrainingError(f"--resume: {checkpoint_path} is not a readable checkpoint: {exc}") from exc
         if (saved.get("lr_schedule") or None) != (args.lr_schedule or None):
             raise TrainingError(
                 f"--resume: the run used --lr-schedule {saved.get('lr_schedule')!r}; pass the same"

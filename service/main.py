@@ -5,6 +5,7 @@ import logging
 from collections.abc import AsyncIterator
 from concurrent.futures import ThreadPoolExecutor
 from contextlib import asynccontextmanager
+from typing import Any
 
 import uvicorn
 from fastapi import FastAPI, HTTPException, Request
@@ -38,6 +39,17 @@ paper's ten 224x224 crops (corners, centre, mirrors), and the ten softmax output
 
 def _error(status: int, detail: str, headers: dict[str, str] | None = None) -> JSONResponse:
     return JSONResponse({"detail": detail}, status_code=status, headers=headers)
+
+
+def _mark_binary(node: object) -> None:
+    if isinstance(node, dict):
+        if node.get("type") == "string" and node.get("contentMediaType") == "application/octet-stream":
+            node.setdefault("format", "binary")
+        for value in node.values():
+            _mark_binary(value)
+    elif isinstance(node, list):
+        for value in node:
+            _mark_binary(value)
 
 
 def create_app(settings: Settings | None = None) -> FastAPI:
@@ -74,6 +86,16 @@ def create_app(settings: Settings | None = None) -> FastAPI:
         docs_url=None,  # served below from local assets: the default loads them from a CDN
         redoc_url=None,
     )
+    default_openapi = app.openapi
+
+    def openapi() -> dict[str, Any]:
+        # Pydantic 2 describes uploads by contentMediaType only (OpenAPI 3.1); Swagger UI 5 needs
+        # format: binary to offer file pickers for the items of `files` (else: text boxes).
+        if app.openapi_schema is None:
+            _mark_binary(default_openapi())
+        return app.openapi_schema
+
+    app.openapi = openapi  # type: ignore[method-assign]
     app.state.settings = settings
     app.state.metrics = metrics
     app.state.registry = registry

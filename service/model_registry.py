@@ -33,7 +33,11 @@ class ModelRegistry:
         """Model files in the weights directory, newest first."""
         if not self.weights_dir.is_dir():
             return []
-        files = [p for p in self.weights_dir.glob("*.onnx") if p.is_file()]
+        # A symlink that leads out of the directory is not a model of it (as for /train datasets).
+        root = self.weights_dir.resolve()
+        files = [
+            p for p in self.weights_dir.glob("*.onnx") if p.is_file() and p.resolve().is_relative_to(root)
+        ]
         return sorted(files, key=lambda p: p.stat().st_mtime, reverse=True)
 
     def find(self, version: str) -> Path:

@@ -210,6 +210,10 @@ class TrainingManager:
             raise JobError(
                 409, f"job {job_id} has no checkpoint to resume from (it stopped in its first epoch)"
             )
+        if job.pid is not None and _is_trainer(job.pid, job.run_dir):
+            # The trainer of a server that was killed, told to stop at start-up and still
+            # finishing its batch: a second one on the same run folder would race it.
+            raise JobError(409, f"job {job_id}: its last trainer is still stopping; retry in a few seconds")
         dataset = resolve_dataset(self.data_root, job.request.dataset)
         self._check_can_start()
         job.state, job.error, job.finished_at = JobState.queued, None, None
@@ -268,6 +272,8 @@ class TrainingManager:
                 stdout=log_file,
                 stderr=asyncio.subprocess.STDOUT,
                 stdin=asyncio.subprocess.DEVNULL,
+                # The trainer needs no API key: keep it out of its environment (/proc/<pid>/environ).
+                env={k: v for k, v in os.environ.items() if k != "ALEXNET_API_KEY"},
             )
         self._processes[job.id] = process
         job.state, job.pid, job.started_at = JobState.running, process.pid, job.started_at or time.time()
@@ -286,13 +292,19 @@ class TrainingManager:
                     job.activated = True
                 except Exception as exc:  # the served model stays as it was
                     job.error = f"trained and exported, but activation failed: {exc}"
-        elif code == EXIT_CANCELLED:  # by DELETE, or by our own shutdown (then it is resumable)
+        elif code in (EXIT_CANCELLED, -signal.SIGTERM):
+            # By DELETE, or by our own shutdown (then it is resumable). -SIGTERM: the signal came
+            # before the trainer had installed its handler (still importing torch).
             job.state = JobState.interrupted if self._shutting_down else JobState.cancelled
             if self._shutting_down:
                 job.error = INTERRUPTED
         else:
             error = next((r.get("message") for r in reversed(records) if r.get("event") == "error"), None)
             job.state = JobState.failed
+            if error is None and code < 0:  # killed: no record of its own says why
+                name = signal.Signals(-code).name if -code in signal.valid_signals() else f"signal {-code}"
+                hint = " (out of memory, or killed by hand)" if -code == signal.SIGKILL else ""
+                error = f"trainer killed by {name}{hint}; POST /train/{job.id}/resume continues it"
             job.error = error or f"trainer exited with code {code}; see {job.run_dir / 'train.log'}"
         self.store.save(job)
         log.info("training job %s %s", job.id, job.state.value)

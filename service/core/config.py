@@ -3,9 +3,9 @@
 import os
 from functools import cache
 from pathlib import Path
-from typing import Annotated
+from typing import Annotated, Literal
 
-from pydantic import Field, SecretStr, model_validator
+from pydantic import BeforeValidator, Field, SecretStr, model_validator
 from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
 
 
@@ -14,6 +14,10 @@ def _split(value: object) -> object:
 
 
 CommaList = Annotated[list[str], NoDecode]
+
+
+def _lower(value: object) -> object:
+    return value.strip().lower() if isinstance(value, str) else value
 
 
 class Settings(BaseSettings):
@@ -64,7 +68,10 @@ class Settings(BaseSettings):
     host: str = Field("127.0.0.1", description="alexnet-serve bind address")
     port: int = Field(8000, description="alexnet-serve port")
     cors_origins: CommaList = Field([], description="origins allowed by CORS; empty = CORS off")
-    log_level: str = Field("info", description="debug, info, warning, error")
+    # A closed list: anything else failed at start-up with "Unknown level" from logging.
+    log_level: Annotated[Literal["debug", "info", "warning", "error"], BeforeValidator(_lower)] = Field(
+        "info", description="debug, info, warning, error"
+    )
 
     @model_validator(mode="before")
     @classmethod

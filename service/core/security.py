@@ -24,7 +24,9 @@ def require_api_key(
             "`Authorization: Bearer <key>`",
         )
     expected = settings.api_key.get_secret_value().encode()
-    given = credentials.credentials.encode() if credentials is not None else b""
+    # Header values reach the app decoded as latin-1: encode back to the bytes the client sent, so
+    # that a key with non-ASCII characters (UTF-8 on the wire) matches its UTF-8 encoding.
+    given = credentials.credentials.encode("latin-1") if credentials is not None else b""
     if not secrets.compare_digest(given, expected):  # constant time: no timing oracle on the key
         raise HTTPException(
             status.HTTP_401_UNAUTHORIZED,

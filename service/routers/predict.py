@@ -4,6 +4,7 @@ from typing import Annotated
 
 import numpy as np
 from fastapi import APIRouter, File, HTTPException, Query, UploadFile, status
+from pydantic import BeforeValidator
 
 from service.deps import ClassifierDep, MetricsDep, PoolDep, QueueDep, SettingsDep
 from service.preprocessing import ImageInputError, Preprocessed, preprocess
@@ -28,6 +29,11 @@ ERRORS: dict[int | str, dict[str, object]] = {
         503: "no model loaded, queue full or timed out (see Retry-After)",
     }.items()
 }
+
+
+def _no_empty_parts(value: object) -> object:
+    # Swagger UI's "Try it out" sends an empty `files` text field when only `file` is set.
+    return [part for part in value if part != ""] if isinstance(value, list) else value
 
 
 def top_k_predictions(
@@ -55,7 +61,11 @@ async def predict(
     pool: PoolDep,
     metrics: MetricsDep,
     file: Annotated[UploadFile | None, File(description="one image")] = None,
-    files: Annotated[list[UploadFile] | None, File(description="several images")] = None,
+    files: Annotated[
+        Annotated[list[UploadFile], BeforeValidator(_no_empty_parts)] | None,
+        # default []: Swagger UI starts with no item (else it sends its "string" placeholder)
+        File(description="several images", json_schema_extra={"default": []}),
+    ] = None,
     top_k: Annotated[int, Query(ge=1, le=1000, description="classes to return per image")] = 5,
 ) -> PredictResponse:
     uploads = ([file] if file is not None else []) + (files or [])

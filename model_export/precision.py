@@ -1,0 +1,215 @@
+"""Optional precision variants of an exported model: int8 for CPU, fp16 for CUDA.
+
+Each variant is a complete alexnet-serve model file (same labels, sizes and normalisation in its
+``metadata_props``) with its own version, ``<source version>-int8`` / ``-fp16``, written beside the
+source atomically. It is *not* activated: serve it with ``ALEXNET_MODEL=<version>`` or
+``POST /model/activate``, after checking its top-1 agreement with the source (``top1_agreement``).
+
+Measured on a 2-core Zen 4 (see /work/shared/notes/export-and-inference-findings.md): quantising
+every layer makes the convolutions ``ConvInteger``, 3-5x *slower* than fp32; quantising only the
+fully connected layers (``MatMul``, 90 % of AlexNet's weights, per output channel) is faster and
+the file shrinks from 233 to 65 MiB. fp16 is meant for CUDA (tensor cores); ORT's CPU provider
+runs it too, by casting around the kernels it lacks.
+
+    python -m model_export.precision weights/alexnet-...onnx --int8 --fp16
+"""
+
+import argparse
+import json
+import os
+import sys
+import tempfile
+from collections.abc import Sequence
+from pathlib import Path
+
+import numpy as np
+import onnx
+
+INT8_SUFFIX = "-int8"
+FP16_SUFFIX = "-fp16"
+# The fp32 validation figures do not describe a variant; they are kept under these names.
+_VALIDATION_KEYS = ("validation_top1", "validation_top5")
+
+
+def variant_path(onnx_path: Path, suffix: str) -> Path:
+    """``<weights dir>/<source stem><suffix>.onnx``: the registry matches versions to file stems."""
+    return onnx_path.with_name(f"{onnx_path.stem}{suffix}.onnx")
+
+
+def _retag(proto: onnx.ModelProto, source: onnx.ModelProto, precision: str, suffix: str) -> str:
+    """Copy the source's alexnet-serve metadata onto ``proto`` with a new version; returns it."""
+    props = {p.key: p.value for p in source.metadata_props}
+    if "version" not in props:
+        raise ValueError("the source model carries no alexnet-serve metadata; export it with alexnet-export")
+    source_version = json.loads(props["version"])
+    version = f"{source_version}{suffix}"
+    props["version"] = json.dumps(version)
+    # Extra keys are ignored by ModelMetadata.from_props but stay readable (Netron, onnx.load).
+    props["precision"] = json.dumps(precision)
+    props["variant_of"] = json.dumps(source_version)
+    for key in _VALIDATION_KEYS:
+        if key in props:
+            props[f"fp32_{key}"] = props.pop(key)
+    # Tools add their own keys (the quantiser writes onnx.infer); keep those too.
+    extra = {p.key: p.value for p in proto.metadata_props if p.key not in props}
+    del proto.metadata_props[:]
+    onnx.helper.set_model_props(proto, {**extra, **props})
+    return version
+
+
+def _save_atomically(proto: onnx.ModelProto, out_path: Path, source_path: Path) -> None:
+    out_path.parent.mkdir(parents=True, exist_ok=True)
+    # The temporary name does not end in .onnx, so the service never lists a half-written file.
+    fd, tmp_name = tempfile.mkstemp(dir=out_path.parent, prefix=f".{out_path.name}.", suffix=".part")
+    os.close(fd)
+    tmp = Path(tmp_name)
+    try:
+        onnx.save_model(proto, tmp)
+        with tmp.open("rb") as f:
+            os.fsync(f.fileno())
+        tmp.chmod(0o644)  # mkstemp makes it private; the server may run as another user
+        # Without ALEXNET_MODEL or an ACTIVE file the service serves the *newest* *.onnx. A variant
+        # written now would be newer than its source and so served by default, i.e. activated by
+        # accident; dating it just before its source keeps the source in front of it.
+        source_mtime = source_path.stat().st_mtime_ns
+        os.utime(tmp, ns=(source_mtime, source_mtime - 1_000_000))
+        os.replace(tmp, out_path)
+    finally:
+        tmp.unlink(missing_ok=True)
+
+
+def quantize_int8(onnx_path: Path, out_path: Path | None = None) -> Path:
+    """Dynamic int8 quantisation of the fully connected layers only (per output channel)."""
+    from onnxruntime.quantization import QuantType, quantize_dynamic
+
+    onnx_path = Path(onnx_path)
+    out_path = Path(out_path) if out_path is not None else variant_path(onnx_path, INT8_SUFFIX)
+    source = onnx.load(onnx_path)
+    model = onnx.ModelProto()
+    model.CopyFrom(source)
+    # The dynamo exporter records Gemm output shapes that the quantiser's Gemm -> MatMul rewrite
+    # makes stale ("ShapeInferenceError (9216) vs (4096)"); ORT infers them again at load time.
+    del model.graph.value_info[:]
+    with tempfile.TemporaryDirectory() as tmp:
+        quantized = Path(tmp) / "int8.onnx"
+        quantize_dynamic(
+            model,
+            quantized,
+            # Conv stays fp32: ConvInteger is 3-5x slower than ORT's fp32 convolutions on CPU.
+            op_types_to_quantize=["MatMul"],
+            # One scale per output neuron: the FC weights' ranges differ a lot between neurons.
+            per_channel=True,
+            # reduce_range (7-bit weights) only matters on CPUs without VNNI, where u8*s8 products
+            # can saturate; AVX-512 VNNI and AVX-VNNI machines do not need it.
+            reduce_range=False,
+            weight_type=QuantType.QInt8,
+        )
+        proto = onnx.load(quantized)
+    _retag(proto, source, "int8", INT8_SUFFIX)
+    _save_atomically(proto, out_path, onnx_path)
+    return out_path
+
+
+def convert_fp16(onnx_path: Path, out_path: Path | None = None) -> Path:
+    """fp16 weights and activations (for CUDA), float32 input and output as the service feeds."""
+    # onnxruntime ships the converter (onnxruntime.transformers.float16, the same code as
+    # onnxconverter-common's), so this adds no dependency to the serving install.
+    from onnxruntime.transformers.float16 import convert_float_to_float16
+
+    onnx_path = Path(onnx_path)
+    out_path = Path(out_path) if out_path is not None else variant_path(onnx_path, FP16_SUFFIX)
+    source = onnx.load(onnx_path)
+    model = onnx.ModelProto()
+    model.CopyFrom(source)
+    # keep_io_types: Cast nodes at the edges, so the service's float32 batches and its softmax
+    # over float32 logits work unchanged.
+    proto = convert_float_to_float16(model, keep_io_types=True)
+    _retag(proto, source, "fp16", FP16_SUFFIX)
+    _save_atomically(proto, out_path, onnx_path)
+    return out_path
+
+
+def top1_agreement(
+    reference_onnx: Path,
+    variant_onnx: Path,
+    images: Sequence[bytes],
+    *,
+    providers: list[str] | None = None,
+    batch_images: int = 8,
+) -> float:
+    """Fraction of ``images`` whose top-1 class is the same for both models, each run through
+    the service's own preprocessing (ten crops, averaged softmax) and ``OnnxClassifier``."""
+    from service.classifier import OnnxClassifier
+    from service.preprocessing import preprocess
+
+    if not images:
+        raise ValueError("top1_agreement needs at least one image")
+    providers = providers or ["CPUExecutionProvider"]
+    top1: list[np.ndarray] = []
+    for path in (reference_onnx, variant_onnx):
+        classifier = OnnxClassifier(Path(path), providers, warm_up=False)
+        meta = classifier.metadata
+        classes = []
+        for start in range(0, len(images), batch_images):
+            crops = [
+                preprocess(
+                    data,
+                    resize=meta.resize_size,
+                    crop=meta.input_size,
+                    mean=meta.mean,
+                    std=meta.std,
+                    max_pixels=64_000_000,
+                ).crops
+                for data in images[start : start + batch_images]
+            ]
+            classes.append(classifier.probabilities(np.concatenate(crops)).argmax(axis=1))
+        top1.append(np.concatenate(classes))
+        del classifier  # one ~300 MiB session at a time
+    return float(np.mean(top1[0] == top1[1]))
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(
+        prog="python -m model_export.precision",
+        description="Write int8 (CPU) and/or fp16 (CUDA) variants of an exported model beside it. "
+        "Variants are not activated: choose one with ALEXNET_MODEL or POST /model/activate.",
+    )
+    p.add_argument("model", type=Path, help="an .onnx file written by alexnet-export")
+    p.add_argument("--int8", action="store_true", help="dynamic int8 quantisation of the FC layers")
+    p.add_argument("--fp16", action="store_true", help="fp16 weights and activations, float32 I/O")
+    p.add_argument(
+        "--check",
+        type=Path,
+        nargs="+",
+        metavar="IMAGE",
+        help="image files: print each variant's top-1 agreement with the source on them",
+    )
+    p.add_argument(
+        "--providers",
+        default="CPUExecutionProvider",
+        help="execution providers for --check, comma-separated (default: CPUExecutionProvider)",
+    )
+    args = p.parse_args(argv)
+    if not (args.int8 or args.fp16):
+        p.error("nothing to do: give --int8 and/or --fp16")
+    if not args.model.is_file():
+        p.error(f"{args.model} does not exist")
+    written = []
+    if args.int8:
+        written.append(quantize_int8(args.model))
+    if args.fp16:
+        written.append(convert_fp16(args.model))
+    images = [path.read_bytes() for path in args.check or []]
+    providers = [name.strip() for name in args.providers.split(",") if name.strip()]
+    for path in written:
+        line = f"wrote {path} ({path.stat().st_size / 2**20:.1f} MiB); ALEXNET_MODEL={path.stem}"
+        if images:
+            agreement = top1_agreement(args.model, path, images, providers=providers)
+            line += f", top-1 agreement {agreement:.1%} on {len(images)} images"
+        print(line)
+    print("not activated: serve one with ALEXNET_MODEL=<version> or POST /model/activate", file=sys.stderr)
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

@@ -1,0 +1,169 @@
+"""benchmarks/benchmark.py: the whole program once in --quick mode (slow), and its bookkeeping."""
+
+import json
+import math
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from benchmarks.benchmark import Outcome, human, ratios_and_targets, summarise
+
+REPO_ROOT = Path(__file__).resolve().parent.parent
+SECTIONS = ("meta", "raw_ort", "torch", "preprocess", "e2e", "overload", "precision", "ratios", "targets")
+
+
+def numbers(value: object) -> list[float]:
+    if isinstance(value, bool):
+        return []
+    if isinstance(value, int | float):
+        return [float(value)]
+    if isinstance(value, dict):
+        return [n for v in value.values() for n in numbers(v)]
+    if isinstance(value, list):
+        return [n for v in value for n in numbers(v)]
+    return []
+
+
+@pytest.mark.slow
+def test_quick_run_reports_every_section(imagenet_model_dir: Path, tmp_path: Path) -> None:
+    out = tmp_path / "report.json"
+    command = [
+        sys.executable, "-m", "benchmarks.benchmark", "--quick", "--requests", "4",
+        "--model", str(imagenet_model_dir / "alexnet-random.onnx"), "--providers", "CPUExecutionProvider",
+        "--json", "--out", str(out),
+    ]  # fmt: skip
+    done = subprocess.run(command, cwd=REPO_ROOT, capture_output=True, text=True, timeout=600)
+    assert done.returncode == 0, done.stderr[-3000:]
+    report = json.loads(done.stdout)
+    assert json.loads(out.read_text()) == report
+    assert all(section in report for section in SECTIONS), report.keys()
+    assert all(math.isfinite(n) for n in numbers(report))  # no NaN or inf anywhere
+
+    raw = report["raw_ort"]
+    assert raw["providers"] == ["CPUExecutionProvider"]
+    assert [c["before"] for c in raw["rechecks"]] == ["batching_on", "batching_off", "overload"]
+    assert [b["crops"] for b in raw["batches"]] == [10, 40, 80]
+    assert all(b["ms_per_call"] > 0 and b["images_per_s"] > 0 for b in raw["batches"])
+    torch = report["torch"]
+    assert torch["same_weights"] and torch["max_abs_logit_diff_vs_ort"] < 1e-3
+    assert all(row["torch_ms_per_call"] > 0 and row["ort_ms_per_call"] > 0 for row in torch["batches"])
+    assert report["preprocess"]["large"]["width"] * report["preprocess"]["large"]["height"] == 12_000_000
+    assert all(p["total_ms"] > 0 for p in report["preprocess"].values())
+
+    for mode in ("batching_on", "batching_off"):
+        run = report["e2e"][mode]
+        assert run["providers"] == ["CPUExecutionProvider"]
+        points = {(p["image"], p["concurrency"]): p for p in run["points"]}
+        assert set(points) == {(i, c) for i in ("small", "large") for c in (1, 4, 16)}
+        for point in points.values():
+            assert point["ok"] == point["requests"] == 4 and point["errors"] == {}, point
+            assert point["images_per_s"] > 0 and 0 < point["p50_ms"] <= point["p99_ms"] <= point["max_ms"]
+    assert report["e2e"]["batching_off"]["settings"] == {"ALEXNET_BATCHING": "false"}
+    assert all(p["mean_batch_images"] == 1 for p in report["e2e"]["batching_off"]["points"])
+
+    overload = report["overload"]
+    assert overload["requests"] >= overload["concurrency"] == 64
+    assert overload["errors"].get("503", 0) > 0  # a queue of 8 images cannot take 64 clients
+    assert set(overload["errors"]) <= {"503"}  # refused with 503, never failed otherwise
+    assert overload["recovery"]["first_status"] == 200
+
+    variants = report["precision"]["variants"]
+    assert variants["int8"]["mib"] < 0.4 * (imagenet_model_dir / "alexnet-random.onnx").stat().st_size / 2**20
+    assert 0 <= variants["int8"]["top1_agreement"] <= 1
+    assert all(v["ms_per_call_10"] > 0 for v in variants.values())
+
+    assert {"raw_best_images_per_s", "preprocess_12mp_over_10crop_inference"} <= set(report["ratios"])
+    assert len(report["targets"]) >= 8
+    assert all(isinstance(t["met"], bool) for t in report["targets"])
+
+
+def test_summary_counts_statuses_and_latencies() -> None:
+    timings = {"decode_ms": 2.0, "preprocess_ms": 3.0, "inference_ms": 70.0, "batch_images": 2}
+    outcomes = [Outcome(200, s / 1000, timings) for s in (100, 110, 120, 130, 140)]
+    outcomes += [Outcome(503, 0.005, detail="server busy"), Outcome("exc:ReadTimeout", 60.0)]
+    summary = summarise(outcomes, wall_s=1.0)
+    assert summary["requests"] == 7 and summary["ok"] == 5
+    assert summary["errors"] == {"503": 1, "exc:ReadTimeout": 1}
+    assert summary["images_per_s"] == 5.0
+    assert summary["p50_ms"] == 120.0 and summary["max_ms"] == 140.0  # successful requests only
+    assert summary["server_inference_ms"] == 70.0 and summary["mean_batch_images"] == 2.0
+
+
+def test_targets_compare_within_the_run() -> None:
+    def point(image: str, concurrency: int, images_per_s: float, p50_ms: float) -> dict[str, object]:
+        return {
+            "image": image,
+            "concurrency": concurrency,
+            "ok": 1,
+            "errors": {},
+            "images_per_s": images_per_s,
+            "p50_ms": p50_ms,
+            "p95_ms": p50_ms,
+            "p99_ms": p50_ms,
+            "mean_batch_images": 1.0,
+        }
+
+    report: dict[str, object] = {
+        "meta": {"machine": "test", "model": "m.onnx", "compare_batches": [10]},
+        "raw_ort": {
+            "providers": ["CPUExecutionProvider"],
+            "intra_op_threads": 0,
+            "best_images_per_s": 15.0,
+            "batches": [
+                {"crops": 10, "ms_per_call": 75.0, "ms_per_image": 75.0, "images_per_s": 13.3},
+                {"crops": 80, "ms_per_call": 533.0, "ms_per_image": 66.7, "images_per_s": 15.0},
+            ],
+            # The engine measured again right before the server ran: the reference for its ratios.
+            "rechecks": [
+                {
+                    "before": "batching_on",
+                    "batches": [
+                        {"crops": 10, "ms_per_call": 70.0, "images_per_s": 14.3},
+                        {"crops": 80, "ms_per_call": 516.0, "images_per_s": 15.5},
+                    ],
+                }
+            ],
+        },
+        "preprocess": {
+            "small": {
+                "width": 640,
+                "height": 427,
+                "bytes": 1,
+                "decode_ms": 1,
+                "resize_crop_ms": 3,
+                "total_ms": 4.0,
+            },
+            "large": {
+                "width": 4000,
+                "height": 3000,
+                "bytes": 1,
+                "decode_ms": 38,
+                "resize_crop_ms": 2,
+                "total_ms": 40.0,
+            },
+        },
+        "e2e": {
+            "batching_on": {
+                "points": [
+                    point("small", 1, 11.0, 88.0),
+                    point("small", 4, 14.0, 280.0),
+                    point("small", 16, 12.0, 1),
+                ]
+            }
+        },
+    }
+    ratios, targets = ratios_and_targets(report)
+    assert ratios["e2e_over_raw_batching_on_small_c4"] == pytest.approx(14 / 15.5, abs=1e-3)
+    assert ratios["raw_10crop_ms"] == 70.0
+    met = {t["target"]: t["met"] for t in targets}
+    assert met["e2e/raw throughput >= 0.90 (batching_on, small, conc 4)"] is True
+    assert met["e2e/raw throughput >= 0.90 (batching_on, small, conc 16)"] is False  # 12 / 15.5
+    assert met["12 MP preprocessing <= 0.25 x 10-crop inference"] is False  # 40 / 70
+    assert (
+        met["p50 at conc 1 <= raw 10-crop + preprocessing + 10 ms (small, batching on)"]
+        is False  # 88 > 70 + 4 + 10
+    )  # 88 <= 89
+    text = human(report | {"ratios": ratios, "targets": targets})
+    assert "MISSED" in text and "[met]" in text

