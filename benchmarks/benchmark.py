@@ -10,8 +10,8 @@ HTTP against ``alexnet-serve`` started here in a subprocess, at concurrency 1, 4
 sizes, dynamic batching on and off; (5) overload far above capacity with a small queue and a short
 timeout, then one request (recovery); (6) precision variants (int8 for CPU, fp16) vs fp32; then
 the ratios and targets. ``--tune`` adds server settings side by side (preprocess threads, intra-op
-threads, batch delay and size) and code experiments (ORT spinning off, refusing before the body is
-read, the timeout counted from arrival), each in its own server.
+threads, batch delay and size) and code experiments (ORT spinning back on, no refusal before the
+body is read, the timeout counted from arrival), each in its own server.
 
 Absolute times on shared 2-core machines vary by +-30-70 % between runs; every comparison below is
 made within one run, A/B pairs are interleaved round by round, and each measurement records how
@@ -483,47 +483,33 @@ class CpuMeter:
         return out
 
 
-# Experiments for --tune: code run in the server subprocess before the service starts, to measure
-# what a change to the service would give before anyone makes it. None of them is a setting.
+# Experiments for --tune: code run in the server subprocess before the service starts, to compare
+# the service with one change undone or made (none of them is a setting).
 PATCHES: dict[str, str] = {
-    # ORT's intra-op workers spin after each parallel section; on 2 cores that takes CPU from the
-    # preprocessing threads and the event loop.
-    "ort_no_spin": (
+    # Undo: ORT's intra-op workers spinning after each parallel section (ORT's default), which on
+    # 2 cores takes CPU from the decoding threads and the event loop.
+    "ort_spinning": (
         "import service.classifier as c\n"
         "_options = c.session_options\n"
         "def session_options(threads):\n"
         "    options = _options(threads)\n"
-        "    options.add_session_config_entry('session.intra_op.allow_spinning', '0')\n"
+        "    options.add_session_config_entry('session.intra_op.allow_spinning', '1')\n"
         "    return options\n"
         "c.session_options = session_options\n"
     ),
-    # Refuse POST /predict with 503 before its body is read or parsed while the queue is already
-    # full: today each refusal first pays the multipart parse on the event loop.
-    "fast_reject": (
-        "import json, service.main as m\n"
+    # Undo: the gate that refuses POST /predict before its body is read while the queue is full
+    # (each refusal then pays for the multipart parse on the event loop first).
+    "no_queue_gate": (
+        "import service.main as m\n"
         "_create = m.create_app\n"
         "def create_app(settings=None):\n"
         "    app = _create(settings)\n"
-        "    queue = app.state.inference\n"
-        "    body = json.dumps({'detail': 'server busy: queue full'}).encode()\n"
-        "    headers = [(b'content-type', b'application/json'), (b'retry-after', b'1'),\n"
-        "               (b'content-length', str(len(body)).encode())]\n"
-        "    class FastReject:\n"
-        "        def __init__(self, app):\n"
-        "            self.app = app\n"
-        "        async def __call__(self, scope, receive, send):\n"
-        "            if (scope['type'] == 'http' and scope['method'] == 'POST'\n"
-        "                    and scope['path'] == '/predict' and queue.admitted >= queue.max_queue_images):\n"
-        "                await send({'type': 'http.response.start', 'status': 503, 'headers': headers})\n"
-        "                await send({'type': 'http.response.body', 'body': body})\n"
-        "                return\n"
-        "            await self.app(scope, receive, send)\n"
-        "    app.add_middleware(FastReject)\n"
+        "    app.user_middleware = [w for w in app.user_middleware if w.cls.__name__ != 'QueueFullGate']\n"
         "    return app\n"
         "m.create_app = create_app\n"
     ),
-    # The request timeout counted from the request's arrival (the whole app call: body upload and
-    # form parsing included) instead of from the start of the handler.
+    # Try: the request timeout counted from the request's arrival (the whole app call: body upload
+    # and form parsing included) instead of from the start of the handler.
     "deadline_at_arrival": (
         "import asyncio, json, service.main as m\n"
         "_create2 = m.create_app\n"
@@ -1292,12 +1278,12 @@ TUNING: dict[str, tuple[dict[str, str], tuple[str, ...]]] = {
     "max_batch_delay_ms=0": ({"ALEXNET_MAX_BATCH_DELAY_MS": "0"}, ()),
     "max_batch_delay_ms=5": ({"ALEXNET_MAX_BATCH_DELAY_MS": "5"}, ()),
     "max_batch_images=4": ({"ALEXNET_MAX_BATCH_IMAGES": "4"}, ()),
-    "ort_no_spin": ({}, ("ort_no_spin",)),
+    "ort_spinning": ({}, ("ort_spinning",)),
 }
 OVERLOAD_TUNING: dict[str, tuple[str, ...]] = {
     "default": (),
-    "fast_reject": ("fast_reject",),
-    "fast_reject+deadline_at_arrival": ("fast_reject", "deadline_at_arrival"),
+    "no_queue_gate": ("no_queue_gate",),
+    "deadline_at_arrival": ("deadline_at_arrival",),
 }
 
 

@@ -1,4 +1,7 @@
-"""Dependencies injected into the routers: the app's shared objects, from ``app.state``."""
+"""Dependencies injected into the routers: the app's shared objects, from ``app.state``.
+
+They are ``async def`` because they never block: FastAPI runs a plain ``def`` dependency in a
+worker thread, which for these attribute lookups would cost a thread hand-off each per request."""
 
 from concurrent.futures import ThreadPoolExecutor
 from typing import Annotated
@@ -12,27 +15,27 @@ from service.inference import InferenceQueue
 from service.model_registry import ModelRegistry
 
 
-def get_settings(request: Request) -> Settings:
+async def get_settings(request: Request) -> Settings:
     return request.app.state.settings
 
 
-def get_registry(request: Request) -> ModelRegistry:
+async def get_registry(request: Request) -> ModelRegistry:
     return request.app.state.registry
 
 
-def get_queue(request: Request) -> InferenceQueue:
+async def get_queue(request: Request) -> InferenceQueue:
     return request.app.state.inference
 
 
-def get_metrics(request: Request) -> Metrics:
+async def get_metrics(request: Request) -> Metrics:
     return request.app.state.metrics
 
 
-def get_pool(request: Request) -> ThreadPoolExecutor:
+async def get_pool(request: Request) -> ThreadPoolExecutor:
     return request.app.state.preprocess_pool
 
 
-def get_classifier(registry: Annotated[ModelRegistry, Depends(get_registry)]) -> OnnxClassifier:
+async def get_classifier(registry: Annotated[ModelRegistry, Depends(get_registry)]) -> OnnxClassifier:
     """The model in service at the moment the request arrives; it serves the whole request
     even if another model is activated meanwhile."""
     classifier = registry.current

@@ -84,15 +84,22 @@ class InferenceQueue:
         self._jobs.put(None)
         self._thread.join(timeout=30)
 
+    def _refuse(self) -> Overloaded:
+        self.metrics.rejected.labels("queue_full").inc()
+        return Overloaded(f"server busy: {self._admitted} images in progress, limit {self.max_queue_images}")
+
+    def check_room(self) -> None:
+        """Raise ``Overloaded`` when not even one more image fits: lets a request be refused
+        before its body is read (the admission itself happens in ``admit``)."""
+        if self._admitted >= self.max_queue_images:
+            raise self._refuse()
+
     @contextmanager
     def admit(self, images: int) -> Iterator[None]:
         """Hold ``images`` places in the queue for the whole request (decode, queue, inference)."""
         with self._lock:
             if self._admitted + images > self.max_queue_images:
-                self.metrics.rejected.labels("queue_full").inc()
-                raise Overloaded(
-                    f"server busy: {self._admitted} images in progress, limit {self.max_queue_images}"
-                )
+                raise self._refuse()
             self._admitted += images
             self.metrics.queue_images.set(self._admitted)
         try:

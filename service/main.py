@@ -15,12 +15,13 @@ from fastapi.openapi.docs import get_swagger_ui_html
 from fastapi.responses import HTMLResponse, JSONResponse
 from fastapi.staticfiles import StaticFiles
 from starlette.exceptions import HTTPException as StarletteHTTPException
+from starlette.formparsers import MultiPartParser
 from starlette.routing import Match
 from swagger_ui_bundle import swagger_ui_path
 
 from service.core.config import Settings, get_settings
 from service.core.metrics import Metrics
-from service.core.middleware import BodySizeLimit, RequestMetrics
+from service.core.middleware import BodySizeLimit, QueueFullGate, RequestMetrics
 from service.inference import InferenceQueue, Overloaded
 from service.model_registry import ModelRegistry
 from service.preprocessing import ImageInputError
@@ -54,6 +55,11 @@ def _mark_binary(node: object) -> None:
 
 def create_app(settings: Settings | None = None) -> FastAPI:
     settings = settings or get_settings()
+    # Starlette spools an upload over 1 MiB to a temporary file, which the handler then reads back
+    # whole (in a worker thread): a disk round trip for every 12 MP photo. The body limit already
+    # bounds an upload, and its bytes are held in memory for decoding anyway. (Process-wide: the
+    # attribute Starlette documents for this.)
+    MultiPartParser.spool_max_size = max(MultiPartParser.spool_max_size, settings.max_upload_bytes)
     metrics = Metrics()
     registry = ModelRegistry(settings)
     inference = InferenceQueue(
@@ -165,7 +171,9 @@ def create_app(settings: Settings | None = None) -> FastAPI:
         app.add_middleware(
             CORSMiddleware, allow_origins=settings.cors_origins, allow_methods=["*"], allow_headers=["*"]
         )
+    # Outermost last: metrics see every answer, the gate refuses before the body limit reads.
     app.add_middleware(BodySizeLimit, max_bytes=settings.max_upload_bytes)
+    app.add_middleware(QueueFullGate, inference=inference)
     app.add_middleware(RequestMetrics, metrics=metrics)
     return app
 

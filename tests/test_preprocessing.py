@@ -53,13 +53,22 @@ def test_normalisation() -> None:
         assert crops[:, channel].mean() == pytest.approx((128 / 255 - MEAN[channel]) / STD[channel], rel=1e-5)
 
 
-def test_resize_shorter_side_then_centre() -> None:
-    image = Image.fromarray(quadrant_image(512)).crop((0, 0, 512, 384))  # 512 wide, 384 high
+@pytest.mark.parametrize("transpose", [False, True], ids=["landscape", "portrait"])
+def test_resize_shorter_side_then_centre(transpose: bool) -> None:
+    pixels = quadrant_image(512)[:384]  # 512 wide, 384 high
+    image = Image.fromarray(pixels.transpose(1, 0, 2).copy() if transpose else pixels)
     square = resize_center(image, 256)
-    assert square.shape == (256, 256, 3)
-    # torchvision: long side int(256 * 512 / 384) = 341, crop left = round((341 - 256) / 2) = 42
-    full = np.asarray(image.resize((341, 256), Image.Resampling.BILINEAR))
-    np.testing.assert_array_equal(square, full[:, 42:298])
+    assert square.shape == (256, 256, 3) and square.dtype == np.uint8
+    # torchvision: long side int(256 * 512 / 384) = 341, crop offset = round((341 - 256) / 2) = 42.
+    # Only the square's source region is resampled: equal to the full resize then crop up to the
+    # rounding of the region's float coordinates (at most 1 grey level).
+    if transpose:
+        full = np.asarray(image.resize((256, 341), Image.Resampling.BILINEAR))[42:298]
+    else:
+        full = np.asarray(image.resize((341, 256), Image.Resampling.BILINEAR))[:, 42:298]
+    difference = np.abs(square.astype(np.int16) - full)
+    assert difference.max() <= 1
+    assert (difference == 0).mean() > 0.8
 
 
 def test_exif_orientation_6_matches_upright() -> None:

@@ -12,7 +12,7 @@ from service.deps import get_settings
 bearer = HTTPBearer(auto_error=False, description="the key set in ALEXNET_API_KEY")
 
 
-def require_api_key(
+async def require_api_key(
     settings: Annotated[Settings, Depends(get_settings)],
     credentials: Annotated[HTTPAuthorizationCredentials | None, Depends(bearer)],
 ) -> None:

@@ -31,7 +31,7 @@ AUTH_ERRORS: dict[int | str, dict[str, Any]] = {
 }
 
 
-def get_manager(request: Request) -> TrainingManager:
+async def get_manager(request: Request) -> TrainingManager:
     return request.app.state.training
 
 
