@@ -2,8 +2,9 @@
 
 Requests are admitted by image count (backpressure: a full queue is refused at once, before any
 decoding), then their crops go to one inference thread that gathers whatever other requests are
-waiting, up to ``max_batch_images``, waiting at most ``max_batch_delay`` for more (Triton's
-dynamic batcher in miniature). One thread is enough: ONNX Runtime parallelises inside each call.
+waiting, up to ``max_batch_images``, waiting at most ``max_batch_delay`` for more and only while
+admitted images are still being decoded (Triton's dynamic batcher in miniature). One thread is
+enough: ONNX Runtime parallelises inside each call.
 """
 
 import asyncio
@@ -123,7 +124,10 @@ class InferenceQueue:
         batch, images = [first], first.images
         deadline = time.monotonic() + self.max_batch_delay_s
         while self.batching and images < self.max_batch_images:
-            remaining = deadline - time.monotonic()
+            # Wait only while admitted images are still being decoded: with none on the way (a lone
+            # client) the call starts at once instead of idling for the whole delay.
+            coming = self._admitted - images
+            remaining = deadline - time.monotonic() if coming > 0 else 0.0
             try:  # past the deadline, still take whatever is already waiting
                 job = self._jobs.get(timeout=remaining) if remaining > 0 else self._jobs.get_nowait()
             except queue.Empty:

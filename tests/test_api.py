@@ -377,3 +377,31 @@ def test_request_timeout_is_a_503_and_frees_the_queue(imagenet_model_dir: Path) 
         assert "timed out after 0.001 s" in response.json()["detail"]
         assert 'alexnet_rejected_total{reason="timeout"} 1.0' in c.get("/metrics").text
         assert queue_images(c) == 0
+
+
+@pytest.mark.parametrize("batching", [True, False], ids=["batching", "no-batching"])
+def test_dynamic_batching_gathers_concurrent_requests_only(imagenet_model_dir: Path, batching: bool) -> None:
+    """With a batch delay far longer than any request, concurrent requests share inference calls
+    and a lone request still does not wait for the delay: the batcher only waits for images that
+    are already admitted."""
+    import concurrent.futures
+    import time
+
+    data = photo_jpeg()
+    settings = cpu_settings(imagenet_model_dir, batching=batching, max_batch_delay_ms=5000)
+    with serve(settings) as url:
+
+        def predict() -> tuple[int, int, float]:
+            with httpx.Client(base_url=url, timeout=60) as c:
+                started = time.monotonic()
+                response = c.post("/predict", files={"file": ("a.jpg", data)})
+                timings = response.json()["results"][0]["timings"]
+                return response.status_code, timings["batch_images"], time.monotonic() - started
+
+        status, batch, seconds = predict()
+        assert (status, batch) == (200, 1) and seconds < 2.5, seconds
+        with concurrent.futures.ThreadPoolExecutor(8) as pool:
+            results = list(pool.map(lambda _: predict(), range(8)))
+    assert all(status == 200 and seconds < 2.5 for status, _, seconds in results), results
+    batches = [batch for _, batch, _ in results]
+    assert max(batches) > 1 if batching else set(batches) == {1}, batches
