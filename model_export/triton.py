@@ -31,8 +31,9 @@ CROPS_PER_IMAGE = 10  # service.preprocessing.ten_crop: what one image costs in 
 LABELS_FILE = "labels.txt"
 MODEL_FILE = "model.onnx"  # the ONNX Runtime backend's default model file name
 VERSION = "1"
-# The service's default batching delay (ALEXNET_MAX_BATCH_DELAY_MS = 2 ms): the same trade of
-# latency for throughput.
+# Triton waits out the whole delay whenever a batch is not full, coming requests or not, so it
+# gets a short one; the service's 10 ms (ALEXNET_MAX_BATCH_DELAY_MS) applies only while admitted
+# images are still being decoded.
 MAX_QUEUE_DELAY_US = 2000
 # The export's dynamic batch dimension is bounded (model_export.export: Dim("batch", max=4096)).
 MAX_EXPORTED_BATCH = 4096

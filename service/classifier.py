@@ -100,6 +100,8 @@ class OnnxClassifier:
         self.logits(np.zeros((N_CROPS, 3, size, size), dtype=np.float32))
 
     def logits(self, batch: np.ndarray) -> np.ndarray:
+        # No I/O binding: the crops are made in host memory per request and the logits are needed
+        # there for the softmax, so binding would only move the same two copies into ORT's hands.
         meta = self.metadata
         return self.session.run([meta.output_name], {meta.input_name: batch})[0]
 

@@ -49,7 +49,9 @@ class Settings(BaseSettings):
     )
     batching: bool = Field(True, description="gather concurrent requests into one inference call")
     max_batch_images: int = Field(8, ge=1, description="most images (x10 crops) in one inference call")
-    max_batch_delay_ms: float = Field(2.0, ge=0, description="longest wait for more images to batch")
+    max_batch_delay_ms: float = Field(
+        10.0, ge=0, description="longest wait for more images to batch, while admitted ones still decode"
+    )
     max_queue_images: int = Field(
         64,
         ge=1,
