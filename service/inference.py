@@ -36,6 +36,14 @@ class InferenceResult:
 
 
 @dataclass
+class Admission:
+    """A request's places in the queue; ``decoding`` until its crops are handed to the batcher."""
+
+    images: int
+    decoding: bool = True
+
+
+@dataclass
 class _Job:
     classifier: OnnxClassifier
     crops: np.ndarray
@@ -71,6 +79,7 @@ class InferenceQueue:
         self._jobs: queue.SimpleQueue[_Job | None] = queue.SimpleQueue()
         self._held: _Job | None = None
         self._admitted = 0
+        self._decoding = 0  # admitted images not yet handed to the batcher: the ones worth waiting for
         self._lock = threading.Lock()
         self._thread = threading.Thread(target=self._serve, name="inference", daemon=True)
 
@@ -96,24 +105,33 @@ class InferenceQueue:
             raise self._refuse()
 
     @contextmanager
-    def admit(self, images: int) -> Iterator[None]:
+    def admit(self, images: int) -> Iterator[Admission]:
         """Hold ``images`` places in the queue for the whole request (decode, queue, inference)."""
         with self._lock:
             if self._admitted + images > self.max_queue_images:
                 raise self._refuse()
             self._admitted += images
+            self._decoding += images
             self.metrics.queue_images.set(self._admitted)
+        admission = Admission(images)
         try:
-            yield
+            yield admission
         finally:
             with self._lock:
                 self._admitted -= images
+                if admission.decoding:  # failed or timed out before reaching the batcher
+                    self._decoding -= images
                 self.metrics.queue_images.set(self._admitted)
 
-    async def infer(self, classifier: OnnxClassifier, crops: np.ndarray, images: int) -> InferenceResult:
+    async def infer(
+        self, admission: Admission, classifier: OnnxClassifier, crops: np.ndarray
+    ) -> InferenceResult:
         loop = asyncio.get_running_loop()
         future: asyncio.Future[InferenceResult] = loop.create_future()
-        self._jobs.put(_Job(classifier, crops, images, future, loop))
+        with self._lock:  # queued and no longer decoding in one step, as the batcher sees it
+            self._jobs.put(_Job(classifier, crops, admission.images, future, loop))
+            self._decoding -= admission.images
+            admission.decoding = False
         return await future
 
     def _next_batch(self) -> list[_Job] | None:
@@ -126,7 +144,8 @@ class InferenceQueue:
         while self.batching and images < self.max_batch_images:
             # Wait only while admitted images are still being decoded: with none on the way (a lone
             # client) the call starts at once instead of idling for the whole delay.
-            coming = self._admitted - images
+            with self._lock:
+                coming = self._decoding
             remaining = deadline - time.monotonic() if coming > 0 else 0.0
             try:  # past the deadline, still take whatever is already waiting
                 job = self._jobs.get(timeout=remaining) if remaining > 0 else self._jobs.get_nowait()

@@ -161,13 +161,15 @@ def crop_offsets(resize: int, crop: int) -> list[tuple[int, int]]:
 def ten_crop(square: np.ndarray, crop: int, mean: list[float], std: list[float]) -> np.ndarray:
     """(S, S, 3) uint8 -> (10, 3, crop, crop) float32: the five crops, then their mirrors."""
     shift = (np.asarray(mean, dtype=np.float32) * 255.0).reshape(3, 1, 1)
-    scale = (1.0 / (np.asarray(std, dtype=np.float32) * 255.0)).reshape(3, 1, 1)
+    # Divided, not multiplied by the reciprocal: training (model_export.data) does the same
+    # arithmetic, so a validation crop there equals the service's to the last bit.
+    scale = (np.asarray(std, dtype=np.float32) * 255.0).reshape(3, 1, 1)
     chw = np.ascontiguousarray(square.transpose(2, 0, 1))  # uint8: 4x less to move than floats
     out = np.empty((N_CROPS, 3, crop, crop), dtype=np.float32)
     for i, (top, left) in enumerate(crop_offsets(square.shape[0], crop)):
         # Normalised straight into the output batch: no float copy of the whole square.
         np.subtract(chw[:, top : top + crop, left : left + crop], shift, out=out[i])
-        out[i] *= scale
+        out[i] /= scale
         out[i + 5] = out[i][:, :, ::-1]
     return out
 

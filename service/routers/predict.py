@@ -97,12 +97,12 @@ async def predict(
             name = f"file {upload.filename!r}: " if upload.filename else ""
             raise ImageInputError(exc.status_code, name + exc.detail) from None
 
-    with inference.admit(len(uploads)):
+    with inference.admit(len(uploads)) as admission:
         try:
             async with asyncio.timeout(settings.request_timeout_s):
                 images = await asyncio.gather(*(prepared(u) for u in uploads))
                 crops = images[0].crops if len(images) == 1 else np.concatenate([i.crops for i in images])
-                result = await inference.infer(classifier, crops, len(images))
+                result = await inference.infer(admission, classifier, crops)
         except TimeoutError:
             metrics.rejected.labels("timeout").inc()
             raise HTTPException(
