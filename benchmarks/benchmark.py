@@ -52,7 +52,7 @@ from PIL import Image
 
 from service.classifier import provider_list, session_options
 from service.model_metadata import ModelMetadata
-from service.preprocessing import N_CROPS, preprocess
+from service.preprocessing import N_CROPS
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
 DEFAULT_OUT = REPO_ROOT / "benchmarks" / "results" / "cpu-2core.json"
@@ -365,17 +365,8 @@ def bench_preprocess(images: dict[str, bytes], meta: ModelMetadata, plan: Plan) 
     for (name, data), reps in zip(images.items(), plan.preprocess_reps, strict=True):
         with Image.open(io.BytesIO(data)) as image:
             width, height = image.size
-        runs = [
-            preprocess(
-                data,
-                resize=meta.resize_size,
-                crop=meta.input_size,
-                mean=meta.mean,
-                std=meta.std,
-                max_pixels=MAX_PIXELS,
-            )
-            for _ in range(reps + 1)
-        ][1:]  # the first run pays imports and allocator growth
+        # The first run pays imports and allocator growth.
+        runs = [meta.preprocess(data, max_pixels=MAX_PIXELS) for _ in range(reps + 1)][1:]
         decode = float(np.median([r.decode_s for r in runs]))
         crop = float(np.median([r.preprocess_s for r in runs]))
         total = float(np.median([r.decode_s + r.preprocess_s for r in runs]))

@@ -140,7 +140,6 @@ def top1_agreement(
     """Fraction of ``images`` whose top-1 class is the same for both models, each run through
     the service's own preprocessing (ten crops, averaged softmax) and ``OnnxClassifier``."""
     from service.classifier import OnnxClassifier
-    from service.preprocessing import preprocess
 
     if not images:
         raise ValueError("top1_agreement needs at least one image")
@@ -152,14 +151,7 @@ def top1_agreement(
         classes = []
         for start in range(0, len(images), batch_images):
             crops = [
-                preprocess(
-                    data,
-                    resize=meta.resize_size,
-                    crop=meta.input_size,
-                    mean=meta.mean,
-                    std=meta.std,
-                    max_pixels=64_000_000,
-                ).crops
+                meta.preprocess(data, max_pixels=64_000_000).crops
                 for data in images[start : start + batch_images]
             ]
             classes.append(classifier.probabilities(np.concatenate(crops)).argmax(axis=1))

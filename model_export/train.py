@@ -98,7 +98,6 @@ from model_export.export import ExportError, export_onnx, make_version
 from model_export.weights import IMAGENET_MEAN, IMAGENET_STD, WeightsError, load_checkpoint
 from service.classifier import OnnxClassifier
 from service.model_metadata import ModelMetadata
-from service.preprocessing import preprocess
 
 EXIT_OK = 0
 EXIT_ERROR = 1
@@ -414,11 +413,11 @@ def evaluate(
 
 
 def ten_crop_accuracy(
-    model_path: Path, samples: list[Sample], mean: list[float], std: list[float], cancel: CancelFlag,
-    images_per_call: int = 8,
+    model_path: Path, samples: list[Sample], cancel: CancelFlag, images_per_call: int = 8
 ) -> tuple[float, float]:
     """Top-1/top-5 of an exported file, each image read from disk as bytes and put through the
-    service's preprocess (ten crops) and OnnxClassifier (averaged softmax), on the CPU."""
+    service's preprocessing with the normalisation the file carries (ten crops) and
+    OnnxClassifier (averaged softmax), on the CPU."""
     classifier = OnnxClassifier(model_path, providers=["CPUExecutionProvider"], warm_up=False)
     meta = classifier.metadata
     k = min(5, meta.num_classes)
@@ -427,11 +426,9 @@ def ten_crop_accuracy(
         if cancel:
             raise Cancelled
         chunk = samples[start : start + images_per_call]
-        crops = np.concatenate([
-            preprocess(path.read_bytes(), resize=meta.resize_size, crop=meta.input_size, mean=mean, std=std,
-                       max_pixels=MAX_PIXELS).crops
-            for path, _ in chunk
-        ])
+        crops = np.concatenate(
+            [meta.preprocess(path.read_bytes(), max_pixels=MAX_PIXELS).crops for path, _ in chunk]
+        )
         top = np.argsort(-classifier.probabilities(crops), axis=1, kind="stable")[:, :k]
         labels = np.asarray([label for _, label in chunk])
         correct1 += int((top[:, 0] == labels).sum())
@@ -461,7 +458,7 @@ def export_validated(
         export_onnx(
             weights, candidate, input_size=args.input_size, resize_size=args.resize_size, version=version
         )
-        top1, top5 = ten_crop_accuracy(candidate, subset, list(weights.mean), list(weights.std), cancel)
+        top1, top5 = ten_crop_accuracy(candidate, subset, cancel)
         proto = onnx.load(candidate)
         props = {p.key: p.value for p in proto.metadata_props}
         metadata = ModelMetadata.from_props(props).model_copy(

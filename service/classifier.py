@@ -32,8 +32,8 @@ def session_options(intra_op_threads: int) -> ort.SessionOptions:
     options.inter_op_num_threads = 1
     options.execution_mode = ort.ExecutionMode.ORT_SEQUENTIAL
     # Idle intra-op workers sleep instead of spinning: a spinning worker holds a core that the
-    # decoding threads and the event loop need between and during calls (measured on 2 cores:
-    # 8-25 % less server CPU per image at the same throughput; no loss to ORT alone).
+    # decoding threads and the event loop need between and during calls (``--tune`` on 2 cores:
+    # 2-23 % less server CPU per image at the same or better throughput; no loss to ORT alone).
     options.add_session_config_entry("session.intra_op.allow_spinning", "0")
     # The arena keeps activation buffers between calls of similar batch sizes instead of
     # returning them to the allocator each time (default, kept on purpose).

@@ -10,6 +10,8 @@ from datetime import datetime
 
 from pydantic import BaseModel, Field
 
+from service.preprocessing import Preprocessed, preprocess
+
 FORMAT = "alexnet-serve/1"
 INPUT_NAME = "images"
 OUTPUT_NAME = "logits"
@@ -37,6 +39,17 @@ class ModelMetadata(BaseModel):
     @property
     def num_classes(self) -> int:
         return len(self.labels)
+
+    def preprocess(self, data: bytes, *, max_pixels: int) -> Preprocessed:
+        """Image bytes -> this model's ten crops: its own sizes and normalisation."""
+        return preprocess(
+            data,
+            resize=self.resize_size,
+            crop=self.input_size,
+            mean=self.mean,
+            std=self.std,
+            max_pixels=max_pixels,
+        )
 
     def to_props(self) -> dict[str, str]:
         return {key: json.dumps(value) for key, value in self.model_dump(mode="json").items()}

@@ -20,7 +20,6 @@ from PIL import Image
 from model_export.precision import convert_fp16, main, quantize_int8, top1_agreement
 from service.classifier import OnnxClassifier
 from service.model_registry import ModelRegistry
-from service.preprocessing import preprocess
 from tests.conftest import cpu_settings
 
 CPU = ["CPUExecutionProvider"]
@@ -54,19 +53,7 @@ def digits(count: int) -> list[bytes]:
 def crops(classifier: OnnxClassifier, images: list[bytes]) -> np.ndarray:
     """The service's preprocessing with the model's own sizes and normalisation."""
     meta = classifier.metadata
-    return np.concatenate(
-        [
-            preprocess(
-                data,
-                resize=meta.resize_size,
-                crop=meta.input_size,
-                mean=meta.mean,
-                std=meta.std,
-                max_pixels=10**8,
-            ).crops
-            for data in images
-        ]
-    )
+    return np.concatenate([meta.preprocess(data, max_pixels=10**8).crops for data in images])
 
 
 def logits(classifier: OnnxClassifier, images: list[bytes]) -> np.ndarray:

@@ -7,7 +7,7 @@ from fastapi import APIRouter, File, HTTPException, Query, UploadFile, status
 from pydantic import BeforeValidator
 
 from service.deps import ClassifierDep, MetricsDep, PoolDep, QueueDep, SettingsDep
-from service.preprocessing import ImageInputError, Preprocessed, preprocess
+from service.preprocessing import ImageInputError, Preprocessed
 from service.schemas import (
     ErrorResponse,
     ImagePrediction,
@@ -79,14 +79,7 @@ async def predict(
             f"too many files: {len(uploads)}, at most {settings.max_files} per request",
         )
     meta = classifier.metadata
-    prepare = functools.partial(
-        preprocess,
-        resize=meta.resize_size,
-        crop=meta.input_size,
-        mean=meta.mean,
-        std=meta.std,
-        max_pixels=settings.max_pixels,
-    )
+    prepare = functools.partial(meta.preprocess, max_pixels=settings.max_pixels)
     loop = asyncio.get_running_loop()
 
     async def prepared(upload: UploadFile) -> Preprocessed:
