@@ -117,7 +117,7 @@ def server_process(
     weights: Path, tmp: Path, data_root: Path | None = None, **settings: str
 ) -> Iterator[ServerProcess]:
     """``alexnet-serve``'s entry point in a subprocess: the way it runs in production, and a
-    process this test may kill. Its TMPDIR is a fresh folder (uploads spool there)."""
+    process this test may kill. Its TMPDIR is a fresh folder (to show nothing is left there)."""
     port = free_port()
     workdir = Path(tempfile.mkdtemp(dir=tmp, prefix="server-"))
     (workdir / "tmp").mkdir()
@@ -429,7 +429,7 @@ def abandoned_upload(url: str, declared: int, sent: int) -> None:
         )
         sock.sendall(request.encode())
         sock.sendall(head + b"\xff\xd8\xff" + os.urandom(sent - len(head) - 3))
-        time.sleep(0.05)  # let the server read it into its spool file before the connection goes
+        time.sleep(0.05)  # let the server buffer it before the connection goes
 
 
 def test_client_gone_mid_upload_leaks_no_files_fds_or_memory(
@@ -448,7 +448,8 @@ def test_client_gone_mid_upload_leaks_no_files_fds_or_memory(
             time.sleep(0.5)
             return fd_count(pid)
 
-        # Over the 1 MiB that Starlette keeps in memory, so each upload spools to a temp file.
+        # Over Starlette's default 1 MiB spool; the service keeps uploads up to its body limit in
+        # memory, so a leaked buffer would show in the RSS, a leaked temp file in TMPDIR.
         abandoned_upload(server.url, 8 * 2**20, 3 * 2**20)
         fds, rss = settled_fds(), rss_mb(pid)
         for _ in range(30):
