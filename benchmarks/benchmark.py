@@ -50,9 +50,9 @@ import numpy as np
 import onnxruntime as ort
 from PIL import Image
 
-from service.classifier import provider_list, session_options
-from service.model_metadata import ModelMetadata
-from service.preprocessing import N_CROPS
+from alexnet_core.metadata import ModelMetadata
+from alexnet_core.pipeline import N_CROPS
+from alexnet_core.session import provider_list, session_options
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
 DEFAULT_OUT = REPO_ROOT / "benchmarks" / "results" / "cpu-2core.json"
@@ -480,7 +480,7 @@ PATCHES: dict[str, str] = {
     # Undo: ORT's intra-op workers spinning after each parallel section (ORT's default), which on
     # 2 cores takes CPU from the decoding threads and the event loop.
     "ort_spinning": (
-        "import service.classifier as c\n"
+        "import alexnet_core.session as c\n"
         "_options = c.session_options\n"
         "def session_options(threads):\n"
         "    options = _options(threads)\n"

@@ -3,7 +3,7 @@
 Layout: ``<root>/train/<class>/<image>`` and ``<root>/val/<class>/<image>``; the class names are
 the training folder names, sorted, and a class's index is its position in that list.
 
-Every image goes through the service's own ``decode`` + ``resize_center`` (shorter side to
+Every image goes through the service's own ``decode`` + ``center_square`` (shorter side to
 ``resize``, central square), so training sees the pixels that serving sees. Then:
 
 - training: a random ``crop``x``crop`` window of the square, a horizontal flip with probability 1/2
@@ -30,7 +30,8 @@ import numpy as np
 import torch
 from torch.utils.data import Dataset
 
-from service.preprocessing import ImageInputError, crop_offsets, decode, resize_center
+from alexnet_core.images import ImageInputError, decode
+from alexnet_core.pipeline import center_square, crop_offsets
 
 IMAGE_SUFFIXES = frozenset({".jpg", ".jpeg", ".png", ".gif", ".webp", ".bmp", ".tif", ".tiff"})
 MAX_PIXELS = 64_000_000  # the service's default limit: an image it would refuse is no use here
@@ -80,9 +81,9 @@ def list_images(split_dir: Path, class_names: Sequence[str]) -> list[Sample]:
 
 
 def load_square(path: Path, resize: int) -> np.ndarray:
-    """The service's decode + resize_center: (resize, resize, 3) uint8."""
+    """The service's decode + center_square: (resize, resize, 3) uint8."""
     try:
-        return resize_center(decode(path.read_bytes(), resize, MAX_PIXELS), resize)
+        return center_square(decode(path.read_bytes(), resize, MAX_PIXELS), resize)
     except ImageInputError as exc:
         raise DatasetError(f"{path}: {exc.detail}") from None
 
@@ -164,7 +165,7 @@ class ImageFolderDataset(Dataset[tuple[torch.Tensor, int]]):
         self.train = train
         self.flip = flip
         self.lighting = lighting
-        # The same arithmetic as service.preprocessing.ten_crop, so that a validation centre crop
+        # The same arithmetic as alexnet_core.pipeline.ten_crop, so that a validation centre crop
         # here equals the service's centre crop to the last bit.
         self.mean255 = np.asarray(mean, dtype=np.float32) * 255.0
         self.std255 = np.asarray(std, dtype=np.float32) * 255.0

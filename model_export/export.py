@@ -1,7 +1,5 @@
 """PyTorch AlexNet -> one self-describing ONNX file, checked against torch before it is kept."""
 
-import os
-import tempfile
 import time
 from dataclasses import dataclass
 from datetime import UTC, datetime
@@ -12,8 +10,9 @@ import onnx
 import onnxruntime as ort
 import torch
 
+from alexnet_core import files
+from alexnet_core.metadata import INPUT_NAME, OUTPUT_NAME, ModelMetadata
 from model_export.weights import LoadedWeights
-from service.model_metadata import INPUT_NAME, OUTPUT_NAME, ModelMetadata
 
 OPSET = 18
 PARITY_TOLERANCE = 1e-4
@@ -95,25 +94,21 @@ def export_onnx(
     )
     proto = _to_model_proto(model, input_size)
     onnx.helper.set_model_props(proto, metadata.to_props())
-    output.parent.mkdir(parents=True, exist_ok=True)
-    # The temporary name does not end in .onnx, so the service never picks it up.
-    fd, tmp_name = tempfile.mkstemp(dir=output.parent, prefix=f".{output.name}.", suffix=".part")
-    os.close(fd)
-    tmp = Path(tmp_name)
-    try:
-        try:
-            onnx.save_model(proto, tmp)
-            with tmp.open("rb") as f:
-                os.fsync(f.fileno())
-        except OSError as exc:  # disk full (ENOSPC), a file size limit (EFBIG), permissions
-            raise ExportError(f"cannot write the model into {output.parent}/: {exc.strerror or exc}") from exc
+    diff = 0.0
+
+    def write_checked(tmp: Path) -> None:
+        nonlocal diff
+        onnx.save_model(proto, tmp)
         diff = check_parity(model, tmp, input_size)
         if not diff <= PARITY_TOLERANCE:
             raise ExportError(
                 f"ONNX Runtime and torch disagree: max abs logit difference {diff:.3g} > {PARITY_TOLERANCE}"
             )
-        tmp.chmod(0o644)  # mkstemp makes it private; the server may run as another user
-        os.replace(tmp, output)
-    finally:
-        tmp.unlink(missing_ok=True)
+
+    try:  # parity is checked on the temporary file: the service never sees an unchecked model
+        files.atomic_write(output, write_checked)
+    except files.WriteError as exc:  # disk full (ENOSPC), a file size limit (EFBIG), permissions
+        cause = exc.__cause__
+        reason = getattr(cause, "strerror", None) or cause or exc
+        raise ExportError(f"cannot write the model into {output.parent}/: {reason}") from exc
     return ExportResult(output, metadata, diff, time.perf_counter() - started, output.stat().st_size)

@@ -16,7 +16,6 @@ runs it too, by casting around the kernels it lacks.
 
 import argparse
 import json
-import os
 import sys
 import tempfile
 from collections.abc import Sequence
@@ -24,6 +23,8 @@ from pathlib import Path
 
 import numpy as np
 import onnx
+
+from alexnet_core import files
 
 INT8_SUFFIX = "-int8"
 FP16_SUFFIX = "-fp16"
@@ -58,24 +59,12 @@ def _retag(proto: onnx.ModelProto, source: onnx.ModelProto, precision: str, suff
 
 
 def _save_atomically(proto: onnx.ModelProto, out_path: Path, source_path: Path) -> None:
-    out_path.parent.mkdir(parents=True, exist_ok=True)
-    # The temporary name does not end in .onnx, so the service never lists a half-written file.
-    fd, tmp_name = tempfile.mkstemp(dir=out_path.parent, prefix=f".{out_path.name}.", suffix=".part")
-    os.close(fd)
-    tmp = Path(tmp_name)
-    try:
-        onnx.save_model(proto, tmp)
-        with tmp.open("rb") as f:
-            os.fsync(f.fileno())
-        tmp.chmod(0o644)  # mkstemp makes it private; the server may run as another user
-        # Without ALEXNET_MODEL or an ACTIVE file the service serves the *newest* *.onnx. A variant
-        # written now would be newer than its source and so served by default, i.e. activated by
-        # accident; dating it just before its source keeps the source in front of it.
-        source_mtime = source_path.stat().st_mtime_ns
-        os.utime(tmp, ns=(source_mtime, source_mtime - 1_000_000))
-        os.replace(tmp, out_path)
-    finally:
-        tmp.unlink(missing_ok=True)
+    # Without ALEXNET_MODEL or an ACTIVE file the service serves the *newest* *.onnx. A variant
+    # written now would be newer than its source and so served by default, i.e. activated by
+    # accident; dating it just before its source keeps the source in front of it.
+    files.atomic_write(
+        out_path, lambda tmp: onnx.save_model(proto, tmp), mtime_ns=source_path.stat().st_mtime_ns - 1_000_000
+    )
 
 
 def quantize_int8(onnx_path: Path, out_path: Path | None = None) -> Path:
@@ -139,7 +128,7 @@ def top1_agreement(
 ) -> float:
     """Fraction of ``images`` whose top-1 class is the same for both models, each run through
     the service's own preprocessing (ten crops, averaged softmax) and ``OnnxClassifier``."""
-    from service.classifier import OnnxClassifier
+    from alexnet_core.session import OnnxClassifier
 
     if not images:
         raise ValueError("top1_agreement needs at least one image")

@@ -81,6 +81,8 @@ from torch.nn.parallel import DistributedDataParallel
 from torch.utils.data import DataLoader, DistributedSampler, Subset
 from tqdm import tqdm
 
+from alexnet_core.metadata import ModelMetadata
+from alexnet_core.session import OnnxClassifier
 from model_export.alexnet import INITS, LAYOUTS, AlexNet
 from model_export.data import (
     MAX_PIXELS,
@@ -96,8 +98,6 @@ from model_export.data import (
 )
 from model_export.export import ExportError, export_onnx, make_version
 from model_export.weights import IMAGENET_MEAN, IMAGENET_STD, WeightsError, load_checkpoint
-from service.classifier import OnnxClassifier
-from service.model_metadata import ModelMetadata
 
 EXIT_OK = 0
 EXIT_ERROR = 1

@@ -8,7 +8,7 @@ Layout written (Triton's model repository convention)::
 
 Triton serves the network only: it takes the *preprocessed* float32 tensor, not an image. The
 paper's ten-crop preprocessing (resize, centre square, four corners + centre and their mirrors,
-normalisation) stays with the client (``service.preprocessing.preprocess`` does it); the values it
+normalisation) stays with the client (``alexnet_core.pipeline.preprocess`` does it); the values it
 needs are written into the config's ``parameters`` so that a client can read them from Triton's
 model-configuration endpoint. One image is ten rows of the batch, and the client averages the
 ten softmax outputs; Triton's own classification output (``label_filename``) ranks one row's
@@ -18,16 +18,15 @@ logits, i.e. one crop.
 import json
 import os
 import shutil
-import tempfile
-from collections.abc import Callable
 from pathlib import Path
 from typing import Literal
 
 import onnx
 
-from service.model_metadata import ModelMetadata
+from alexnet_core import files
+from alexnet_core.metadata import ModelMetadata
 
-CROPS_PER_IMAGE = 10  # service.preprocessing.ten_crop: what one image costs in batch rows
+CROPS_PER_IMAGE = 10  # alexnet_core.pipeline.ten_crop: what one image costs in batch rows
 LABELS_FILE = "labels.txt"
 MODEL_FILE = "model.onnx"  # the ONNX Runtime backend's default model file name
 VERSION = "1"
@@ -119,7 +118,7 @@ def render_config(
     lines = [
         "# Triton Inference Server model configuration, written by alexnet-export",
         "# (model_export/triton.py). Triton takes preprocessed float32 crops, not images: the",
-        "# ten-crop preprocessing is the client's (service.preprocessing.preprocess), with the",
+        "# ten-crop preprocessing is the client's (alexnet_core.pipeline.preprocess), with the",
         "# parameters below. One image = 10 batch rows; average their softmax outputs.",
         f"name: {_quote(name)}",
         'backend: "onnxruntime"',
@@ -158,26 +157,6 @@ def render_config(
     return "\n".join(lines) + "\n"
 
 
-def _write_atomically(destination: Path, fill: Callable[[Path], None]) -> None:
-    """``fill`` a temporary file beside ``destination``, then rename it into place: a Triton
-    polling the repository never reads a half-written file."""
-    fd, tmp_name = tempfile.mkstemp(dir=destination.parent, prefix=f".{destination.name}.", suffix=".part")
-    os.close(fd)
-    tmp = Path(tmp_name)
-    try:
-        fill(tmp)
-        with tmp.open("rb") as f:
-            os.fsync(f.fileno())
-        tmp.chmod(0o644)  # mkstemp makes it private; Triton may run as another user
-        os.replace(tmp, destination)
-    finally:
-        tmp.unlink(missing_ok=True)
-
-
-def _write_text(destination: Path, text: str) -> None:
-    _write_atomically(destination, lambda tmp: tmp.write_text(text, encoding="utf-8"))
-
-
 def _place_model(source: Path, destination: Path) -> None:
     """Hard-link the model where possible (no second 230 MB copy; the export replaces its files by
     rename, never in place, so the link cannot change under Triton), else copy it."""
@@ -186,7 +165,7 @@ def _place_model(source: Path, destination: Path) -> None:
     try:
         os.link(source, tmp)
     except OSError:  # another file system, or links not allowed: copy
-        _write_atomically(destination, lambda part: shutil.copyfile(source, part))
+        files.atomic_write(destination, lambda part: shutil.copyfile(source, part))
         return
     try:
         os.replace(tmp, destination)
@@ -225,7 +204,7 @@ def write_triton_repository(
     version_dir = model_dir / VERSION
     version_dir.mkdir(parents=True, exist_ok=True)
     _place_model(onnx_path, version_dir / MODEL_FILE)
-    _write_text(model_dir / LABELS_FILE, "".join(f"{label}\n" for label in metadata.labels))
+    files.write_text(model_dir / LABELS_FILE, "".join(f"{label}\n" for label in metadata.labels))
     config = model_dir / "config.pbtxt"
-    _write_text(config, render_config(metadata, name, max_batch_size, instance_kind))
+    files.write_text(config, render_config(metadata, name, max_batch_size, instance_kind))
     return config

@@ -11,6 +11,7 @@ from pathlib import Path
 import torch
 from tqdm import tqdm
 
+from alexnet_core import files
 from model_export.alexnet import AlexNet, Layout
 from model_export.labels import ImageNetClasses, imagenet_classes
 
@@ -39,18 +40,13 @@ class LoadedWeights:
     extra: dict[str, object] = field(default_factory=dict)
 
 
-def sha256_of(path: Path) -> str:
-    digest = hashlib.sha256()
-    with path.open("rb") as f:
-        for block in iter(lambda: f.read(1 << 20), b""):
-            digest.update(block)
-    return digest.hexdigest()
-
-
 def download(url: str, destination: Path, sha256_prefix: str, timeout: float = 30.0) -> Path:
     """Download ``url`` to a temporary file beside ``destination`` with a progress bar, check its
     SHA-256 starts with ``sha256_prefix``, then rename it into place. Nothing is left at
-    ``destination`` (or beside it) unless the whole, verified file arrived."""
+    ``destination`` (or beside it) unless the whole, verified file arrived.
+
+    Not ``torch.hub.download_url_to_file``: it reads to EOF without comparing Content-Length, so a
+    cut-off transfer is reported as a hash mismatch instead of as what it is."""
     destination.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp_name = tempfile.mkstemp(dir=destination.parent, prefix=f".{destination.name}.", suffix=".part")
     tmp = Path(tmp_name)
@@ -89,7 +85,7 @@ def pretrained_file(
     (downloaded earlier, or copied there by hand on an air-gapped host), else downloaded."""
     path = weights_dir / PRETRAINED_FILE
     if path.exists():
-        actual = sha256_of(path)
+        actual = files.sha256(path)
         if actual.startswith(sha256_prefix):
             return path
         raise WeightsError(
@@ -134,7 +130,7 @@ def load_pretrained(
     path = pretrained_file(weights_dir, url, sha256_prefix)
     model = AlexNet("torchvision", 1000)
     load_state_dict_strict(model, torch.load(path, map_location="cpu", weights_only=True), str(path))
-    return LoadedWeights(model, "pretrained:IMAGENET1K_V1", sha256_of(path), True, imagenet_classes())
+    return LoadedWeights(model, "pretrained:IMAGENET1K_V1", files.sha256(path), True, imagenet_classes())
 
 
 def load_checkpoint(path: Path, layout: Layout | None = None) -> LoadedWeights:
@@ -156,7 +152,7 @@ def load_checkpoint(path: Path, layout: Layout | None = None) -> LoadedWeights:
         return LoadedWeights(
             model,
             f"checkpoint:{path.name}",
-            sha256_of(path),
+            files.sha256(path),
             True,
             classes,
             tuple(content["mean"]),
@@ -169,7 +165,7 @@ def load_checkpoint(path: Path, layout: Layout | None = None) -> LoadedWeights:
     model = AlexNet(layout or "torchvision", num_classes)
     load_state_dict_strict(model, state, str(path))
     classes = imagenet_classes() if num_classes == 1000 else ImageNetClasses.numbered(num_classes)
-    return LoadedWeights(model, f"checkpoint:{path.name}", sha256_of(path), True, classes)
+    return LoadedWeights(model, f"checkpoint:{path.name}", files.sha256(path), True, classes)
 
 
 def random_weights(layout: Layout, seed: int = 0, num_classes: int = 1000) -> LoadedWeights:

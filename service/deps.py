@@ -8,7 +8,7 @@ from typing import Annotated
 
 from fastapi import Depends, HTTPException, Request, status
 
-from service.classifier import OnnxClassifier
+from alexnet_core.session import OnnxClassifier
 from service.core.config import Settings
 from service.core.metrics import Metrics
 from service.inference import InferenceQueue

@@ -18,7 +18,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from service.classifier import OnnxClassifier
+from alexnet_core.session import OnnxClassifier
 from service.core.metrics import Metrics
 
 log = logging.getLogger(__name__)

@@ -19,12 +19,12 @@ from starlette.formparsers import MultiPartParser
 from starlette.routing import Match
 from swagger_ui_bundle import swagger_ui_path
 
+from alexnet_core.images import ImageInputError
 from service.core.config import Settings, get_settings
 from service.core.metrics import Metrics
 from service.core.middleware import BodySizeLimit, QueueFullGate, RequestMetrics
 from service.inference import InferenceQueue, Overloaded
 from service.model_registry import ModelRegistry
-from service.preprocessing import ImageInputError
 from service.routers import health, models, predict, train
 from service.training_jobs import JobError, TrainingManager
 

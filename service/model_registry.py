@@ -1,11 +1,11 @@
 """Which model is in service: chosen at start-up, swapped atomically on activation."""
 
 import logging
-import os
 import threading
 from pathlib import Path
 
-from service.classifier import OnnxClassifier
+from alexnet_core import files
+from alexnet_core.session import OnnxClassifier
 from service.core.config import Settings
 
 log = logging.getLogger(__name__)
@@ -78,9 +78,6 @@ class ModelRegistry:
             path = self.find(version)
             classifier = self._load(path)
             self.current = classifier
-            pointer = self.weights_dir / ACTIVE_FILE
-            tmp = pointer.with_name(f".{ACTIVE_FILE}.{os.getpid()}.part")
-            tmp.write_text(path.name)
-            os.replace(tmp, pointer)
+            files.write_text(self.weights_dir / ACTIVE_FILE, path.name)
             log.info("activated model %s", classifier.version)
             return classifier

@@ -14,7 +14,8 @@ import onnxruntime as ort
 import pytest
 from PIL import Image
 
-from service.preprocessing import decode, resize_center
+from alexnet_core.images import decode
+from alexnet_core.pipeline import center_square
 from tests.conftest import cpu_settings, serve
 from tests.images import encode, photo, photo_jpeg
 
@@ -24,7 +25,7 @@ STD = np.array([0.229, 0.224, 0.225], dtype=np.float32)
 
 def expected_probabilities(model: Path, data: bytes) -> np.ndarray:
     """The paper's ten-crop average computed independently of the service's ten_crop."""
-    square = resize_center(decode(data, 256, 10**8), 256).astype(np.float32) / 255.0
+    square = center_square(decode(data, 256, 10**8), 256).astype(np.float32) / 255.0
     x = ((square - MEAN) / STD).transpose(2, 0, 1)
     crops = [x[:, t : t + 224, s : s + 224] for t, s in ((0, 0), (0, 32), (32, 0), (32, 32), (16, 16))]
     batch = np.stack(crops + [c[:, :, ::-1] for c in crops]).astype(np.float32)

@@ -7,11 +7,11 @@ import pytest
 import torch
 
 import model_export.export as export_module
+from alexnet_core.metadata import ModelMetadata
 from model_export.alexnet import AlexNet
 from model_export.cli import main as export_cli
 from model_export.export import ExportError, export_onnx
 from model_export.weights import random_weights
-from service.model_metadata import ModelMetadata
 
 
 def read_metadata(path: Path) -> ModelMetadata:

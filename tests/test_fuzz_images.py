@@ -21,7 +21,8 @@ from hypothesis import strategies as st
 from hypothesis.control import currently_in_test_context
 from PIL import Image
 
-from service.preprocessing import FORMATS, ImageInputError, preprocess
+from alexnet_core.images import FORMATS, ImageInputError
+from alexnet_core.pipeline import preprocess
 from tests.images import encode, photo
 
 # (resize, crop) of the two kinds of model served: ImageNet's and the 64-pixel digits models.

@@ -17,8 +17,8 @@ import onnx
 import pytest
 from PIL import Image
 
+from alexnet_core.session import OnnxClassifier
 from model_export.precision import convert_fp16, main, quantize_int8, top1_agreement
-from service.classifier import OnnxClassifier
 from service.model_registry import ModelRegistry
 from tests.conftest import cpu_settings
 

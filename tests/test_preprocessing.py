@@ -4,14 +4,8 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from service.preprocessing import (
-    ImageInputError,
-    crop_offsets,
-    decode,
-    preprocess,
-    resize_center,
-    ten_crop,
-)
+from alexnet_core.images import ImageInputError, decode
+from alexnet_core.pipeline import center_square, crop_offsets, preprocess, ten_crop
 from tests.images import big_photo_jpeg, encode, photo, photo_jpeg
 
 MEAN = [0.485, 0.456, 0.406]
@@ -57,7 +51,7 @@ def test_normalisation() -> None:
 def test_resize_shorter_side_then_centre(transpose: bool) -> None:
     pixels = quadrant_image(512)[:384]  # 512 wide, 384 high
     image = Image.fromarray(pixels.transpose(1, 0, 2).copy() if transpose else pixels)
-    square = resize_center(image, 256)
+    square = center_square(image, 256)
     assert square.shape == (256, 256, 3) and square.dtype == np.uint8
     # torchvision: long side int(256 * 512 / 384) = 341, crop offset = round((341 - 256) / 2) = 42.
     # Only the square's source region is resampled: equal to the full resize then crop up to the
@@ -131,8 +125,8 @@ def test_jpeg_draft_mode_for_large_images() -> None:
     # 4000x3000 at 1/8 would be 500x375 (shorter side 375 >= 256); 1/16 does not exist.
     assert drafted.size == (500, 375)
     full = Image.open(io.BytesIO(data)).convert("RGB")
-    a = resize_center(drafted, 256).astype(np.int16)
-    b = resize_center(full, 256).astype(np.int16)
+    a = center_square(drafted, 256).astype(np.int16)
+    b = center_square(full, 256).astype(np.int16)
     assert np.abs(a - b).mean() < 1.0  # well under one grey level on average
 
 

@@ -15,6 +15,8 @@ import pytest
 import torch
 from PIL import Image
 
+from alexnet_core.pipeline import preprocess, ten_crop
+from alexnet_core.session import OnnxClassifier
 from model_export.data import (
     ColourStatistics,
     DatasetError,
@@ -27,8 +29,6 @@ from model_export.data import (
 )
 from model_export.train import EXIT_CANCELLED, EXIT_DIVERGED, EXIT_ERROR, main, make_scheduler
 from model_export.weights import load_checkpoint
-from service.classifier import OnnxClassifier
-from service.preprocessing import preprocess, ten_crop
 from tests.digits import CLASS_NAMES, DigitsFolder, write_digits
 
 REPO = Path(__file__).resolve().parent.parent

@@ -17,12 +17,12 @@ from google.protobuf import descriptor_pb2, descriptor_pool, message_factory, te
 from google.protobuf.message import Message
 from PIL import Image
 
+from alexnet_core.metadata import ModelMetadata
+from alexnet_core.pipeline import preprocess
 from model_export.cli import main as export_main
 from model_export.export import export_onnx
 from model_export.triton import CROPS_PER_IMAGE, write_triton_repository
 from model_export.weights import random_weights
-from service.model_metadata import ModelMetadata
-from service.preprocessing import preprocess
 
 # ---------------------------------------------------------------------------------------------
 # Triton's ModelConfig schema. Triton parses config.pbtxt with protobuf's text format into this

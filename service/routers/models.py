@@ -2,7 +2,7 @@ import asyncio
 
 from fastapi import APIRouter, HTTPException, status
 
-from service.classifier import OnnxClassifier
+from alexnet_core.session import OnnxClassifier
 from service.core.security import ApiKey
 from service.deps import ClassifierDep, RegistryDep, SettingsDep
 from service.model_registry import ModelNotFound

@@ -6,8 +6,9 @@ import numpy as np
 from fastapi import APIRouter, File, HTTPException, Query, UploadFile, status
 from pydantic import BeforeValidator
 
+from alexnet_core.images import ImageInputError
+from alexnet_core.pipeline import Preprocessed, top_k
 from service.deps import ClassifierDep, MetricsDep, PoolDep, QueueDep, SettingsDep
-from service.preprocessing import ImageInputError, Preprocessed
 from service.schemas import (
     ErrorResponse,
     ImagePrediction,
@@ -39,12 +40,8 @@ def _no_empty_parts(value: object) -> object:
 def top_k_predictions(
     probabilities: np.ndarray, k: int, labels: list[str], wnids: list[str | None]
 ) -> list[Prediction]:
-    k = min(k, probabilities.shape[0])
-    top = np.argpartition(-probabilities, k - 1)[:k]
-    top = top[np.argsort(-probabilities[top], kind="stable")]
     return [
-        Prediction(index=int(i), wnid=wnids[i], label=labels[i], probability=float(probabilities[i]))
-        for i in top
+        Prediction(index=i, wnid=wnids[i], label=labels[i], probability=p) for i, p in top_k(probabilities, k)
     ]
 
 

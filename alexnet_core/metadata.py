@@ -10,7 +10,7 @@ from datetime import datetime
 
 from pydantic import BaseModel, Field
 
-from service.preprocessing import Preprocessed, preprocess
+from alexnet_core.pipeline import Preprocessed, preprocess
 
 FORMAT = "alexnet-serve/1"
 INPUT_NAME = "images"

@@ -1,25 +1,19 @@
-"""Image bytes -> the paper's ten crops, as one float32 batch. No torch.
+"""The first stage of an image's trip: bytes -> upright 8-bit RGB image. No torch.
 
-decode (format from the bytes, JPEG draft mode) -> EXIF orientation -> RGB -> shorter side to
-``resize`` (bilinear, antialiased, as torchvision's preset) -> central ``resize``x``resize`` ->
-ten ``crop``x``crop`` crops: four corners, centre, and the horizontal mirror of each -> scaled to
-[0, 1] and normalised with the model's mean/std -> (10, 3, crop, crop).
-
-Training (model_export) and the service both use these functions, so that a model is validated
-with exactly the preprocessing it is served with.
+The format is read from the bytes (never the file name or content type), the pixel count is
+checked from the header before any pixel is allocated, large JPEGs are decoded at a reduced scale
+(draft mode), EXIF orientation is applied and every mode is converted to RGB. Every problem with
+the bytes is an ``ImageInputError`` carrying the HTTP status the service answers with.
 """
 
 import io
-import time
 import warnings
-from dataclasses import dataclass
 
 import numpy as np
 from PIL import Image, ImageOps, UnidentifiedImageError
 
 # Formats read from the bytes' signature; the file name and declared content type are ignored.
 FORMATS = ("JPEG", "PNG", "GIF", "WEBP", "BMP", "TIFF")
-N_CROPS = 10
 SIGNATURES = {
     b"\xff\xd8\xff": "JPEG",
     b"\x89PNG\r\n\x1a\n": "PNG",
@@ -38,13 +32,6 @@ class ImageInputError(ValueError):
         super().__init__(detail)
         self.status_code = status_code
         self.detail = detail
-
-
-@dataclass(frozen=True)
-class Preprocessed:
-    crops: np.ndarray  # (10, 3, crop, crop) float32
-    decode_s: float
-    preprocess_s: float
 
 
 def sniff_format(data: bytes) -> str | None:
@@ -127,58 +114,3 @@ def decode(data: bytes, resize: int, max_pixels: int) -> Image.Image:
         raise ImageInputError(422, f"corrupt or truncated image data: {exc}") from None
     except Exception as exc:
         raise ImageInputError(422, f"image could not be decoded: {type(exc).__name__}: {exc}") from None
-
-
-def resize_center(image: Image.Image, resize: int) -> np.ndarray:
-    """Shorter side to ``resize`` (torchvision's Resize), then the central square (CenterCrop).
-    Returns (resize, resize, 3) uint8.
-
-    Only the source region that lands in the square is resampled (Pillow's ``box``), at the same
-    scale and pixel centres as the full resize; the filter still reads source pixels just outside
-    the box, so the square matches resize-then-crop (within 1 grey level from the box's float
-    coordinates). This skips the discarded sides: a third of the work for a 3:2 photo, and for an
-    extreme aspect ratio the difference between 256x256 and a 118-byte 1x20000 PNG becoming
-    256x5,120,000 (5 GB)."""
-    width, height = image.size
-    if width <= height:
-        new_size = (resize, max(resize, int(resize * height / width)))
-    else:
-        new_size = (max(resize, int(resize * width / height)), resize)
-    left = round((new_size[0] - resize) / 2.0)
-    top = round((new_size[1] - resize) / 2.0)
-    sx, sy = width / new_size[0], height / new_size[1]
-    box = (left * sx, top * sy, (left + resize) * sx, (top + resize) * sy)
-    return np.asarray(image.resize((resize, resize), Image.Resampling.BILINEAR, box=box))
-
-
-def crop_offsets(resize: int, crop: int) -> list[tuple[int, int]]:
-    """(top, left) of the five crops: top-left, top-right, bottom-left, bottom-right, centre."""
-    far = resize - crop
-    centre = round(far / 2.0)  # torchvision's CenterCrop rounding
-    return [(0, 0), (0, far), (far, 0), (far, far), (centre, centre)]
-
-
-def ten_crop(square: np.ndarray, crop: int, mean: list[float], std: list[float]) -> np.ndarray:
-    """(S, S, 3) uint8 -> (10, 3, crop, crop) float32: the five crops, then their mirrors."""
-    shift = (np.asarray(mean, dtype=np.float32) * 255.0).reshape(3, 1, 1)
-    # Divided, not multiplied by the reciprocal: training (model_export.data) does the same
-    # arithmetic, so a validation crop there equals the service's to the last bit.
-    scale = (np.asarray(std, dtype=np.float32) * 255.0).reshape(3, 1, 1)
-    chw = np.ascontiguousarray(square.transpose(2, 0, 1))  # uint8: 4x less to move than floats
-    out = np.empty((N_CROPS, 3, crop, crop), dtype=np.float32)
-    for i, (top, left) in enumerate(crop_offsets(square.shape[0], crop)):
-        # Normalised straight into the output batch: no float copy of the whole square.
-        np.subtract(chw[:, top : top + crop, left : left + crop], shift, out=out[i])
-        out[i] /= scale
-        out[i + 5] = out[i][:, :, ::-1]
-    return out
-
-
-def preprocess(
-    data: bytes, *, resize: int, crop: int, mean: list[float], std: list[float], max_pixels: int
-) -> Preprocessed:
-    started = time.perf_counter()
-    image = decode(data, resize, max_pixels)
-    decoded = time.perf_counter()
-    crops = ten_crop(resize_center(image, resize), crop, mean, std)
-    return Preprocessed(crops, decoded - started, time.perf_counter() - decoded)

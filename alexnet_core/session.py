@@ -1,24 +1,16 @@
 """One ONNX Runtime session around one exported model file."""
 
-import hashlib
 import logging
 from pathlib import Path
 
 import numpy as np
 import onnxruntime as ort
 
-from service.model_metadata import ModelMetadata
-from service.preprocessing import N_CROPS
+from alexnet_core import files
+from alexnet_core.metadata import ModelMetadata
+from alexnet_core.pipeline import N_CROPS, probabilities
 
 log = logging.getLogger(__name__)
-
-
-def file_sha256(path: Path) -> str:
-    digest = hashlib.sha256()
-    with path.open("rb") as f:
-        for block in iter(lambda: f.read(1 << 20), b""):
-            digest.update(block)
-    return digest.hexdigest()
 
 
 def session_options(intra_op_threads: int) -> ort.SessionOptions:
@@ -65,7 +57,7 @@ class OnnxClassifier:
         self, path: Path, providers: list[str], intra_op_threads: int = 0, warm_up: bool = True
     ) -> None:
         self.path = path
-        self.sha256 = file_sha256(path)
+        self.sha256 = files.sha256(path)
         self.session = ort.InferenceSession(
             str(path), session_options(intra_op_threads), providers=provider_list(providers)
         )
@@ -106,9 +98,5 @@ class OnnxClassifier:
         return self.session.run([meta.output_name], {meta.input_name: batch})[0]
 
     def probabilities(self, crops: np.ndarray) -> np.ndarray:
-        """(n*10, 3, S, S) crops -> (n, classes): the softmax of each crop, averaged per image."""
-        logits = self.logits(crops).astype(np.float64)
-        logits -= logits.max(axis=1, keepdims=True)
-        softmax = np.exp(logits)
-        softmax /= softmax.sum(axis=1, keepdims=True)
-        return softmax.reshape(-1, N_CROPS, softmax.shape[1]).mean(axis=1)
+        """(n*10, 3, S, S) crops -> (n, classes): the paper's ten-crop average."""
+        return probabilities(self.logits(crops), N_CROPS)
