@@ -7,6 +7,7 @@ Each field is stored under its own key as JSON, readable in Netron or ``onnx.loa
 
 import json
 from datetime import datetime
+from typing import Literal
 
 from pydantic import BaseModel, Field
 
@@ -35,6 +36,17 @@ class ModelMetadata(BaseModel):
     validation_top5: float | None = None
     input_name: str = INPUT_NAME
     output_name: str = OUTPUT_NAME
+    input_kind: Literal["crops", "square"] = Field(
+        "crops",
+        description="crops: float32 (N*10, 3, C, C) normalised crops in, logits out; square: uint8 "
+        "(N, S, S, 3) central squares in, ten-crop mean probabilities (N, classes) out",
+    )
+    features_output: str | None = Field(
+        None, description="name of the output holding each image's 4096-d feature vector, if any"
+    )
+    members: list[str] = Field(
+        default_factory=list, description="for an ensemble: the versions whose probabilities it averages"
+    )
 
     @property
     def num_classes(self) -> int:

@@ -2,11 +2,12 @@
 
 import os
 from functools import cache
-from pathlib import Path
 from typing import Annotated, Literal
 
 from pydantic import BeforeValidator, Field, SecretStr, model_validator
-from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
+from pydantic_settings import NoDecode
+
+from alexnet_core.settings import CommonSettings
 
 
 def _split(value: object) -> object:
@@ -20,11 +21,8 @@ def _lower(value: object) -> object:
     return value.strip().lower() if isinstance(value, str) else value
 
 
-class Settings(BaseSettings):
-    model_config = SettingsConfigDict(env_prefix="ALEXNET_", env_file=".env", extra="ignore")
-
-    # Model
-    weights_dir: Path = Field(Path("weights"), description="models (*.onnx), downloads, training runs")
+class Settings(CommonSettings):
+    # Model (weights_dir and data_root: CommonSettings, shared with the export and training CLIs)
     model: str | None = Field(
         None,
         description="version (file stem) or file name in weights_dir to serve; default: the "
@@ -60,7 +58,6 @@ class Settings(BaseSettings):
     request_timeout_s: float = Field(30.0, gt=0, description="longest a request waits for its result")
 
     # Training and model management
-    data_root: Path = Field(Path("data"), description="root that /train dataset paths are relative to")
     api_key: SecretStr | None = Field(
         None,
         description="bearer key for /train and /model/activate; unset = those answer 403",
