@@ -10,15 +10,12 @@ with alpha = 1e-4; PyTorch divides alpha by the window size, hence ``alpha=5e-4`
 the same state-dict keys as ``torchvision.models.alexnet`` so that the official file loads strictly.
 """
 
-from typing import Literal
-
 import torch
 from torch import nn
 
-Layout = Literal["paper", "torchvision"]
-Init = Literal["paper", "caffe", "default"]
-LAYOUTS: tuple[str, ...] = ("paper", "torchvision")
-INITS: tuple[str, ...] = ("paper", "caffe", "default")
+from alexnet_core.training import DEFAULT_LAYOUT, INITS, LAYOUTS, Init, Layout
+
+__all__ = ["DEFAULT_LAYOUT", "INITS", "LAYOUTS", "AlexNet", "Init", "Layout", "count_parameters"]
 
 
 def _paper_features() -> nn.Sequential:
@@ -62,7 +59,7 @@ def _torchvision_features() -> nn.Sequential:
 class AlexNet(nn.Module):
     def __init__(
         self,
-        layout: Layout = "torchvision",
+        layout: Layout = DEFAULT_LAYOUT,
         num_classes: int = 1000,
         dropout: float = 0.5,
         init: Init = "default",

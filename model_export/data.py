@@ -45,25 +45,41 @@ class DatasetError(ValueError):
 Sample = tuple[Path, int]
 
 
-def find_classes(split_dir: Path) -> list[str]:
+def confined(path: Path, root: Path | None) -> Path:
+    """``path``, unless it is a symlink leading outside ``root`` (the server's data root, for a
+    job): refused then, so that a dataset cannot make the trainer read files elsewhere."""
+    if root is not None and path.is_symlink():
+        try:
+            target = path.resolve(strict=True)
+        except (OSError, RuntimeError) as exc:  # broken, or a loop
+            raise DatasetError(f"{path}: a symlink that cannot be followed ({exc})") from None
+        if not target.is_relative_to(root.resolve()):
+            raise DatasetError(f"{path} is a symlink that leads outside the data root")
+    return path
+
+
+def _folders(split_dir: Path, root: Path | None) -> list[Path]:
+    confined(split_dir, root)
     if not split_dir.is_dir():
         raise DatasetError(f"{split_dir} is not a folder: expected <root>/train/<class>/<images>")
-    names = sorted(p.name for p in split_dir.iterdir() if p.is_dir() and not p.name.startswith("."))
+    return [
+        confined(p, root) for p in sorted(split_dir.iterdir()) if p.is_dir() and not p.name.startswith(".")
+    ]
+
+
+def find_classes(split_dir: Path, root: Path | None = None) -> list[str]:
+    names = sorted(p.name for p in _folders(split_dir, root))
     if not names:
         raise DatasetError(f"{split_dir} has no class folders")
     return names
 
 
-def list_images(split_dir: Path, class_names: Sequence[str]) -> list[Sample]:
+def list_images(split_dir: Path, class_names: Sequence[str], root: Path | None = None) -> list[Sample]:
     """(path, class index) of every image under ``split_dir``, in a fixed order. A class folder
-    may be missing (a validation split without that class), an unknown one is an error."""
-    if not split_dir.is_dir():
-        raise DatasetError(f"{split_dir} is not a folder")
+    may be missing (a validation split without that class), an unknown one is an error. With
+    ``root``, a symlink anywhere on the way that leads outside it is refused."""
     index = {name: i for i, name in enumerate(class_names)}
-    unknown = sorted(
-        p.name for p in split_dir.iterdir()
-        if p.is_dir() and not p.name.startswith(".") and p.name not in index
-    )
+    unknown = sorted(p.name for p in _folders(split_dir, root) if p.name not in index)
     if unknown:
         raise DatasetError(f"{split_dir} has class folders that train/ lacks: {', '.join(unknown)}")
     samples: list[Sample] = []
@@ -71,7 +87,7 @@ def list_images(split_dir: Path, class_names: Sequence[str]) -> list[Sample]:
         folder = split_dir / name
         if folder.is_dir():
             samples.extend(
-                (path, index[name])
+                (confined(path, root), index[name])
                 for path in sorted(folder.iterdir())
                 if path.suffix.lower() in IMAGE_SUFFIXES and not path.name.startswith(".")
             )
@@ -195,4 +211,3 @@ class ImageFolderDataset(Dataset[tuple[torch.Tensor, int]]):
 def paper_normalisation(stats: ColourStatistics) -> tuple[list[float], list[float]]:
     """0–255 minus the per-channel mean, written as mean/std on the [0, 1] scale."""
     return [float(m) for m in stats.mean], [1.0 / 255.0] * 3
-

@@ -1,7 +1,6 @@
 """alexnet-train end to end on scikit-learn's digits (real images, no download), and its data
 pipeline. Step counts, not seconds, bound the runs: these machines vary by +-30 % and more."""
 
-import argparse
 import json
 import os
 import signal
@@ -27,7 +26,9 @@ from model_export.data import (
     list_images,
     load_square,
 )
-from model_export.train import EXIT_CANCELLED, EXIT_DIVERGED, EXIT_ERROR, main, make_scheduler
+from alexnet_core.training import ExitCode, TrainConfig
+from model_export.schedule import make_scheduler
+from model_export.train import main
 from model_export.weights import load_checkpoint
 from tests.digits import CLASS_NAMES, DigitsFolder, write_digits
 
@@ -130,7 +131,7 @@ def test_divergence_stops_with_a_clear_error(
     run = tmp_path / "run"
     code = main([str(digits.root), "--out", str(run), *SMALL, "--lr", "1e3", "--epochs", "1",
                  "--log-every", "1", "--no-export"])
-    assert code == EXIT_DIVERGED
+    assert code == ExitCode.DIVERGED
     error = capsys.readouterr().err
     assert "training diverged at epoch 1 step" in error and "lower --lr" in error
     last = records(run)[-1]
@@ -145,7 +146,7 @@ def test_resume_continues_the_epoch_count(digits: DigitsFolder, tmp_path: Path) 
     assert main([*common, "--out", str(run), "--epochs", "1"]) == 0
     assert torch.load(run / "checkpoint.pt", weights_only=True)["epoch"] == 1
     # A second fresh start would overwrite the run: refused.
-    assert main([*common, "--out", str(run), "--epochs", "2"]) == EXIT_ERROR
+    assert main([*common, "--out", str(run), "--epochs", "2"]) == ExitCode.ERROR
     assert main([*common, "--out", str(run), "--epochs", "2", "--resume"]) == 0
 
     rows = records(run)
@@ -188,7 +189,7 @@ def test_sigterm_cancels_within_a_batch_and_keeps_the_checkpoint(
         _, stderr = process.communicate(timeout=60)
     finally:
         process.kill()
-    assert process.returncode == EXIT_CANCELLED, stderr
+    assert process.returncode == ExitCode.CANCELLED, stderr
     last = records(run)[-1]
     assert last["event"] == "cancelled" and last["epoch"] == 1
     assert last["step"] <= seen_step + 2 < 16  # within a batch or so, well before the epoch's end
@@ -322,9 +323,9 @@ def test_class_folders(tmp_path: Path) -> None:
 # --- learning-rate schedules ---------------------------------------------------------------------
 
 
-def schedule_args(**overrides: object) -> argparse.Namespace:
+def schedule_args(**overrides: object) -> TrainConfig:
     values = {"lr": 0.01, "lr_schedule": None, "plateau_patience": 1, "max_lr_reductions": 3}
-    return argparse.Namespace(**(values | overrides))
+    return TrainConfig.model_validate(values | overrides)
 
 
 def test_explicit_lr_schedule_by_epoch() -> None:
