@@ -81,3 +81,12 @@ class ModelRegistry:
             files.write_text(self.weights_dir / ACTIVE_FILE, path.name)
             log.info("activated model %s", classifier.version)
             return classifier
+
+    def pin_current(self) -> None:
+        """Record the served model as the activated one where nothing is recorded yet. Called
+        before a training job starts: a model that appears later (the job's, not to be activated)
+        must not become, as the newest file, what the next start-up serves."""
+        with self._activation:
+            pointer = self.weights_dir / ACTIVE_FILE
+            if self.current is not None and not pointer.exists():
+                files.write_text(pointer, self.current.path.name)

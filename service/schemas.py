@@ -1,10 +1,13 @@
 """Request and response models of the HTTP API (shared by routers, tests and OpenAPI)."""
 
 from datetime import datetime
-from enum import StrEnum
-from typing import Literal
+from typing import Any
 
 from pydantic import BaseModel, ConfigDict, Field
+
+from alexnet_core.training import JobProgress, JobState, TrainConfig, narrowed
+
+__all__ = ["JobState"]  # re-exported: the job states are alexnet_core.training's
 
 
 class ErrorResponse(BaseModel):
@@ -130,16 +133,15 @@ class ActivateRequest(BaseModel):
     version: str = Field(description="a model version (file stem) in the weights directory", max_length=255)
 
 
-class JobState(StrEnum):
-    queued = "queued"
-    running = "running"
-    succeeded = "succeeded"
-    failed = "failed"
-    cancelled = "cancelled"
-    interrupted = "interrupted"  # the server stopped while it ran; resumable
+def _api(name: str, **changes: object) -> Any:
+    return narrowed(TrainConfig, name, **changes)
 
 
-class TrainRequest(BaseModel):
+class TrainRequest(TrainConfig):
+    """``POST /train``: the training parameters (``alexnet_core.training.TrainConfig``), a dataset
+    under the data root, and whether to serve the result. The bounds here are the API's, tighter
+    than the trainer's, so that one request cannot ask for days of work or gigabytes of memory."""
+
     model_config = ConfigDict(
         extra="forbid",
         json_schema_extra={
@@ -153,36 +155,18 @@ class TrainRequest(BaseModel):
         max_length=255,
         description="image folder relative to ALEXNET_DATA_ROOT (with train/ and val/)",
     )
-    epochs: int = Field(10, ge=1, le=500)
-    batch_size: int = Field(128, ge=1, le=1024)
-    lr: float = Field(0.01, gt=0, le=1)
-    lr_schedule: str | None = Field(
-        None,
-        max_length=500,
-        pattern=r"^\s*\d+:[0-9.eE+-]+(\s*,\s*\d+:[0-9.eE+-]+)*\s*$",
-        description="explicit per-epoch learning rates, e.g. 0:5e-4,2:2e-4,5:5e-5 "
-        "(default: divide by 10 on plateau)",
-    )
-    layout: Literal["paper", "torchvision"] = "paper"
-    init: Literal["paper", "caffe", "default"] = Field(
-        "caffe", description="caffe learns out of the box; paper (bias 1) stays at chance, see README"
-    )
-    input_scaling: Literal["paper", "imagenet"] = Field(
-        "paper", description="paper: 0-255 minus the channel mean; imagenet: mean/std normalised"
-    )
-    input_size: int = Field(224, ge=64, le=512, description="crop side (64 at least)")
-    resize_size: int | None = Field(
-        None, ge=32, le=1024, description="shorter side before cropping; default input_size x 256/224"
-    )
-    flip: bool = Field(True, description="random horizontal flips (off where mirroring changes the class)")
-    seed: int = Field(0, ge=0, le=2**31 - 1)
-    target_top1: float | None = Field(
-        None, gt=0, le=1, description="stop early once validation top-1 (centre crop) reaches this fraction"
-    )
+    epochs: int = _api("epochs", default=10, le=500)
+    batch_size: int = _api("batch_size", le=1024)
+    lr: float = _api("lr", le=1)
+    plateau_patience: int = _api("plateau_patience", le=100)
+    input_size: int = _api("input_size", le=512)
+    resize_size: int | None = _api("resize_size", le=1024)
+    stats_images: int = _api("stats_images", le=100_000)
+    seed: int = _api("seed", le=2**31 - 1)
     activate: bool = Field(False, description="serve the model when the job succeeds")
 
 
-class TrainingJob(BaseModel):
+class TrainingJob(JobProgress):
     id: str
     state: JobState
     url: str
@@ -190,16 +174,7 @@ class TrainingJob(BaseModel):
     started_at: datetime | None
     finished_at: datetime | None
     request: TrainRequest
-    epoch: int | None = Field(None, description="epochs completed")
     epochs: int
-    step: int | None = None
-    total_steps: int | None = None
-    progress: float = Field(0.0, ge=0, le=1, description="fraction of the training steps done")
-    eta_s: float | None = Field(None, description="estimated seconds to the end of training")
-    loss: float | None = Field(None, description="latest training loss")
-    val_top1: float | None = Field(None, description="latest validation top-1 (centre crop)")
-    val_top5: float | None = None
-    val10_top1: float | None = Field(None, description="final validation top-1 with the service's ten crops")
     error: str | None = None
     model_version: str | None = None
     activated: bool = False

@@ -1,36 +1,57 @@
 """Training jobs: each one an ``alexnet-train`` process, its record in SQLite.
 
-The server never trains in its own process: it starts ``python -m model_export.train`` (torch is
-imported there, not here), follows the run through the ``metrics.jsonl`` the trainer writes, and
-cancels it with SIGTERM (the trainer stops within one batch and keeps its last checkpoint). One job
-runs at a time; a second request while one is running gets 409 rather than waiting in a queue, so
-that a client always knows at once whether its job started.
+The server never trains in its own process: it writes the job's parameters to
+``<run dir>/config.json`` (``alexnet_core.training.TrainRun``) and starts
+``python -m model_export.train --config <run dir>/config.json`` (torch is imported there, not
+here), follows the run through the events it writes to ``metrics.jsonl``, and cancels it with
+SIGTERM (the trainer stops within one batch and keeps its last checkpoint). One job runs at a
+time; a second request while one is running gets 409 rather than waiting in a queue, so that a
+client always knows at once whether its job started.
+
+A job belongs to the server process that started it: that process holds an exclusive
+``flock`` on ``<run dir>/owner.lock`` while the job is queued or running, and the kernel drops
+the lock when the process ends, however it ends. Another server on the same weights directory
+finds the lock held and leaves the job alone; a server starting after the owner died finds it
+free and settles the job (succeeded if its trainer finished, else interrupted).
 """
 
 import asyncio
 import contextlib
+import fcntl
 import importlib.util
-import json
 import logging
 import os
 import signal
-import sqlite3
 import sys
-import threading
 import time
 import uuid
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from alexnet_core import files
+from alexnet_core.training import (
+    CHECKPOINT,
+    CONFIG,
+    DoneEvent,
+    ErrorEvent,
+    ExitCode,
+    JobState,
+    TrainConfig,
+    TrainRun,
+    last,
+    read_events,
+)
+from service.job_store import JobRecord, JobStore
 from service.model_registry import ModelRegistry
-from service.schemas import JobState, TrainRequest
+from service.schemas import TrainRequest
+from service.training_datasets import DatasetRefused, check_dataset
+
+__all__ = ["JobError", "JobRecord", "JobStore", "TrainingManager", "read_metrics"]
 
 log = logging.getLogger(__name__)
 
 ACTIVE_STATES = (JobState.queued, JobState.running)
-EXIT_CANCELLED = 130
-INTERRUPTED = "the server stopped while this job ran; POST /train/{id}/resume continues it"
+OWNER_LOCK = "owner.lock"
 
 
 class JobError(Exception):
@@ -40,109 +61,35 @@ class JobError(Exception):
         self.detail = detail
 
 
-@dataclass
-class JobRecord:
-    id: str
-    state: JobState
-    request: TrainRequest
-    run_dir: Path
-    created_at: float
-    started_at: float | None = None
-    finished_at: float | None = None
-    pid: int | None = None
-    error: str | None = None
-    model_version: str | None = None
-    activated: bool = False
-
-
-def resolve_dataset(data_root: Path, relative: str) -> Path:
-    """``relative`` inside ``data_root``, or 400. Absolute paths, ``..`` and symlinks that lead
-    out of the root are refused before anything runs."""
-    candidate = Path(relative)
-    if not relative.strip() or candidate.is_absolute() or ".." in candidate.parts or "\x00" in relative:
-        raise JobError(400, f"dataset path {relative!r} must be relative to the data root, without '..'")
-    root = data_root.resolve()
-    resolved = (root / candidate).resolve()
-    if not resolved.is_relative_to(root):
-        raise JobError(400, f"dataset path {relative!r} leads outside the data root")
-    if not (resolved / "train").is_dir() or not (resolved / "val").is_dir():
-        raise JobError(400, f"dataset {relative!r} not found: expected <data root>/{relative}/train and /val")
-    return resolved
-
-
-class JobStore:
-    """SQLite under the weights directory: job history survives restarts."""
-
-    def __init__(self, path: Path) -> None:
-        path.parent.mkdir(parents=True, exist_ok=True)
-        self._db = sqlite3.connect(path, check_same_thread=False, isolation_level=None)
-        self._db.execute("PRAGMA journal_mode=WAL")
-        self._lock = threading.Lock()
-        self._db.execute(
-            "CREATE TABLE IF NOT EXISTS jobs (id TEXT PRIMARY KEY, state TEXT, request TEXT, run_dir TEXT,"
-            " created_at REAL, started_at REAL, finished_at REAL, pid INTEGER, error TEXT,"
-            " model_version TEXT, activated INTEGER)"
-        )
-
-    def save(self, job: JobRecord) -> None:
-        row = (
-            job.id,
-            job.state.value,
-            job.request.model_dump_json(),
-            str(job.run_dir),
-            job.created_at,
-            job.started_at,
-            job.finished_at,
-            job.pid,
-            job.error,
-            job.model_version,
-            int(job.activated),
-        )
-        with self._lock:
-            self._db.execute("INSERT OR REPLACE INTO jobs VALUES (?,?,?,?,?,?,?,?,?,?,?)", row)
-
-    def _record(self, row: tuple[Any, ...]) -> JobRecord:
-        return JobRecord(
-            id=row[0],
-            state=JobState(row[1]),
-            request=TrainRequest.model_validate_json(row[2]),
-            run_dir=Path(row[3]),
-            created_at=row[4],
-            started_at=row[5],
-            finished_at=row[6],
-            pid=row[7],
-            error=row[8],
-            model_version=row[9],
-            activated=bool(row[10]),
-        )
-
-    def get(self, job_id: str) -> JobRecord | None:
-        with self._lock:
-            row = self._db.execute("SELECT * FROM jobs WHERE id = ?", (job_id,)).fetchone()
-        return self._record(row) if row else None
-
-    def all(self) -> list[JobRecord]:
-        with self._lock:
-            rows = self._db.execute("SELECT * FROM jobs ORDER BY created_at DESC").fetchall()
-        return [self._record(row) for row in rows]
-
-    def close(self) -> None:
-        self._db.close()
-
-
 def read_metrics(run_dir: Path) -> list[dict[str, Any]]:
-    """The trainer's records so far; a line being written is skipped, not an error."""
-    records = []
+    """The trainer's records so far, as dicts; a line being written is skipped, not an error."""
+    return [event.model_dump() for event in read_events(run_dir)]
+
+
+def resumable(job: JobRecord) -> bool:
+    return (job.run_dir / CHECKPOINT).is_file()
+
+
+def stopped_message(job: JobRecord, why: str) -> str:
+    """``why``, and what to do next: resume only where there is a checkpoint to resume from."""
+    if resumable(job):
+        return f"{why}; POST /train/{job.id}/resume continues it from its last completed epoch"
+    return f"{why} before its first epoch ended (no checkpoint); start it again with POST /train"
+
+
+def interrupted_message(job: JobRecord) -> str:
+    return stopped_message(job, "the server stopped while this job ran")
+
+
+def claim(run_dir: Path) -> int | None:
+    """An open descriptor holding the job's owner lock, or None while another process holds it."""
+    fd = os.open(run_dir / OWNER_LOCK, os.O_RDWR | os.O_CREAT, 0o600)
     try:
-        with (run_dir / "metrics.jsonl").open() as f:
-            for line in f:
-                try:
-                    records.append(json.loads(line))
-                except json.JSONDecodeError:
-                    continue
-    except FileNotFoundError:
-        pass
-    return records
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        os.close(fd)
+        return None
+    return fd
 
 
 def _is_trainer(pid: int, run_dir: Path) -> bool:
@@ -150,7 +97,9 @@ def _is_trainer(pid: int, run_dir: Path) -> bool:
         cmdline = Path(f"/proc/{pid}/cmdline").read_bytes().split(b"\0")
     except OSError:
         return False
-    return b"model_export.train" in cmdline and str(run_dir).encode() in cmdline
+    # --config <run dir>/config.json; a trainer started by an older server had --out <run dir>.
+    paths = {str(run_dir / CONFIG).encode(), str(run_dir).encode()}
+    return b"model_export.train" in cmdline and not paths.isdisjoint(cmdline)
 
 
 class TrainingManager:
@@ -162,19 +111,55 @@ class TrainingManager:
         self.store = JobStore(weights_dir / "jobs.sqlite3")
         self._tasks: dict[str, asyncio.Task[None]] = {}
         self._processes: dict[str, asyncio.subprocess.Process] = {}
+        self._owned: dict[str, int] = {}  # job id -> descriptor holding its owner lock
         self._shutting_down = False
-        self._mark_interrupted()
+        self._settle_orphans()
 
-    def _mark_interrupted(self) -> None:
-        """After a restart no job of ours is running: a job recorded as running was cut off."""
+    def _settle_orphans(self) -> None:
+        """Jobs recorded as queued or running whose owner is gone (its lock is free): a trainer
+        that finished while no server watched it succeeded; any other was cut off."""
         for job in self.store.all():
-            if job.state in ACTIVE_STATES:
-                if job.pid is not None and _is_trainer(job.pid, job.run_dir):
-                    os.kill(job.pid, signal.SIGTERM)  # an orphan from a server that was killed
-                job.state = JobState.interrupted
-                job.error = INTERRUPTED
-                job.finished_at = time.time()
-                self.store.save(job)
+            if job.state not in ACTIVE_STATES:
+                continue
+            try:
+                fd = claim(job.run_dir)
+            except OSError:  # its run folder is gone: nothing runs there
+                fd = None
+            else:
+                if fd is None:
+                    continue  # another live server owns it: not ours to stop or relabel
+            try:
+                self._settle(job)
+            finally:
+                if fd is not None:
+                    os.close(fd)
+
+    def _settle(self, job: JobRecord) -> None:
+        done = last(read_events(job.run_dir), DoneEvent)
+        if done is not None:
+            job.state, job.model_version, job.finished_at, job.error = (
+                JobState.succeeded, done.version, done.time, None,
+            )  # fmt: skip
+            if job.request.activate and done.version:
+                self._activate(job)
+        else:
+            if job.pid is not None and _is_trainer(job.pid, job.run_dir):
+                os.kill(job.pid, signal.SIGTERM)  # an orphan from a server that was killed
+            job.state, job.error, job.finished_at = (
+                JobState.interrupted,
+                interrupted_message(job),
+                time.time(),
+            )
+        self.store.save(job)
+        log.info("training job %s found %s at start-up", job.id, job.state.value)
+
+    def _activate(self, job: JobRecord) -> None:
+        assert job.model_version is not None
+        try:
+            self.registry.activate(job.model_version)
+            job.activated = True
+        except Exception as exc:  # the served model stays as it was
+            job.error = f"trained and exported, but activation failed: {exc}"
 
     def get(self, job_id: str) -> JobRecord:
         job = self.store.get(job_id)
@@ -192,21 +177,26 @@ class TrainingManager:
         if running:
             raise JobError(409, f"job {running[0]} is running; one job runs at a time (cancel it or wait)")
 
-    def submit(self, request: TrainRequest) -> JobRecord:
-        dataset = resolve_dataset(self.data_root, request.dataset)
-        self._check_can_start()
+    async def _dataset(self, relative: str) -> Path:
+        try:
+            return await asyncio.to_thread(check_dataset, self.data_root, relative)
+        except DatasetRefused as exc:
+            raise JobError(400, str(exc)) from None
+
+    async def submit(self, request: TrainRequest) -> JobRecord:
+        dataset = await self._dataset(request.dataset)
+        self._check_can_start()  # after the last await: check and record with nothing in between
         job_id = uuid.uuid4().hex[:12]
         job = JobRecord(job_id, JobState.queued, request, self.runs_dir / job_id, time.time())
         job.run_dir.mkdir(parents=True)
-        self.store.save(job)
         self._start(job, dataset, resume=False)
         return job
 
-    def resume(self, job_id: str) -> JobRecord:
+    async def resume(self, job_id: str) -> JobRecord:
         job = self.get(job_id)
         if job.state not in (JobState.interrupted, JobState.failed, JobState.cancelled):
             raise JobError(409, f"job {job_id} is {job.state.value}; only a stopped job can be resumed")
-        if not (job.run_dir / "checkpoint.pt").is_file():
+        if not resumable(job):
             raise JobError(
                 409, f"job {job_id} has no checkpoint to resume from (it stopped in its first epoch)"
             )
@@ -214,104 +204,91 @@ class TrainingManager:
             # The trainer of a server that was killed, told to stop at start-up and still
             # finishing its batch: a second one on the same run folder would race it.
             raise JobError(409, f"job {job_id}: its last trainer is still stopping; retry in a few seconds")
-        dataset = resolve_dataset(self.data_root, job.request.dataset)
+        dataset = await self._dataset(job.request.dataset)
         self._check_can_start()
+        job = self.get(job_id)  # as recorded now, after the wait
         job.state, job.error, job.finished_at = JobState.queued, None, None
-        self.store.save(job)
         self._start(job, dataset, resume=True)
         return job
 
-    def _command(self, job: JobRecord, dataset: Path, resume: bool) -> list[str]:
-        r = job.request
-        command = [
-            sys.executable,
-            "-m",
-            "model_export.train",
-            str(dataset),
-            "--out",
-            str(job.run_dir),
-            "--weights-dir",
-            str(self.weights_dir),
-            "--epochs",
-            str(r.epochs),
-            "--batch-size",
-            str(r.batch_size),
-            "--lr",
-            repr(r.lr),
-            "--layout",
-            r.layout,
-            "--init",
-            r.init,
-            "--input-scaling",
-            r.input_scaling,
-            "--input-size",
-            str(r.input_size),
-            "--resize-size",
-            str(r.resize_size or round(r.input_size * 256 / 224)),
-            "--seed",
-            str(r.seed),
-            "--no-progress",
-        ]
-        if r.lr_schedule:
-            command += ["--lr-schedule", r.lr_schedule]
-        if r.target_top1 is not None:
-            command += ["--stop-at-top1", repr(r.target_top1)]
-        if not r.flip:
-            command.append("--no-flip")
-        if resume:
-            command.append("--resume")
-        return command
+    def _config(self, job: JobRecord, dataset: Path, resume: bool) -> TrainRun:
+        return TrainRun.model_validate(
+            job.request.model_dump(include=set(TrainConfig.model_fields))
+            | {"data": dataset, "out": job.run_dir, "weights_dir": self.weights_dir, "resume": resume,
+               "data_root": self.data_root, "progress": False}
+        )  # fmt: skip
 
     def _start(self, job: JobRecord, dataset: Path, resume: bool) -> None:
-        self._tasks[job.id] = asyncio.get_running_loop().create_task(self._run(job, dataset, resume))
+        fd = claim(job.run_dir)
+        if fd is None:
+            raise JobError(409, f"job {job.id} is owned by another server process")
+        self._owned[job.id] = fd
+        # The served model becomes the recorded choice before this job's model can appear: else,
+        # with nothing ever activated, the next start-up would serve the newest file, this one's.
+        self.registry.pin_current()
+        config = self._config(job, dataset, resume)
+        files.write_text(job.run_dir / CONFIG, config.model_dump_json(indent=2))
+        self.store.save(job)
+        self._tasks[job.id] = asyncio.get_running_loop().create_task(self._run(job, job.run_dir / CONFIG))
 
-    async def _run(self, job: JobRecord, dataset: Path, resume: bool) -> None:
+    async def _run(self, job: JobRecord, config: Path) -> None:
+        try:
+            code = await self._execute(job, config)
+            await asyncio.to_thread(self._finish, job, code)
+        finally:
+            self._processes.pop(job.id, None)
+            self._tasks.pop(job.id, None)
+            with contextlib.suppress(KeyError, OSError):
+                os.close(self._owned.pop(job.id))
+
+    async def _execute(self, job: JobRecord, config: Path) -> int:
         with (job.run_dir / "train.log").open("ab") as log_file:
             process = await asyncio.create_subprocess_exec(
-                *self._command(job, dataset, resume),
+                sys.executable, "-m", "model_export.train", "--config", str(config),
                 stdout=log_file,
                 stderr=asyncio.subprocess.STDOUT,
                 stdin=asyncio.subprocess.DEVNULL,
                 # The trainer needs no API key: keep it out of its environment (/proc/<pid>/environ).
                 env={k: v for k, v in os.environ.items() if k != "ALEXNET_API_KEY"},
-            )
+            )  # fmt: skip
         self._processes[job.id] = process
         job.state, job.pid, job.started_at = JobState.running, process.pid, job.started_at or time.time()
         self.store.save(job)
-        code = await process.wait()
-        self._processes.pop(job.id, None)
-        self._tasks.pop(job.id, None)
-        records = await asyncio.to_thread(read_metrics, job.run_dir)
-        done = next((r for r in reversed(records) if r.get("event") == "done"), None)
+        return await process.wait()
+
+    def _finish(self, job: JobRecord, code: int) -> None:
+        events = read_events(job.run_dir)
+        done = last(events, DoneEvent)
         job.finished_at = time.time()
-        if code == 0 and done is not None:
-            job.state, job.model_version = JobState.succeeded, done.get("version")
+        if code == ExitCode.OK and done is not None:
+            job.state, job.model_version = JobState.succeeded, done.version
             if job.request.activate and job.model_version:
-                try:
-                    await asyncio.to_thread(self.registry.activate, job.model_version)
-                    job.activated = True
-                except Exception as exc:  # the served model stays as it was
-                    job.error = f"trained and exported, but activation failed: {exc}"
-        elif code in (EXIT_CANCELLED, -signal.SIGTERM):
+                self._activate(job)
+        elif code in (ExitCode.CANCELLED, -signal.SIGTERM):
             # By DELETE, or by our own shutdown (then it is resumable). -SIGTERM: the signal came
             # before the trainer had installed its handler (still importing torch).
             job.state = JobState.interrupted if self._shutting_down else JobState.cancelled
             if self._shutting_down:
-                job.error = INTERRUPTED
+                job.error = interrupted_message(job)
         else:
-            error = next((r.get("message") for r in reversed(records) if r.get("event") == "error"), None)
+            error = last(events, ErrorEvent)
             job.state = JobState.failed
-            if error is None and code < 0:  # killed: no record of its own says why
+            message = error.message if error else None
+            if message is None and code < 0:  # killed: no record of its own says why
                 name = signal.Signals(-code).name if -code in signal.valid_signals() else f"signal {-code}"
                 hint = " (out of memory, or killed by hand)" if -code == signal.SIGKILL else ""
-                error = f"trainer killed by {name}{hint}; POST /train/{job.id}/resume continues it"
-            job.error = error or f"trainer exited with code {code}; see {job.run_dir / 'train.log'}"
+                message = stopped_message(job, f"trainer killed by {name}{hint}")
+            job.error = message or f"trainer exited with code {code}; see its train.log"
         self.store.save(job)
         log.info("training job %s %s", job.id, job.state.value)
 
     def cancel(self, job_id: str) -> JobRecord:
         job = self.get(job_id)
         process = self._processes.get(job_id)
+        if job.state in ACTIVE_STATES and job_id not in self._owned:
+            raise JobError(
+                409, f"job {job_id} is run by another server on this weights directory; cancel it there"
+            )
         if job.state not in ACTIVE_STATES or process is None:
             raise JobError(409, f"job {job_id} is {job.state.value}, not running")
         process.send_signal(signal.SIGTERM)

@@ -1,20 +1,19 @@
 import asyncio
-from datetime import UTC, datetime
 from typing import Annotated, Any
 
 from fastapi import APIRouter, Depends, HTTPException, Path, Request, Response, status
 from fastapi.responses import FileResponse
 
+from alexnet_core.training import CURVES, EpochEvent, Event, StepEvent, job_progress, read_events
 from service.core.security import ApiKey
 from service.schemas import (
     ErrorResponse,
-    JobState,
     TrainingJob,
     TrainingMetrics,
     TrainRequest,
     ValidationErrorResponse,
 )
-from service.training_jobs import JobRecord, TrainingManager, read_metrics
+from service.training_jobs import JobRecord, TrainingManager
 
 router = APIRouter(prefix="/train", tags=["train"])
 
@@ -38,54 +37,19 @@ async def get_manager(request: Request) -> TrainingManager:
 ManagerDep = Annotated[TrainingManager, Depends(get_manager)]
 
 
-def _time(value: float | None) -> datetime | None:
-    return datetime.fromtimestamp(value, UTC) if value is not None else None
-
-
-def job_view(job: JobRecord, records: list[dict[str, Any]]) -> TrainingJob:
-    def last(event: str) -> dict[str, Any]:
-        return next((r for r in reversed(records) if r.get("event") == event), {})
-
-    start, step, epoch, done = last("start"), last("step"), last("epoch"), last("done")
-    total = start.get("total_steps")
-    current = step.get("step", epoch.get("step"))
-    progress = min(1.0, current / total) if current and total else 0.0
-    if job.state == JobState.succeeded:
-        progress = 1.0
-    eta = None
-    if job.state == JobState.running and progress > 0 and start.get("time") and step.get("time"):
-        done_steps = current - start.get("start_epoch", 0) * start.get("steps_per_epoch", 0)
-        elapsed = step["time"] - start["time"]
-        if done_steps > 0 and elapsed > 0:
-            eta = (total - current) * elapsed / done_steps
+def job_view(job: JobRecord, events: list[Event]) -> TrainingJob:
+    """The API's view of a job: its record, and its progress from the trainer's events."""
     url = f"/train/{job.id}"
-    return TrainingJob(
-        id=job.id,
-        state=job.state,
-        url=url,
-        created_at=_time(job.created_at),
-        started_at=_time(job.started_at),
-        finished_at=_time(job.finished_at),
-        request=job.request,
-        epoch=epoch.get("epoch"),
-        epochs=job.request.epochs,
-        step=current,
-        total_steps=total,
-        progress=progress,
-        eta_s=eta,
-        loss=step.get("loss"),
-        val_top1=epoch.get("val_top1"),
-        val_top5=epoch.get("val_top5"),
-        val10_top1=done.get("val10_top1"),
-        error=job.error,
-        model_version=job.model_version,
-        activated=job.activated,
-        curves_url=f"{url}/curves.png" if (job.run_dir / "curves.png").is_file() else None,
+    curves = (job.run_dir / CURVES).is_file()
+    return TrainingJob.model_validate(
+        vars(job)
+        | job_progress(events, job.state).model_dump()
+        | {"url": url, "epochs": job.request.epochs, "curves_url": f"{url}/{CURVES}" if curves else None}
     )
 
 
 async def view(job: JobRecord) -> TrainingJob:
-    return job_view(job, await asyncio.to_thread(read_metrics, job.run_dir))
+    return job_view(job, await asyncio.to_thread(read_events, job.run_dir))
 
 
 @router.post(
@@ -102,7 +66,7 @@ async def view(job: JobRecord) -> TrainingJob:
     summary="Start a training job (one at a time; 409 while one runs)",
 )
 async def start_training(body: TrainRequest, manager: ManagerDep, response: Response) -> TrainingJob:
-    job = manager.submit(body)
+    job = await manager.submit(body)
     response.headers["Location"] = f"/train/{job.id}"
     return await view(job)
 
@@ -131,15 +95,15 @@ async def get_job(job_id: JobId, manager: ManagerDep) -> TrainingJob:
 )
 async def job_metrics(job_id: JobId, manager: ManagerDep) -> TrainingMetrics:
     job = manager.get(job_id)
-    records = await asyncio.to_thread(read_metrics, job.run_dir)
+    events = await asyncio.to_thread(read_events, job.run_dir)
 
-    def fields(r: dict[str, Any]) -> dict[str, float | int | None]:
-        return {k: v for k, v in r.items() if isinstance(v, int | float) or v is None}
+    def fields(event: EpochEvent | StepEvent) -> dict[str, float | int | None]:
+        return event.model_dump(exclude={"event"})
 
     return TrainingMetrics(
         id=job.id,
-        epochs=[fields(r) for r in records if r.get("event") == "epoch"],
-        steps=[fields(r) for r in records if r.get("event") == "step"],
+        epochs=[fields(e) for e in events if isinstance(e, EpochEvent)],
+        steps=[fields(e) for e in events if isinstance(e, StepEvent)],
     )
 
 
@@ -151,7 +115,7 @@ async def job_metrics(job_id: JobId, manager: ManagerDep) -> TrainingMetrics:
 )
 async def job_curves(job_id: JobId, manager: ManagerDep) -> FileResponse:
     job = manager.get(job_id)
-    path = job.run_dir / "curves.png"
+    path = job.run_dir / CURVES
     if not path.is_file():
         raise HTTPException(404, f"job {job_id} has no curves yet (written after its first epoch)")
     return FileResponse(path, media_type="image/png")
@@ -182,4 +146,4 @@ async def cancel_job(job_id: JobId, manager: ManagerDep) -> TrainingJob:
     summary="Resume a stopped job from its last checkpoint",
 )
 async def resume_job(job_id: JobId, manager: ManagerDep) -> TrainingJob:
-    return await view(manager.resume(job_id))
+    return await view(await manager.resume(job_id))
