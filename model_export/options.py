@@ -45,8 +45,9 @@ def _add(group: argparse._ActionsContainer, name: str, field: FieldInfo) -> None
     cli = _cli(field)
     kind = _base_type(field.annotation)
     common: dict[str, Any] = {"help": _help(field), "default": argparse.SUPPRESS}
-    if cli.positional:
-        group.add_argument(name, type=kind, nargs="?", **common)
+    if cli.positional:  # optional here, as --config may give it; None when left out (not SUPPRESS,
+        # which argparse would pass through ``type`` for a positional)
+        group.add_argument(name, type=kind, nargs="?", help=common["help"], default=None)
         return
     flag = cli.flag or "--" + name.replace("_", "-")
     if kind is bool:
@@ -79,7 +80,7 @@ def parser(model: type[BaseModel] = TrainRun, **kwargs: Any) -> argparse.Argumen
 def parse(argv: list[str] | None, p: argparse.ArgumentParser, model: type[TrainRun] = TrainRun) -> TrainRun:
     """The command line (over ``--config``'s file) as a validated model; exits 2 with argparse's
     usage line on a bad value, as for any argparse error."""
-    given = vars(p.parse_args(argv))
+    given = {k: v for k, v in vars(p.parse_args(argv)).items() if v is not None}
     values: dict[str, Any] = {}
     if (config := given.pop("config", None)) is not None:
         try:
