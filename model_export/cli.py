@@ -7,7 +7,8 @@ import warnings
 from datetime import UTC, datetime
 from pathlib import Path
 
-from model_export.alexnet import LAYOUTS
+from alexnet_core.settings import CommonSettings
+from alexnet_core.training import DEFAULT_LAYOUT, LAYOUTS
 from model_export.export import ExportError, export_onnx, make_version
 from model_export.weights import (
     PRETRAINED_SHA256_PREFIX,
@@ -20,9 +21,18 @@ from model_export.weights import (
 )
 
 
+def onnx_path(text: str) -> Path:
+    path = Path(text)
+    if path.suffix != ".onnx":
+        # The server lists *.onnx only: a model under another name would never be served.
+        raise argparse.ArgumentTypeError(f"{text!r} does not end in .onnx")
+    return path
+
+
 def parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(
         prog="alexnet-export",
+        allow_abbrev=False,  # else --out would be taken for --output and name a file "out"
         description="Export AlexNet to one self-describing ONNX file that alexnet-serve can serve.",
         epilog="examples:\n"
         "  alexnet-export --source pretrained\n"
@@ -41,17 +51,22 @@ def parser() -> argparse.ArgumentParser:
         "--layout",
         choices=LAYOUTS,
         default=None,
-        help="network layout (pretrained: torchvision; random: default paper; checkpoint: as recorded in it)",
+        help=f"network layout (pretrained: torchvision; random: default {DEFAULT_LAYOUT}; checkpoint: as "
+        "recorded in it)",
     )
     p.add_argument("--checkpoint", type=Path, help="with --source checkpoint: the .pt/.pth file")
     p.add_argument("--seed", type=int, default=0, help="with --source random (default 0)")
     p.add_argument(
         "--weights-dir",
         type=Path,
-        default=Path("weights"),
-        help="where models and the downloaded weights live (default: weights)",
+        default=CommonSettings().weights_dir,
+        help="where models and the downloaded weights live (default: ALEXNET_WEIGHTS_DIR, else weights)",
     )
-    p.add_argument("--output", type=Path, help="ONNX file to write (default: <weights-dir>/<version>.onnx)")
+    p.add_argument(
+        "--output",
+        type=onnx_path,
+        help="ONNX file to write, ending in .onnx (default: <weights-dir>/<version>.onnx)",
+    )
     p.add_argument("--input-size", type=int, default=224, help="crop side the network takes (default 224)")
     p.add_argument("--resize-size", type=int, default=256, help="shorter side before cropping (default 256)")
     p.add_argument("--url", default=PRETRAINED_URL, help="download URL of the pretrained weights (a mirror)")
@@ -78,7 +93,7 @@ def load(args: argparse.Namespace) -> LoadedWeights:
         if args.checkpoint is None:
             raise WeightsError("--source checkpoint needs --checkpoint PATH")
         return load_checkpoint(args.checkpoint, args.layout)
-    return random_weights(args.layout or "paper", args.seed)
+    return random_weights(args.layout or DEFAULT_LAYOUT, args.seed)
 
 
 def main(argv: list[str] | None = None) -> int:
