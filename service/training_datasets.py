@@ -20,7 +20,11 @@ def check_dataset(data_root: Path, relative: str) -> Path:
     candidate = Path(relative)
     if not relative.strip() or candidate.is_absolute() or ".." in candidate.parts or "\x00" in relative:
         raise DatasetRefused(f"dataset path {relative!r} must be relative to the data root, without '..'")
-    if any(len(os.fsencode(part)) > NAME_MAX for part in candidate.parts):
+    try:
+        too_long = any(len(os.fsencode(part)) > NAME_MAX for part in candidate.parts)
+    except UnicodeEncodeError:  # a lone surrogate: no file can have that name
+        raise DatasetRefused(f"dataset path {relative!r} is not a valid file name") from None
+    if too_long:
         raise DatasetRefused(f"dataset path {relative!r} has a component over {NAME_MAX} bytes")
     try:
         root = data_root.resolve()

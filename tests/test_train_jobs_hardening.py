@@ -148,6 +148,7 @@ def hostile_api(
         ("loop-inside", "loop-inside"),
         ("é" * 130, "over 255 bytes"),
         ("b" * 254 + "é", "over 255 bytes"),
+        ("\ud800x", "not a valid file name"),
     ],
 )
 def test_datasets_that_lead_out_loop_or_overflow_are_a_400(
