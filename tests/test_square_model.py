@@ -159,3 +159,38 @@ def test_failed_square_parity_leaves_no_file(tmp_path: Path, monkeypatch: pytest
             random_weights("paper"), tmp_path / "m.onnx", input_kind="square", resize_size=80, input_size=64
         )
     assert list(tmp_path.iterdir()) == []
+
+
+def test_precision_variants_of_the_square_kind(
+    square_dir: Path, square: OnnxClassifier, tmp_path: Path
+) -> None:
+    """fp16 keeps the uint8 input, normalises and averages in float32; int8 quantises the FC layers."""
+    from model_export.precision import convert_fp16, quantize_int8
+
+    source = square_dir / "alexnet-random.onnx"
+    images = real_photos()[:2]
+    reference = square.outputs(batch(square, images))
+    half = convert_fp16(source, tmp_path / "alexnet-random-fp16.onnx")
+    graph = onnx.load(str(half)).graph
+    assert graph.input[0].type.tensor_type.elem_type == onnx.TensorProto.UINT8
+    producers = {out: node for node in graph.node for out in node.output}
+    initializers = {i.name: i for i in graph.initializer}
+    for op in ("Sub", "Div", "Softmax", "ReduceMean"):
+        for node in (n for n in graph.node if n.op_type == op):
+            for name in node.input:  # every float operand really is float32, not an fp16 round trip
+                while name in producers and producers[name].op_type == "Identity":
+                    name = producers[name].input[0]
+                if name in initializers:
+                    assert initializers[name].data_type in (onnx.TensorProto.FLOAT, onnx.TensorProto.INT64)
+                else:
+                    node_in = producers[name]
+                    assert not (
+                        node_in.op_type == "Cast" and node_in.attribute[0].i == onnx.TensorProto.FLOAT16
+                    )
+    for path, rtol in ((half, 1e-3), (quantize_int8(source, tmp_path / "alexnet-random-int8.onnx"), 1e-2)):
+        variant = OnnxClassifier(path, CPU)
+        assert variant.metadata.input_kind == "square"
+        probs, features = variant.outputs(batch(variant, images))
+        assert probs.dtype == features.dtype == np.float32
+        np.testing.assert_allclose(probs, reference[0], rtol=rtol)
+        assert np.abs(features - reference[1]).max() <= 2 * rtol * reference[1].max()
