@@ -341,7 +341,10 @@ def test_cli_square_repository_takes_uint8_squares(tmp_path: Path, capsys: pytes
 
 
 def test_other_class_count_name_and_batch_limit(tmp_path: Path) -> None:
-    result = export_onnx(random_weights("paper", seed=3, num_classes=7), tmp_path / "seven.onnx")
+    # The crops kind: its batch sizes must be whole images of ten rows.
+    result = export_onnx(
+        random_weights("paper", seed=3, num_classes=7), tmp_path / "seven.onnx", input_kind="crops"
+    )
     repo = tmp_path / "repo"
     write_triton_repository(result.path, result.metadata, repo, max_batch_size=25, name="seven")
     config = check_repository(repo, result.path, name="seven", max_batch_size=25)
