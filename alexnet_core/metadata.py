@@ -11,7 +11,7 @@ from typing import Literal
 
 from pydantic import BaseModel, Field
 
-from alexnet_core.pipeline import Preprocessed, preprocess
+from alexnet_core.pipeline import N_CROPS, Preprocessed, preprocess
 
 FORMAT = "alexnet-serve/1"
 INPUT_NAME = "images"
@@ -52,8 +52,15 @@ class ModelMetadata(BaseModel):
     def num_classes(self) -> int:
         return len(self.labels)
 
+    @property
+    def rows_per_image(self) -> int:
+        """Rows of the model's input batch one image takes: ten crops, or one square."""
+        return 1 if self.input_kind == "square" else N_CROPS
+
     def preprocess(self, data: bytes, *, max_pixels: int) -> Preprocessed:
-        """Image bytes -> this model's ten crops: its own sizes and normalisation."""
+        """Image bytes -> what this model's input takes for one image, with its own sizes and
+        normalisation: ten crops, or the central square for a model that crops in its graph.
+        ``.batch`` of several images concatenate along axis 0 into one input batch."""
         return preprocess(
             data,
             resize=self.resize_size,
@@ -61,6 +68,7 @@ class ModelMetadata(BaseModel):
             mean=self.mean,
             std=self.std,
             max_pixels=max_pixels,
+            square_only=self.input_kind == "square",
         )
 
     def to_props(self) -> dict[str, str]:

@@ -8,6 +8,9 @@ central ``resize`` x ``resize``. ``ten_crop``: four corners and the centre of si
 the horizontal mirror of each, scaled to [0, 1] and normalised with the model's mean/std.
 ``probabilities``: the softmax of each crop, averaged over an image's ten crops (the paper's test).
 
+A model of the ``square`` kind (``ModelMetadata.input_kind``) does ``ten_crop`` onwards in its
+graph: for it the host stops at ``center_square`` and sends the (1, S, S, 3) uint8 square.
+
 Training validation and the service both call these functions, so a model is validated with
 exactly the pipeline it is served with.
 """
@@ -25,9 +28,16 @@ N_CROPS = 10
 
 @dataclass(frozen=True)
 class Preprocessed:
-    crops: np.ndarray  # (10, 3, crop, crop) float32
+    """One image, ready to be concatenated with others into the model's input batch."""
+
+    batch: np.ndarray  # crops kind: (10, 3, C, C) float32; square kind: (1, S, S, 3) uint8
     decode_s: float
     preprocess_s: float
+
+    @property
+    def crops(self) -> np.ndarray:
+        """The former name of ``batch`` (kept for callers written before the square kind)."""
+        return self.batch
 
 
 def center_square(image: Image.Image, resize: int) -> np.ndarray:
@@ -76,14 +86,23 @@ def ten_crop(square: np.ndarray, crop: int, mean: list[float], std: list[float])
 
 
 def preprocess(
-    data: bytes, *, resize: int, crop: int, mean: list[float], std: list[float], max_pixels: int
+    data: bytes,
+    *,
+    resize: int,
+    crop: int,
+    mean: list[float],
+    std: list[float],
+    max_pixels: int,
+    square_only: bool = False,
 ) -> Preprocessed:
-    """bytes -> ten normalised crops, timing the decode and the rest apart."""
+    """bytes -> ten normalised crops (or, ``square_only``, the (1, S, S, 3) uint8 square for a model
+    that crops in its graph), timing the decode and the rest apart."""
     started = time.perf_counter()
     image = decode(data, resize, max_pixels)
     decoded = time.perf_counter()
-    crops = ten_crop(center_square(image, resize), crop, mean, std)
-    return Preprocessed(crops, decoded - started, time.perf_counter() - decoded)
+    square = center_square(image, resize)
+    batch = square[None] if square_only else ten_crop(square, crop, mean, std)
+    return Preprocessed(batch, decoded - started, time.perf_counter() - decoded)
 
 
 def probabilities(logits: np.ndarray, crops_per_image: int = N_CROPS) -> np.ndarray:

@@ -88,15 +88,45 @@ class OnnxClassifier:
 
     def warm_up(self) -> None:
         # The first run allocates buffers and (on CUDA) picks kernels; pay it before serving.
-        size = self.metadata.input_size
-        self.logits(np.zeros((N_CROPS, 3, size, size), dtype=np.float32))
+        meta = self.metadata
+        if meta.input_kind == "square":
+            size = meta.resize_size
+            self.probabilities(np.zeros((1, size, size, 3), dtype=np.uint8))
+        else:
+            size = meta.input_size
+            self.probabilities(np.zeros((N_CROPS, 3, size, size), dtype=np.float32))
 
     def logits(self, batch: np.ndarray) -> np.ndarray:
+        """(n*10, 3, C, C) crops -> (n*10, classes) logits: the crops kind only (a square-kind
+        graph averages inside and returns probabilities)."""
+        meta = self.metadata
+        if meta.input_kind != "crops":
+            raise ValueError(f"model {meta.version} takes central squares and returns probabilities only")
         # No I/O binding: the crops are made in host memory per request and the logits are needed
         # there for the softmax, so binding would only move the same two copies into ORT's hands.
-        meta = self.metadata
         return self.session.run([meta.output_name], {meta.input_name: batch})[0]
 
-    def probabilities(self, crops: np.ndarray) -> np.ndarray:
-        """(n*10, 3, S, S) crops -> (n, classes): the paper's ten-crop average."""
-        return probabilities(self.logits(crops), N_CROPS)
+    def probabilities(self, batch: np.ndarray) -> np.ndarray:
+        """The concatenated ``Preprocessed.batch`` of n images -> (n, classes): the paper's ten-crop
+        average, on the host for the crops kind, in the graph for the square kind."""
+        meta = self.metadata
+        if meta.input_kind == "square":
+            return self.session.run([meta.output_name], {meta.input_name: batch})[0]
+        return probabilities(self.logits(batch), N_CROPS)
+
+    def features(self, batch: np.ndarray) -> np.ndarray:
+        """(n, 4096): each image's last hidden layer (fc7 after ReLU), averaged over its ten crops."""
+        return self.outputs(batch)[1]
+
+    def outputs(self, batch: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        """Probabilities and features of n images from one run (the model must have features)."""
+        meta = self.metadata
+        if meta.features_output is None:
+            raise ValueError(f"model {meta.version} has no features output; export it again")
+        out, features = self.session.run([meta.output_name, meta.features_output], {meta.input_name: batch})
+        if meta.input_kind == "square":
+            return out, features
+        probs = probabilities(out, N_CROPS)
+        if features.shape[0] == out.shape[0]:  # one row per crop: the ten-crop mean here
+            features = features.reshape(-1, N_CROPS, features.shape[1]).mean(axis=1, dtype=np.float64)
+        return probs, features.astype(np.float32)

@@ -134,7 +134,8 @@ def export_random_model(weights_dir: Path) -> Path:
 
     warnings.filterwarnings("ignore", category=FutureWarning)
     path = weights_dir / "alexnet-benchmark-random.onnx"
-    export_onnx(random_weights("torchvision", seed=0), path)
+    # The crops kind: the raw-engine sections feed float crops (benchmarks.input_kinds compares kinds).
+    export_onnx(random_weights("torchvision", seed=0), path, input_kind="crops")
     return path
 
 

@@ -9,7 +9,14 @@ from pathlib import Path
 
 from alexnet_core.settings import CommonSettings
 from alexnet_core.training import DEFAULT_LAYOUT, LAYOUTS
-from model_export.export import ExportError, export_onnx, make_version
+from model_export.export import (
+    DEFAULT_INPUT_KIND,
+    INPUT_KINDS,
+    ExportError,
+    ExportResult,
+    export_onnx,
+    make_version,
+)
 from model_export.weights import (
     PRETRAINED_SHA256_PREFIX,
     PRETRAINED_URL,
@@ -76,10 +83,27 @@ def parser() -> argparse.ArgumentParser:
         help="expected SHA-256 (or its prefix) of the pretrained file",
     )
     p.add_argument(
+        "--input",
+        dest="input_kind",
+        choices=INPUT_KINDS,
+        default=DEFAULT_INPUT_KIND,
+        help="square: the model takes uint8 central squares (N, S, S, 3) and does the ten crops, "
+        "normalisation, softmax and ten-crop mean in its graph, with a 'features' output (fc7); "
+        "crops: it takes the host's normalised float crops and returns logits "
+        f"(default: {DEFAULT_INPUT_KIND})",
+    )
+    p.add_argument(
         "--triton",
         type=Path,
         metavar="REPO",
         help="also write a Triton model repository (REPO/alexnet/1/model.onnx + config.pbtxt)",
+    )
+    p.add_argument(
+        "--triton-instance-kind",
+        choices=("cpu", "gpu"),
+        default=None,
+        help="with --triton: where Triton runs the model "
+        "(default: gpu if this host has a CUDA GPU, else cpu)",
     )
     return p
 
@@ -110,6 +134,7 @@ def main(argv: list[str] | None = None) -> int:
             input_size=args.input_size,
             resize_size=args.resize_size,
             version=version if args.output is None else None,
+            input_kind=args.input_kind,
         )
     except (WeightsError, ExportError) as exc:
         print(f"alexnet-export: error: {exc}", file=sys.stderr)
@@ -119,14 +144,39 @@ def main(argv: list[str] | None = None) -> int:
         f"wrote {result.path} ({result.bytes / 2**20:.1f} MiB) in {result.seconds:.1f} s\n"
         f"  version {meta.version}, layout {meta.layout}, {meta.num_classes} classes, "
         f"source {meta.source}{'' if meta.trained else ' (UNTRAINED: predictions are meaningless)'}\n"
-        f"  parity ONNX Runtime vs torch: max abs logit difference {result.max_abs_diff:.2e}"
+        f"  {_parity_line(result)}"
     )
     if args.triton is not None:
         from model_export.triton import write_triton_repository
 
-        config = write_triton_repository(result.path, meta, args.triton)
-        print(f"  Triton model repository: {config.parent.parent}")
+        kind, why = _instance_kind(args.triton_instance_kind)
+        config = write_triton_repository(result.path, meta, args.triton, instance_kind=kind)
+        print(f"  Triton model repository: {config.parent.parent} (instance kind {kind}: {why})")
     return 0
+
+
+def _parity_line(result: ExportResult) -> str:
+    if result.metadata.input_kind == "square":
+        return (
+            "input: uint8 central squares, ten crops in the graph; parity with the host pipeline + "
+            f"torch: max abs probability difference {result.max_abs_diff:.2e}, relative feature "
+            f"difference {result.max_feature_diff:.2e}"
+        )
+    return (
+        "input: float crops; parity ONNX Runtime vs torch: max abs logit difference "
+        f"{result.max_abs_diff:.2e}"
+    )
+
+
+def _instance_kind(choice: str | None) -> tuple[str, str]:
+    """Triton's instance kind and why: a CPU-only Triton refuses a KIND_GPU model outright."""
+    if choice is not None:
+        return f"KIND_{choice.upper()}", "--triton-instance-kind"
+    import torch
+
+    if torch.cuda.is_available():
+        return "KIND_GPU", "this host has a CUDA GPU; --triton-instance-kind cpu for a CPU-only Triton"
+    return "KIND_CPU", "this host has no CUDA GPU; --triton-instance-kind gpu for a GPU Triton"
 
 
 if __name__ == "__main__":

@@ -99,8 +99,65 @@ def quantize_int8(onnx_path: Path, out_path: Path | None = None) -> Path:
     return out_path
 
 
+def _fp32_nodes(model: onnx.ModelProto) -> list[str]:
+    """Nodes of a square-kind graph kept in float32: the normalisation of the uint8 square (fp16
+    would round (x - mean) / std to 3 digits before conv1 sees it) and the softmax and ten-crop
+    means after the last Gemm (fp16 would round the probabilities and features it averages).
+    The network between them runs in fp16. None for the crops kind."""
+    nodes = list(model.graph.node)  # the exporter writes them in topological order
+    if not any(i.type.tensor_type.elem_type == onnx.TensorProto.UINT8 for i in model.graph.input):
+        return []
+    first_slice = next(i for i, node in enumerate(nodes) if node.op_type == "Slice")
+    last_gemm = max(i for i, node in enumerate(nodes) if node.op_type == "Gemm")
+    head = [node.name for node in nodes[:first_slice]]
+    tail = [
+        node.name for node in nodes[last_gemm + 1 :] if node.op_type in ("Softmax", "Reshape", "ReduceMean")
+    ]
+    return head + tail
+
+
+def _keep_fp32_between_blocked_nodes(proto: onnx.ModelProto, source: onnx.ModelProto) -> None:
+    """The converter casts every blocked node's output to fp16 and back for the next blocked node,
+    and stores their float constants as fp16 (123.675 becomes 123.6875): undo both, so that a
+    chain of float32 nodes really stays float32. A Cast to fp16 read only by Casts to float32
+    becomes nothing (those Casts become Identity, which ORT removes); a Cast to float32 of a
+    constant that was float32 in the source reads the source's value again."""
+    graph = proto.graph
+    original = {i.name: i for i in source.graph.initializer if i.data_type == onnx.TensorProto.FLOAT}
+    initializers = {i.name: i for i in graph.initializer}
+    consumers: dict[str, list[onnx.NodeProto]] = {}
+    for node in graph.node:
+        for name in node.input:
+            consumers.setdefault(name, []).append(node)
+    outputs = {o.name for o in graph.output}
+
+    def cast_to(node: onnx.NodeProto) -> int | None:
+        return next((a.i for a in node.attribute if a.name == "to"), None) if node.op_type == "Cast" else None
+
+    def identity(node: onnx.NodeProto, source_name: str) -> None:
+        node.op_type, node.input[0] = "Identity", source_name
+        del node.attribute[:]
+
+    dropped = []
+    for node in graph.node:
+        if cast_to(node) == onnx.TensorProto.FLOAT16 and node.output[0] not in outputs:
+            readers = consumers.get(node.output[0], [])
+            if readers and all(cast_to(r) == onnx.TensorProto.FLOAT for r in readers):
+                for reader in readers:
+                    identity(reader, node.input[0])
+                dropped.append(node)
+        elif cast_to(node) == onnx.TensorProto.FLOAT and node.input[0] in original:
+            constant = initializers[node.input[0]]
+            if all(cast_to(r) == onnx.TensorProto.FLOAT for r in consumers[constant.name]):
+                constant.CopyFrom(original[constant.name])
+                identity(node, constant.name)
+    for node in dropped:
+        graph.node.remove(node)
+
+
 def convert_fp16(onnx_path: Path, out_path: Path | None = None) -> Path:
-    """fp16 weights and activations (for CUDA), float32 input and output as the service feeds."""
+    """fp16 weights and activations (for CUDA), the input and outputs as in the source (float32,
+    or the square kind's uint8 input, normalised in float32)."""
     # onnxruntime ships the converter (onnxruntime.transformers.float16, the same code as
     # onnxconverter-common's), so this adds no dependency to the serving install.
     from onnxruntime.transformers.float16 import convert_float_to_float16
@@ -111,8 +168,11 @@ def convert_fp16(onnx_path: Path, out_path: Path | None = None) -> Path:
     model = onnx.ModelProto()
     model.CopyFrom(source)
     # keep_io_types: Cast nodes at the edges, so the service's float32 batches and its softmax
-    # over float32 logits work unchanged.
-    proto = convert_float_to_float16(model, keep_io_types=True)
+    # over float32 logits work unchanged (the square kind's uint8 input is no float: it stays).
+    blocked = _fp32_nodes(model)
+    proto = convert_float_to_float16(model, keep_io_types=True, node_block_list=blocked)
+    if blocked:
+        _keep_fp32_between_blocked_nodes(proto, source)
     _retag(proto, source, "fp16", FP16_SUFFIX)
     _save_atomically(proto, out_path, onnx_path)
     return out_path
@@ -140,7 +200,7 @@ def top1_agreement(
         classes = []
         for start in range(0, len(images), batch_images):
             crops = [
-                meta.preprocess(data, max_pixels=64_000_000).crops
+                meta.preprocess(data, max_pixels=64_000_000).batch
                 for data in images[start : start + batch_images]
             ]
             classes.append(classifier.probabilities(np.concatenate(crops)).argmax(axis=1))

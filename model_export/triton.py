@@ -6,13 +6,20 @@ Layout written (Triton's model repository convention)::
     REPO/<name>/labels.txt       one label per line, in output index order (classification extension)
     REPO/<name>/1/model.onnx     the exported file, byte for byte
 
-Triton serves the network only: it takes the *preprocessed* float32 tensor, not an image. The
-paper's ten-crop preprocessing (resize, centre square, four corners + centre and their mirrors,
-normalisation) stays with the client (``alexnet_core.pipeline.preprocess`` does it); the values it
-needs are written into the config's ``parameters`` so that a client can read them from Triton's
-model-configuration endpoint. One image is ten rows of the batch, and the client averages the
-ten softmax outputs; Triton's own classification output (``label_filename``) ranks one row's
-logits, i.e. one crop.
+For a model of the ``square`` kind (``alexnet-export --input square``, the default), Triton takes
+one uint8 central square per image, (S, S, 3) RGB, and the graph does the paper's ten crops, their
+mirrors, the normalisation, the softmax and the ten-crop mean: a client resizes the shorter side to
+S and cuts the centre (``alexnet_core.pipeline.center_square``), and gets the probabilities (and
+the fc7 ``features``) without running any of our Python. Triton's classification extension
+(``label_filename``) ranks the probabilities of one image.
+
+For the ``crops`` kind, Triton serves the network only: it takes the *preprocessed* float32 tensor.
+The ten-crop preprocessing stays with the client (``alexnet_core.pipeline.preprocess`` does it);
+one image is ten rows of the batch, the client averages the ten softmax outputs, and Triton's
+classification output ranks one row's logits, i.e. one crop.
+
+Either way the preprocessing values are written into the config's ``parameters`` so that a client
+can read them from Triton's model-configuration endpoint.
 """
 
 import json
@@ -34,10 +41,17 @@ VERSION = "1"
 # gets a short one; the service's 10 ms (ALEXNET_MAX_BATCH_DELAY_MS) applies only while admitted
 # images are still being decoded.
 MAX_QUEUE_DELAY_US = 2000
-# The export's dynamic batch dimension is bounded (model_export.export: Dim("batch", max=4096)).
+# The export's dynamic batch dimension is bounded (model_export.export: Dim("batch", max=4096) for
+# crops; max=409 squares, i.e. 4096 crops, for the square kind).
 MAX_EXPORTED_BATCH = 4096
+MAX_EXPORTED_SQUARES = MAX_EXPORTED_BATCH // CROPS_PER_IMAGE
+# Default batch limits: 64 crop rows (6 images) for the crops kind, as before; 32 images (320 crops
+# per call) for the square kind, where one row is a whole image.
+DEFAULT_MAX_BATCH = {"crops": 64, "square": 32}
 
+FEATURES = 4096  # fc7's width: the features output of a square-kind model
 InstanceKind = Literal["KIND_GPU", "KIND_CPU"]
+_TRITON_TYPES = {onnx.TensorProto.UINT8: "TYPE_UINT8", onnx.TensorProto.FLOAT: "TYPE_FP32"}
 
 
 def _quote(text: str) -> str:
@@ -60,84 +74,140 @@ def _tensor_shape(value_info: onnx.ValueInfoProto) -> tuple[int, list[int | str]
     return tensor.elem_type, dims
 
 
+def _expected_tensors(metadata: ModelMetadata) -> dict[str, tuple[str, int, list[int]]]:
+    """{role: (name, ONNX element type, dims after the batch)} the config will declare."""
+    size, classes = metadata.input_size, metadata.num_classes
+    if metadata.input_kind == "square":
+        side = metadata.resize_size
+        expected = {
+            "input": (metadata.input_name, onnx.TensorProto.UINT8, [side, side, 3]),
+            "output": (metadata.output_name, onnx.TensorProto.FLOAT, [classes]),
+        }
+    else:
+        expected = {
+            "input": (metadata.input_name, onnx.TensorProto.FLOAT, [3, size, size]),
+            "output": (metadata.output_name, onnx.TensorProto.FLOAT, [classes]),
+        }
+    if metadata.features_output is not None:
+        expected["features output"] = (metadata.features_output, onnx.TensorProto.FLOAT, [FEATURES])
+    return expected
+
+
 def check_model(onnx_path: Path, metadata: ModelMetadata) -> None:
-    """Raise ``ValueError`` unless the file's graph has the input and output the config will
+    """Raise ``ValueError`` unless the file's graph has the inputs and outputs the config will
     declare: a config that disagrees with its model fails only when Triton loads it."""
     # Reads the whole file (the weights are inline), about a second for AlexNet: cheap next to
     # shipping a repository that Triton refuses.
     graph = onnx.load(str(onnx_path), load_external_data=False).graph
     initializers = {i.name for i in graph.initializer}
-    inputs = {i.name: i for i in graph.input if i.name not in initializers}
-    outputs = {o.name: o for o in graph.output}
-    size, classes = metadata.input_size, metadata.num_classes
-    expected = {
-        "input": (inputs, metadata.input_name, [3, size, size]),
-        "output": (outputs, metadata.output_name, [classes]),
+    found = {
+        "input": {i.name: i for i in graph.input if i.name not in initializers},
+        "output": {o.name: o for o in graph.output},
     }
-    for kind, (found, name, dims) in expected.items():
-        if set(found) != {name}:
-            raise ValueError(f"{onnx_path}: expected one {kind} {name!r}, the model has {sorted(found)}")
-        elem_type, shape = _tensor_shape(found[name])
-        if elem_type != onnx.TensorProto.FLOAT:
-            raise ValueError(f"{onnx_path}: {kind} {name!r} is not float32")
+    expected = _expected_tensors(metadata)
+    for role in ("input", "output"):
+        names = {name for key, (name, _, _) in expected.items() if key.endswith(role)}
+        if set(found[role]) != names:
+            raise ValueError(
+                f"{onnx_path}: expected {role}s {sorted(names)}, the model has {sorted(found[role])}"
+            )
+    for role, (name, elem, dims) in expected.items():
+        elem_type, shape = _tensor_shape(found[role.split()[-1]][name])
+        if elem_type != elem:
+            raise ValueError(f"{onnx_path}: {role} {name!r} is not {onnx.TensorProto.DataType.Name(elem)}")
         if len(shape) != len(dims) + 1 or isinstance(shape[0], int) or shape[1:] != dims:
             raise ValueError(
-                f"{onnx_path}: {kind} {name!r} has shape {shape}, expected [batch, "
+                f"{onnx_path}: {role} {name!r} has shape {shape}, expected [batch, "
                 f"{', '.join(map(str, dims))}] with a dynamic batch dimension (does the metadata "
                 "belong to this file?)"
             )
 
 
-def preferred_batch_sizes(max_batch_size: int) -> list[int]:
-    """Batch sizes made of whole images (multiples of ten crops): half the largest and the largest.
-    The batcher waits up to the queue delay for one of them, then runs what it has."""
-    largest = max_batch_size // CROPS_PER_IMAGE * CROPS_PER_IMAGE
-    half = largest // 2 // CROPS_PER_IMAGE * CROPS_PER_IMAGE
+def preferred_batch_sizes(max_batch_size: int, rows_per_image: int = CROPS_PER_IMAGE) -> list[int]:
+    """Batch sizes made of whole images (multiples of an image's rows: ten crops, or one square):
+    half the largest and the largest. The batcher waits up to the queue delay for one of them,
+    then runs what it has."""
+    largest = max_batch_size // rows_per_image * rows_per_image
+    half = largest // 2 // rows_per_image * rows_per_image
     return sorted({size for size in (half, largest) if size > 0})
+
+
+def _parameters(metadata: ModelMetadata) -> dict[str, str]:
+    # Read by clients (and people), ignored by the ONNX Runtime backend, which looks up its own
+    # keys only (intra_op_thread_count, execution_mode, ...): no clash with these names.
+    side = metadata.resize_size
+    parameters = {
+        "alexnet_version": metadata.version,
+        "alexnet_trained": json.dumps(metadata.trained),
+        "alexnet_input_kind": metadata.input_kind,
+        "preprocess_resize_size": str(side),
+        "preprocess_crop_size": str(metadata.input_size),
+        "preprocess_mean": json.dumps(metadata.mean),
+        "preprocess_std": json.dumps(metadata.std),
+    }
+    if metadata.input_kind == "square":
+        parameters["preprocess_client"] = (
+            f"shorter side to {side} (bilinear, antialiased), then the central {side}x{side} square, "
+            "uint8 RGB, HWC; the model does the ten crops, mirrors, normalisation, softmax and mean"
+        )
+    else:
+        parameters["preprocess_crops"] = (
+            f"{CROPS_PER_IMAGE}: four corners and centre of the central {side}x{side} square, and "
+            "their mirrors; average the softmax"
+        )
+        parameters["preprocess_scale"] = "RGB pixels / 255, then (x - mean) / std per channel, NCHW"
+    return parameters
+
+
+def _tensor_lines(name: str, elem: int, dims: list[int], labels: bool) -> list[str]:
+    lines = [
+        "  {",
+        f"    name: {_quote(name)}",
+        f"    data_type: {_TRITON_TYPES[elem]}",
+        f"    dims: [ {', '.join(map(str, dims))} ]",
+    ]
+    if labels:
+        lines.append(f"    label_filename: {_quote(LABELS_FILE)}")
+    return [*lines, "  },"]
 
 
 def render_config(
     metadata: ModelMetadata, name: str, max_batch_size: int, instance_kind: InstanceKind
 ) -> str:
-    size = metadata.input_size
-    dims = f"[ 3, {size}, {size} ]"
-    preferred = ", ".join(str(b) for b in preferred_batch_sizes(max_batch_size))
-    # Read by clients (and people), ignored by the ONNX Runtime backend, which looks up its own
-    # keys only (intra_op_thread_count, execution_mode, ...): no clash with these names.
-    parameters = {
-        "alexnet_version": metadata.version,
-        "alexnet_trained": json.dumps(metadata.trained),
-        "preprocess_resize_size": str(metadata.resize_size),
-        "preprocess_crop_size": str(size),
-        "preprocess_crops": f"{CROPS_PER_IMAGE}: four corners and centre of the central "
-        f"{metadata.resize_size}x{metadata.resize_size} square, and their mirrors; average the softmax",
-        "preprocess_mean": json.dumps(metadata.mean),
-        "preprocess_std": json.dumps(metadata.std),
-        "preprocess_scale": "RGB pixels / 255, then (x - mean) / std per channel, NCHW",
-    }
+    expected = _expected_tensors(metadata)
+    preferred = ", ".join(str(b) for b in preferred_batch_sizes(max_batch_size, metadata.rows_per_image))
+    in_name, in_elem, in_dims = expected["input"]
+    outputs = [
+        line
+        for role, (out_name, elem, dims) in expected.items()
+        if role.endswith("output")
+        for line in _tensor_lines(out_name, elem, dims, labels=role == "output")
+    ]
+    if metadata.input_kind == "square":
+        header = [
+            "# (model_export/triton.py). One batch row is one image: its uint8 central square",
+            f"# ({metadata.resize_size}x{metadata.resize_size}x3 RGB). The model does the paper's ten crops",
+            "# and returns their mean softmax (and the fc7 features); see the parameters below.",
+        ]
+    else:
+        header = [
+            "# (model_export/triton.py). Triton takes preprocessed float32 crops, not images: the",
+            "# ten-crop preprocessing is the client's (alexnet_core.pipeline.preprocess), with the",
+            "# parameters below. One image = 10 batch rows; average their softmax outputs.",
+        ]
     lines = [
         "# Triton Inference Server model configuration, written by alexnet-export",
-        "# (model_export/triton.py). Triton takes preprocessed float32 crops, not images: the",
-        "# ten-crop preprocessing is the client's (alexnet_core.pipeline.preprocess), with the",
-        "# parameters below. One image = 10 batch rows; average their softmax outputs.",
+        *header,
         f"name: {_quote(name)}",
         'backend: "onnxruntime"',
         f"default_model_filename: {_quote(MODEL_FILE)}",
         f"max_batch_size: {max_batch_size}",
         "input [",
-        "  {",
-        f"    name: {_quote(metadata.input_name)}",
-        "    data_type: TYPE_FP32",
-        "    format: FORMAT_NCHW",
-        f"    dims: {dims}",
+        *_tensor_lines(in_name, in_elem, in_dims, labels=False)[:-1],
         "  }",
         "]",
         "output [",
-        "  {",
-        f"    name: {_quote(metadata.output_name)}",
-        "    data_type: TYPE_FP32",
-        f"    dims: [ {metadata.num_classes} ]",
-        f"    label_filename: {_quote(LABELS_FILE)}",
+        *outputs[:-1],
         "  }",
         "]",
         "dynamic_batching {",
@@ -152,7 +222,7 @@ def render_config(
         "  }",
         "]",
     ]
-    for key, value in parameters.items():
+    for key, value in _parameters(metadata).items():
         lines.append(f"parameters {{ key: {_quote(key)} value {{ string_value: {_quote(value)} }} }}")
     return "\n".join(lines) + "\n"
 
@@ -177,21 +247,26 @@ def write_triton_repository(
     onnx_path: Path,
     metadata: ModelMetadata,
     repo: Path,
-    max_batch_size: int = 64,
+    max_batch_size: int | None = None,
     name: str = "alexnet",
     *,
     instance_kind: InstanceKind = "KIND_GPU",
 ) -> Path:
     """Write ``repo/<name>/`` (version 1) for the model at ``onnx_path``; return its config.pbtxt.
+    ``max_batch_size`` counts batch rows (crops, or squares: images); default ``DEFAULT_MAX_BATCH``.
 
     Everything is checked before anything is written, and each file is replaced atomically, the
     config last, so that a repository is never left half-updated or inconsistent with its model.
     """
     _check_name(name)
-    if not CROPS_PER_IMAGE <= max_batch_size <= MAX_EXPORTED_BATCH:
+    if max_batch_size is None:
+        max_batch_size = DEFAULT_MAX_BATCH[metadata.input_kind]
+    rows = metadata.rows_per_image
+    limit = MAX_EXPORTED_SQUARES if metadata.input_kind == "square" else MAX_EXPORTED_BATCH
+    if not rows <= max_batch_size <= limit:
         raise ValueError(
-            f"max_batch_size must be between {CROPS_PER_IMAGE} (one image's ten crops) and "
-            f"{MAX_EXPORTED_BATCH} (the exported model's limit), got {max_batch_size}"
+            f"max_batch_size must be between {rows} (one image's rows) and {limit} (the exported "
+            f"model's limit), got {max_batch_size}"
         )
     if instance_kind not in ("KIND_GPU", "KIND_CPU"):
         raise ValueError(f"instance_kind must be KIND_GPU or KIND_CPU, got {instance_kind!r}")

@@ -43,12 +43,15 @@ def serve(settings: Settings) -> Iterator[str]:
 
 @pytest.fixture(scope="session")
 def imagenet_model_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    """A weights dir holding one 1000-class torchvision-layout model with random weights."""
+    """A weights dir holding one 1000-class torchvision-layout model with random weights, of the
+    crops kind (float crops in, logits out: several tests feed crops to it directly)."""
     from model_export.export import export_onnx
     from model_export.weights import random_weights
 
     weights_dir = tmp_path_factory.mktemp("weights")
-    export_onnx(random_weights("torchvision", seed=0), weights_dir / "alexnet-random.onnx")
+    export_onnx(
+        random_weights("torchvision", seed=0), weights_dir / "alexnet-random.onnx", input_kind="crops"
+    )
     return weights_dir
 
 

@@ -24,7 +24,9 @@ def test_cli_exports_one_self_describing_file(
     layout: str, tmp_path: Path, capsys: pytest.CaptureFixture
 ) -> None:
     out = tmp_path / "model.onnx"
-    assert export_cli(["--source", "random", "--layout", layout, "--output", str(out)]) == 0
+    assert (
+        export_cli(["--source", "random", "--layout", layout, "--input", "crops", "--output", str(out)]) == 0
+    )
     assert [p.name for p in tmp_path.iterdir()] == ["model.onnx"]  # no external-data side file
     printed = capsys.readouterr().out
     assert "parity" in printed and "UNTRAINED" in printed
@@ -52,7 +54,7 @@ def test_cli_exports_one_self_describing_file(
 
 def test_parity_with_torch(tmp_path: Path) -> None:
     weights = random_weights("paper", seed=3)
-    result = export_onnx(weights, tmp_path / "m.onnx")
+    result = export_onnx(weights, tmp_path / "m.onnx", input_kind="crops")
     assert result.max_abs_diff <= 1e-4
     # Independent check on other data than the exporter's own.
     x = torch.rand(2, 3, 224, 224)
@@ -76,6 +78,12 @@ def test_torchvision_state_dict_exports_through_cli(tmp_path: Path) -> None:
     )
     (model,) = weights_dir.glob("*.onnx")
     meta = read_metadata(model)
+    # The default kind: uint8 central squares in, the ten-crop probabilities and features out.
+    assert (meta.input_kind, meta.output_name, meta.features_output) == (
+        "square",
+        "probabilities",
+        "features",
+    )
     assert meta.version == model.stem and meta.version.startswith("alexnet-torchvision-checkpoint-")
     assert meta.trained and meta.source_sha256 is not None and meta.labels[967] == "espresso"
 
@@ -103,7 +111,7 @@ def test_wrong_state_dict_is_a_clear_cli_error(tmp_path: Path, capsys: pytest.Ca
 def test_failed_parity_leaves_no_file(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setattr(export_module, "PARITY_TOLERANCE", -1.0)  # no export can meet this
     with pytest.raises(ExportError, match="disagree"):
-        export_onnx(random_weights("torchvision"), tmp_path / "m.onnx")
+        export_onnx(random_weights("torchvision"), tmp_path / "m.onnx", input_kind="crops")
     assert list(tmp_path.iterdir()) == []
 
 

@@ -23,6 +23,7 @@ from model_export.cli import main as export_main
 from model_export.export import export_onnx
 from model_export.triton import CROPS_PER_IMAGE, write_triton_repository
 from model_export.weights import random_weights
+from tests.images import photo_jpeg
 
 # ---------------------------------------------------------------------------------------------
 # Triton's ModelConfig schema. Triton parses config.pbtxt with protobuf's text format into this
@@ -158,7 +159,9 @@ def model_metadata(path: Path) -> ModelMetadata:
     return ModelMetadata.from_props(session.get_modelmeta().custom_metadata_map)
 
 
-def check_repository(repo: Path, source: Path, name: str = "alexnet", max_batch_size: int = 64) -> Any:
+def check_repository(
+    repo: Path, source: Path, name: str = "alexnet", max_batch_size: int = 64, kind: str = "KIND_GPU"
+) -> Any:
     """Every property of the repository that Triton and its clients rely on, judged against
     ONNX Runtime's reading of ``source``. Returns the parsed config for further checks."""
     model_dir = repo / name
@@ -174,8 +177,9 @@ def check_repository(repo: Path, source: Path, name: str = "alexnet", max_batch_
 
     session = ort.InferenceSession(str(source), providers=["CPUExecutionProvider"])
     (model_input,) = session.get_inputs()
-    (model_output,) = session.get_outputs()
+    model_outputs = session.get_outputs()
     meta = ModelMetadata.from_props(session.get_modelmeta().custom_metadata_map)
+    square = meta.input_kind == "square"
 
     config = parse_config(model_dir / "config.pbtxt")
     assert config.name == name
@@ -184,36 +188,49 @@ def check_repository(repo: Path, source: Path, name: str = "alexnet", max_batch_
     assert config.max_batch_size == max_batch_size
     # Triton's dims leave out the batch dimension, which must be dynamic in the model.
     assert [i.name for i in config.input] == [model_input.name]
-    assert [o.name for o in config.output] == [model_output.name]
-    assert not isinstance(model_input.shape[0], int) and not isinstance(model_output.shape[0], int)
+    assert [o.name for o in config.output] == [o.name for o in model_outputs]
+    assert not isinstance(model_input.shape[0], int)
     assert list(config.input[0].dims) == model_input.shape[1:]
-    assert list(config.output[0].dims) == model_output.shape[1:]
-    assert model_input.type == model_output.type == "tensor(float)"
-    assert data_type_name(config, config.input[0].data_type) == "TYPE_FP32"
-    assert data_type_name(config, config.output[0].data_type) == "TYPE_FP32"
-    assert config.output[0].label_filename == "labels.txt"
+    # The square kind takes the uint8 central square; the crops kind float32 crops.
+    assert model_input.type == ("tensor(uint8)" if square else "tensor(float)")
+    assert data_type_name(config, config.input[0].data_type) == ("TYPE_UINT8" if square else "TYPE_FP32")
+    for declared, output in zip(config.output, model_outputs, strict=True):
+        assert not isinstance(output.shape[0], int)
+        assert list(declared.dims) == output.shape[1:]
+        assert output.type == "tensor(float)" and data_type_name(config, declared.data_type) == "TYPE_FP32"
+        # Labels on the classes output only (logits, or the square kind's probabilities).
+        assert declared.label_filename == ("labels.txt" if output.name == meta.output_name else "")
+    if square:
+        assert [o.name for o in model_outputs] == ["probabilities", "features"]
+        assert list(config.output[1].dims) == [4096]
 
     # Dynamic batching on batches of whole images, within the batch limit.
     batching = config.dynamic_batching
+    rows = 1 if square else CROPS_PER_IMAGE
     assert config.HasField("dynamic_batching") and batching.max_queue_delay_microseconds > 0
     assert list(batching.preferred_batch_size) == sorted(set(batching.preferred_batch_size))
     assert batching.preferred_batch_size, "no preferred batch size"
     for size in batching.preferred_batch_size:
-        assert 0 < size <= max_batch_size and size % CROPS_PER_IMAGE == 0
-    assert [(g.count, g.kind) for g in config.instance_group] == [(1, 1)]  # KIND_GPU = 1
+        assert 0 < size <= max_batch_size and size % rows == 0
+    kinds = {"KIND_GPU": 1, "KIND_CPU": 2}
+    assert [(g.count, g.kind) for g in config.instance_group] == [(1, kinds[kind])]
 
     # labels.txt: one line per output column, in index order (Triton's classification extension).
     labels = (model_dir / "labels.txt").read_text(encoding="utf-8").split("\n")
     assert labels[-1] == "", "labels.txt must end with a newline"
-    assert labels[:-1] == meta.labels and len(labels) - 1 == model_output.shape[1]
+    assert labels[:-1] == meta.labels and len(labels) - 1 == model_outputs[0].shape[1]
 
     # The preprocessing a client must apply, as the model file describes it.
     params = {key: value.string_value for key, value in config.parameters.items()}
     assert json.loads(params["preprocess_mean"]) == meta.mean
     assert json.loads(params["preprocess_std"]) == meta.std
     assert int(params["preprocess_resize_size"]) == meta.resize_size
-    assert int(params["preprocess_crop_size"]) == meta.input_size == model_input.shape[2]
-    assert params["alexnet_version"] == meta.version
+    assert int(params["preprocess_crop_size"]) == meta.input_size
+    if square:
+        assert model_input.shape[1:] == [meta.resize_size, meta.resize_size, 3]
+    else:
+        assert meta.input_size == model_input.shape[2]
+    assert params["alexnet_version"] == meta.version and params["alexnet_input_kind"] == meta.input_kind
     return config
 
 
@@ -262,23 +279,24 @@ def test_client_preprocessing_fits_the_config(imagenet_repo: tuple[Path, Path]) 
         mean=json.loads(params["preprocess_mean"]),
         std=json.loads(params["preprocess_std"]),
         max_pixels=10**7,
-    ).crops
+    ).batch
     assert crops.shape == (CROPS_PER_IMAGE, *config.input[0].dims) and crops.dtype == np.float32
     assert crops.shape[0] <= config.max_batch_size
     logits = run_batch(repo / "alexnet" / "1" / "model.onnx", crops)
     assert logits.shape == (CROPS_PER_IMAGE, *config.output[0].dims)
 
 
-def test_cli_writes_repository(tmp_path: Path) -> None:
-    """``alexnet-export --triton`` end to end, at a non-default crop size so that nothing in the
-    config can be a hard-coded 224."""
+def test_cli_writes_repository(tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
+    """``alexnet-export --input crops --triton`` end to end, at a non-default crop size so that
+    nothing in the config can be a hard-coded 224; the instance kind is stated."""
     output, repo = tmp_path / "small.onnx", tmp_path / "triton"
     code = export_main(
         ["--source", "random", "--layout", "torchvision", "--input-size", "160", "--resize-size", "183",
-         "--output", str(output), "--triton", str(repo)]
+         "--input", "crops", "--output", str(output), "--triton", str(repo), "--triton-instance-kind", "cpu"]
     )  # fmt: skip
     assert code == 0
-    config = check_repository(repo, output)
+    assert "instance kind KIND_CPU: --triton-instance-kind" in capsys.readouterr().out
+    config = check_repository(repo, output, kind="KIND_CPU")
     assert list(config.input[0].dims) == [3, 160, 160]
     params = {key: value.string_value for key, value in config.parameters.items()}
     assert params["preprocess_resize_size"] == "183"
@@ -286,8 +304,47 @@ def test_cli_writes_repository(tmp_path: Path) -> None:
     assert run_batch(repo / "alexnet" / "1" / "model.onnx", batch).shape == (3, 1000)
 
 
+def test_cli_square_repository_takes_uint8_squares(tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
+    """The square kind: a client sends uint8 central squares and gets the ten-crop probabilities
+    and features; the instance kind defaults to what this host has."""
+    import torch
+
+    output, repo = tmp_path / "sq.onnx", tmp_path / "triton"
+    code = export_main(
+        ["--source", "random", "--layout", "paper", "--input-size", "120", "--resize-size", "137",
+         "--input", "square", "--output", str(output), "--triton", str(repo)]
+    )  # fmt: skip
+    assert code == 0
+    kind = "KIND_GPU" if torch.cuda.is_available() else "KIND_CPU"
+    assert f"instance kind {kind}: this host has" in capsys.readouterr().out
+    config = check_repository(repo, output, max_batch_size=32, kind=kind)
+    assert list(config.input[0].dims) == [137, 137, 3]
+    assert list(config.dynamic_batching.preferred_batch_size) == [16, 32]
+    params = {key: value.string_value for key, value in config.parameters.items()}
+    # A client following the parameters: the service's own central square, nothing else.
+    square = preprocess(
+        photo_jpeg(),
+        resize=int(params["preprocess_resize_size"]),
+        crop=int(params["preprocess_crop_size"]),
+        mean=json.loads(params["preprocess_mean"]),
+        std=json.loads(params["preprocess_std"]),
+        max_pixels=10**7,
+        square_only=True,
+    ).batch
+    assert square.shape == (1, *config.input[0].dims) and square.dtype == np.uint8
+    session = ort.InferenceSession(
+        str(repo / "alexnet" / "1" / "model.onnx"), providers=["CPUExecutionProvider"]
+    )
+    probs, features = session.run(None, {"images": np.concatenate([square] * 3)})
+    assert probs.shape == (3, *config.output[0].dims) and features.shape == (3, 4096)
+    np.testing.assert_allclose(probs.sum(axis=1), 1.0, rtol=1e-5)
+
+
 def test_other_class_count_name_and_batch_limit(tmp_path: Path) -> None:
-    result = export_onnx(random_weights("paper", seed=3, num_classes=7), tmp_path / "seven.onnx")
+    # The crops kind: its batch sizes must be whole images of ten rows.
+    result = export_onnx(
+        random_weights("paper", seed=3, num_classes=7), tmp_path / "seven.onnx", input_kind="crops"
+    )
     repo = tmp_path / "repo"
     write_triton_repository(result.path, result.metadata, repo, max_batch_size=25, name="seven")
     config = check_repository(repo, result.path, name="seven", max_batch_size=25)
@@ -316,6 +373,9 @@ def test_rejects_metadata_that_does_not_fit_the_model(imagenet_model_dir: Path, 
         meta.model_copy(update={"labels": meta.labels[:10], "wnids": meta.wnids[:10]}),
         meta.model_copy(update={"input_size": 227}),
         meta.model_copy(update={"input_name": "input"}),
+        # A square-kind description of a crops-kind file: uint8 input and two outputs missing.
+        meta.model_copy(update={"input_kind": "square", "output_name": "probabilities"}),
+        meta.model_copy(update={"features_output": "features"}),
     ]
     for bad in wrong:
         with pytest.raises(ValueError):

@@ -91,8 +91,8 @@ async def predict(
         try:
             async with asyncio.timeout(settings.request_timeout_s):
                 images = await asyncio.gather(*(prepared(u) for u in uploads))
-                crops = images[0].crops if len(images) == 1 else np.concatenate([i.crops for i in images])
-                result = await inference.infer(admission, classifier, crops)
+                batch = images[0].batch if len(images) == 1 else np.concatenate([i.batch for i in images])
+                result = await inference.infer(admission, classifier, batch)
         except TimeoutError:
             metrics.rejected.labels("timeout").inc()
             raise HTTPException(
