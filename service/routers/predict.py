@@ -12,6 +12,7 @@ from service.deps import ClassifierDep, MetricsDep, PoolDep, QueueDep, SettingsD
 from service.schemas import (
     ErrorResponse,
     ImagePrediction,
+    ImageUpload,
     Prediction,
     PredictResponse,
     Timings,
@@ -57,9 +58,9 @@ async def predict(
     inference: QueueDep,
     pool: PoolDep,
     metrics: MetricsDep,
-    file: Annotated[UploadFile | None, File(description="one image")] = None,
+    file: Annotated[ImageUpload | None, File(description="one image")] = None,
     files: Annotated[
-        Annotated[list[UploadFile], BeforeValidator(_no_empty_parts)] | None,
+        Annotated[list[ImageUpload], BeforeValidator(_no_empty_parts)] | None,
         # default []: Swagger UI starts with no item (else it sends its "string" placeholder)
         File(description="several images", json_schema_extra={"default": []}),
     ] = None,
