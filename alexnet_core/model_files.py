@@ -43,9 +43,10 @@ def recorded_sha256(model: Path) -> str | None:
         return None
     except (OSError, UnicodeDecodeError) as exc:
         raise IntegrityError(f"cannot read {manifest.name}: {exc}") from None
+    # The name in the line is not compared: a model renamed with its manifest stays the same file.
     match = _DIGEST.match(text)
-    if match is None or match.group(2) != model.name:
-        raise IntegrityError(f"{manifest.name} is not a SHA-256 line for {model.name}: re-export the model")
+    if match is None:
+        raise IntegrityError(f"{manifest.name} is not a `sha256sum` line: export the model again")
     return match.group(1)
 
 

@@ -80,10 +80,9 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     app.state.registry = registry
     app.state.inference = inference
 
-    app.include_router(predict.router)
-    app.include_router(models.router)
-    app.include_router(train.router)
-    app.include_router(health.router)
+    routers = (predict.router, models.router, train.router, health.router)
+    for router in routers:
+        app.include_router(router)
 
     app.mount("/static/swagger-ui", StaticFiles(directory=str(swagger_ui_path)), name="swagger-ui")
 
@@ -107,7 +106,8 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     app.add_middleware(BodySizeLimit, max_bytes=settings.max_upload_bytes)
     app.add_middleware(BodyTimeout, timeout_s=settings.body_timeout_s)
     app.add_middleware(QueueFullGate, inference=inference)
-    app.add_middleware(ApiKeyGate, routes=app.routes, needs_key=needs_key, check=scope_checker(settings))
+    keyed = [route for router in routers for route in router.routes if needs_key(route)]
+    app.add_middleware(ApiKeyGate, routes=keyed, check=scope_checker(settings))
     app.add_middleware(RequestMetrics, metrics=metrics)
     return app
 

@@ -72,7 +72,8 @@ class Settings(CommonSettings):
     # Training and model management
     api_key: SecretStr | None = Field(
         None,
-        description="bearer key for /train and /model/activate; unset = those answer 403",
+        description="bearer key for /train and /model/activate; unset = those answer 403 (set it in "
+        "the environment: a command line is visible to every user of the machine)",
     )
 
     # HTTP

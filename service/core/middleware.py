@@ -122,29 +122,21 @@ class ApiKeyGate:
     someone without the key gets 401, not a validation error. The routes keep their dependency
     too (OpenAPI documents it, and it guards a route this gate would miss)."""
 
-    def __init__(
-        self,
-        app: ASGIApp,
-        routes: list[BaseRoute],
-        needs_key: Callable[[BaseRoute], bool],
-        check: Callable[[Scope], None],
-    ) -> None:
+    def __init__(self, app: ASGIApp, routes: list[BaseRoute], check: Callable[[Scope], None]) -> None:
         self.app = app
-        self.routes = routes  # the app's live list: routes added after this middleware count too
-        self.needs_key = needs_key
+        self.routes = routes  # those that need the key, with their full paths
         self.check = check
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         if scope["type"] == "http":
-            for route in self.routes:
-                if self.needs_key(route) and route.matches(scope)[0] is Match.FULL:
-                    try:
-                        self.check(scope)
-                    except HTTPException as exc:
-                        scope[ROUTE_KEY] = getattr(route, "path", None)
-                        await error_response(exc.status_code, exc.detail, exc.headers)(scope, receive, send)
-                        return
-                    break
+            route = next((r for r in self.routes if r.matches(scope)[0] is Match.FULL), None)
+            if route is not None:
+                try:
+                    self.check(scope)
+                except HTTPException as exc:
+                    scope[ROUTE_KEY] = getattr(route, "path", None)
+                    await error_response(exc.status_code, exc.detail, exc.headers)(scope, receive, send)
+                    return
         await self.app(scope, receive, send)
 
 

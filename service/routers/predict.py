@@ -3,12 +3,12 @@ import functools
 from typing import Annotated
 
 import numpy as np
-from fastapi import APIRouter, File, HTTPException, Query, UploadFile, status
+from fastapi import APIRouter, Depends, File, HTTPException, Query, UploadFile, status
 from pydantic import BeforeValidator
 
 from alexnet_core.images import ImageInputError
 from alexnet_core.pipeline import Preprocessed, top_k
-from service.deps import ClassifierDep, MetricsDep, PoolDep, QueueDep, SettingsDep
+from service.deps import ClassifierDep, MetricsDep, PoolDep, QueueDep, SettingsDep, single_file_part
 from service.schemas import (
     ErrorResponse,
     ImagePrediction,
@@ -50,6 +50,7 @@ def top_k_predictions(
     "/predict",
     response_model=PredictResponse,
     responses=ERRORS,
+    dependencies=[Depends(single_file_part)],
     summary="Top-k classes of one or more images (the paper's ten-crop average)",
 )
 async def predict(
