@@ -67,8 +67,9 @@ class ModelRegistry:
         return text
 
     def _load(self, path: Path) -> OnnxClassifier:
-        # Checked before ONNX Runtime parses the file: an altered file is never loaded.
-        if model_files.verify(path, files.sha256(path)):
+        classifier = OnnxClassifier(path, self.settings.providers, self.settings.intra_op_threads)
+        # The session has hashed the file it loaded: an altered one raises here, never served.
+        if model_files.verify(path, classifier.sha256):
             self._verified.add(path)
         else:
             self._verified.discard(path)
@@ -77,7 +78,7 @@ class ModelRegistry:
                 path.name,
                 model_files.manifest_path(path).name,
             )
-        return OnnxClassifier(path, self.settings.providers, self.settings.intra_op_threads)
+        return classifier
 
     def load_at_startup(self) -> None:
         candidates = self.onnx_files()

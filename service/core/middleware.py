@@ -4,7 +4,7 @@ body is read, which the limits and the key check depend on. Their answers are St
 
 import asyncio
 import time
-from collections.abc import Callable
+from collections.abc import Awaitable, Callable
 
 from fastapi import HTTPException
 from fastapi.responses import JSONResponse
@@ -122,7 +122,9 @@ class ApiKeyGate:
     someone without the key gets 401, not a validation error. The routes keep their dependency
     too (OpenAPI documents it, and it guards a route this gate would miss)."""
 
-    def __init__(self, app: ASGIApp, routes: list[BaseRoute], check: Callable[[Scope], None]) -> None:
+    def __init__(
+        self, app: ASGIApp, routes: list[BaseRoute], check: Callable[[Scope], Awaitable[None]]
+    ) -> None:
         self.app = app
         self.routes = routes  # those that need the key, with their full paths
         self.check = check
@@ -132,7 +134,7 @@ class ApiKeyGate:
             route = next((r for r in self.routes if r.matches(scope)[0] is Match.FULL), None)
             if route is not None:
                 try:
-                    self.check(scope)
+                    await self.check(scope)
                 except HTTPException as exc:
                     scope[ROUTE_KEY] = getattr(route, "path", None)
                     await error_response(exc.status_code, exc.detail, exc.headers)(scope, receive, send)
