@@ -109,6 +109,16 @@ def test_idle_and_slow_connections_are_closed_and_health_keeps_answering(guarded
             sock.close()
 
 
+def test_an_oversized_request_head_is_refused(guarded: str) -> None:
+    # Neither uvicorn nor httptools bounds a head: without a limit the server buffers it whole.
+    head = b"GET /health HTTP/1.1\r\nHost: x\r\n" + b"X-Pad: a\r\n" * 20_000  # 200 KB, never ended
+    response = raw_exchange(guarded, head)
+    assert status_of(response) == 431, response[:300]
+    assert "over 65536 bytes" in json_of(response)["detail"]
+    with httpx.Client(base_url=guarded, timeout=30) as client:  # an ordinary large head is fine
+        assert client.get("/health", headers={"X-Pad": "a" * 8000}).status_code == 200
+
+
 def test_stalled_upload_gets_408(guarded: str) -> None:
     boundary = "b0undary"
     head = f'--{boundary}\r\nContent-Disposition: form-data; name="file"; filename="a.jpg"\r\n\r\n'.encode()

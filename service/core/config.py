@@ -85,6 +85,9 @@ class Settings(CommonSettings):
     header_timeout_s: float = Field(
         10.0, gt=0, description="longest wait for a request's headers, from connect or the first byte"
     )
+    max_header_bytes: int = Field(
+        64 * 1024, ge=1024, description="largest request head (request line and headers); larger gets 431"
+    )
     body_timeout_s: float = Field(
         60.0, gt=0, description="longest wait for a whole request body; a stalled upload gets 408"
     )
