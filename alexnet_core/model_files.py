@@ -120,7 +120,7 @@ def read_props(path: Path) -> dict[str, str]:
     return props
 
 
-@functools.lru_cache(maxsize=1024)
+@functools.lru_cache(maxsize=256)
 def _metadata(path: Path, mtime_ns: int, size: int) -> ModelMetadata | None:
     try:
         return ModelMetadata.from_props(read_props(path))
