@@ -63,6 +63,7 @@ class OnnxClassifier:
         )
         props = self.session.get_modelmeta().custom_metadata_map
         self.metadata = ModelMetadata.from_props(props)
+        self._check_output_width()
         # ONNX Runtime falls back to CPU silently when CUDA libraries are missing: only the
         # session knows which providers it really got.
         self.providers: list[str] = self.session.get_providers()
@@ -81,6 +82,19 @@ class OnnxClassifier:
             self.metadata.num_classes,
             self.providers,
         )
+
+    def _check_output_width(self) -> None:
+        # A label list that does not match the outputs would load, then fail every prediction.
+        meta = self.metadata
+        output = next((o for o in self.session.get_outputs() if o.name == meta.output_name), None)
+        if output is None:
+            raise ValueError(f"the model has no output {meta.output_name!r} (its metadata names it)")
+        width = output.shape[-1] if output.shape else None
+        if isinstance(width, int) and width != meta.num_classes:
+            raise ValueError(
+                f"the model's output {meta.output_name!r} has {width} classes but its metadata lists "
+                f"{meta.num_classes} labels: export it again with matching labels"
+            )
 
     @property
     def version(self) -> str:

@@ -11,7 +11,7 @@ import onnx
 import onnxruntime as ort
 import torch
 
-from alexnet_core import files
+from alexnet_core import files, model_files
 from alexnet_core.metadata import INPUT_NAME, OUTPUT_NAME, ModelMetadata
 from alexnet_core.pipeline import probabilities, ten_crop
 from model_export.tencrop import FEATURES_NAME, PROBABILITIES_NAME, TenCropModel
@@ -178,6 +178,7 @@ def export_onnx(
 
     try:  # parity is checked on the temporary file: the service never sees an unchecked model
         files.atomic_write(output, write_checked)
+        model_files.write_manifest(output)  # the SHA-256 the service checks before serving it
     except files.WriteError as exc:  # disk full (ENOSPC), a file size limit (EFBIG), permissions
         cause = exc.__cause__
         reason = getattr(cause, "strerror", None) or cause or exc

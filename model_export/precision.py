@@ -24,7 +24,7 @@ from pathlib import Path
 import numpy as np
 import onnx
 
-from alexnet_core import files
+from alexnet_core import files, model_files
 
 INT8_SUFFIX = "-int8"
 FP16_SUFFIX = "-fp16"
@@ -65,6 +65,7 @@ def _save_atomically(proto: onnx.ModelProto, out_path: Path, source_path: Path) 
     files.atomic_write(
         out_path, lambda tmp: onnx.save_model(proto, tmp), mtime_ns=source_path.stat().st_mtime_ns - 1_000_000
     )
+    model_files.write_manifest(out_path)
 
 
 def quantize_int8(onnx_path: Path, out_path: Path | None = None) -> Path:

@@ -46,6 +46,17 @@ async def get_classifier(registry: Annotated[ModelRegistry, Depends(get_registry
     return classifier
 
 
+async def single_file_part(request: Request) -> None:
+    """400 for a form with two ``file`` parts: FastAPI would keep the last one and drop the other
+    without a word. The form is the one FastAPI has already parsed (Starlette caches it)."""
+    sent = len((await request.form()).getlist("file"))
+    if sent > 1:
+        raise HTTPException(
+            status.HTTP_400_BAD_REQUEST,
+            f"form field `file` sent {sent} times: send one image as `file`, several as `files`",
+        )
+
+
 SettingsDep = Annotated[Settings, Depends(get_settings)]
 RegistryDep = Annotated[ModelRegistry, Depends(get_registry)]
 QueueDep = Annotated[InferenceQueue, Depends(get_queue)]

@@ -4,7 +4,7 @@ import logging
 import threading
 from pathlib import Path
 
-from alexnet_core import files
+from alexnet_core import files, model_files
 from alexnet_core.session import OnnxClassifier
 from service.core.config import Settings
 
@@ -28,31 +28,60 @@ class ModelRegistry:
         self.current: OnnxClassifier | None = None
         self.not_ready_reason = "model not loaded yet"
         self._activation = threading.Lock()
+        self._verified: set[Path] = set()  # files whose SHA-256 matched their export manifest
 
-    def available(self) -> list[Path]:
-        """Model files in the weights directory, newest first."""
+    def onnx_files(self) -> list[Path]:
+        """``*.onnx`` files in the weights directory, newest first."""
         if not self.weights_dir.is_dir():
             return []
         # A symlink that leads out of the directory is not a model of it (as for /train datasets).
         root = self.weights_dir.resolve()
-        files = [
+        found = [
             p for p in self.weights_dir.glob("*.onnx") if p.is_file() and p.resolve().is_relative_to(root)
         ]
-        return sorted(files, key=lambda p: p.stat().st_mtime, reverse=True)
+        return sorted(found, key=lambda p: p.stat().st_mtime, reverse=True)
+
+    def available(self) -> list[Path]:
+        """The model files: ``*.onnx`` files that carry alexnet-serve metadata, newest first."""
+        return [p for p in self.onnx_files() if model_files.read_metadata(p) is not None]
 
     def find(self, version: str) -> Path:
         """The file whose stem or name is ``version``. Matched against the directory listing, so
         no client string is ever joined into a path."""
-        for path in self.available():
+        for path in self.onnx_files():
             if version in (path.stem, path.name):
                 return path
         raise ModelNotFound(f"no model {version!r} in the weights directory")
 
+    def is_verified(self, path: Path) -> bool:
+        return path in self._verified
+
+    def public(self, message: object) -> str:
+        """``message`` with the server's paths to the weights directory removed: clients see file
+        names relative to it, never where the server keeps its files."""
+        text = str(message)
+        for root in sorted({str(self.weights_dir.resolve()), str(self.weights_dir.absolute())}, key=len)[
+            ::-1
+        ]:
+            text = text.replace(root + "/", "").replace(root, "the weights directory")
+        return text
+
     def _load(self, path: Path) -> OnnxClassifier:
-        return OnnxClassifier(path, self.settings.providers, self.settings.intra_op_threads)
+        classifier = OnnxClassifier(path, self.settings.providers, self.settings.intra_op_threads)
+        # The session has hashed the file it loaded: an altered one raises here, never served.
+        if model_files.verify(path, classifier.sha256):
+            self._verified.add(path)
+        else:
+            self._verified.discard(path)
+            log.warning(
+                "%s has no SHA-256 manifest (%s): served unverified; export it again to record one",
+                path.name,
+                model_files.manifest_path(path).name,
+            )
+        return classifier
 
     def load_at_startup(self) -> None:
-        candidates = self.available()
+        candidates = self.onnx_files()
         preferred: list[Path] = []
         try:
             if self.settings.model:
@@ -61,15 +90,18 @@ class ModelRegistry:
                 preferred = [self.find(pointer.read_text().strip())]
         except ModelNotFound as exc:
             log.error("%s; trying the other models", exc)
+        problems = []
         for path in preferred + [p for p in candidates if p not in preferred]:
             try:
                 self.current = self._load(path)
                 return
             except Exception as exc:
                 log.error("cannot load %s: %s", path.name, exc)
-        found = f"{len(candidates)} *.onnx files found"
-        self.not_ready_reason = f"no loadable model in {self.weights_dir}/ ({found}): {NO_MODEL_HINT}"
-        log.warning(self.not_ready_reason)
+                problems.append(f"{path.name}: {self.public(exc)}")
+        found = "; ".join([f"{len(candidates)} *.onnx files found", *problems[:3]])
+        # Names relative to the weights directory: /ready answers anyone.
+        self.not_ready_reason = f"no loadable model in the weights directory ({found}): {NO_MODEL_HINT}"
+        log.warning("%s (weights directory: %s)", self.not_ready_reason, self.weights_dir)
 
     def activate(self, version: str) -> OnnxClassifier:
         """Load and warm the new model fully, then swap: requests already holding the old one

@@ -1,13 +1,22 @@
 """Request and response models of the HTTP API (shared by routers, tests and OpenAPI)."""
 
 from datetime import datetime
-from typing import Any
+from typing import Annotated, Any
 
-from pydantic import BaseModel, ConfigDict, Field
+from fastapi import UploadFile
+from pydantic import BaseModel, ConfigDict, Field, WithJsonSchema, computed_field
 
+from alexnet_core.metadata import ModelMetadata
 from alexnet_core.training import JobProgress, JobState, TrainConfig, narrowed
 
 __all__ = ["JobState"]  # re-exported: the job states are alexnet_core.training's
+
+# An uploaded file as OpenAPI 3.1 and Swagger UI 5 both read it: pydantic 2 describes one by
+# contentMediaType only, and Swagger UI offers a file picker only for `format: binary`.
+ImageUpload = Annotated[
+    UploadFile,
+    WithJsonSchema({"type": "string", "format": "binary", "contentMediaType": "application/octet-stream"}),
+]
 
 
 class ErrorResponse(BaseModel):
@@ -107,26 +116,33 @@ class Readiness(BaseModel):
     reason: str | None = Field(None, description="why not ready, and what to do")
 
 
-class ModelInfo(BaseModel):
-    version: str
-    layout: str
-    num_classes: int
-    labels_sample: list[str] = Field(description="the first ten class labels")
-    source: str
-    source_sha256: str | None
-    trained: bool
+class ModelInfo(ModelMetadata):
+    """The model in service: the metadata its file carries (less the full label lists) and what
+    the server made of it."""
+
+    model_config = ConfigDict(protected_namespaces=())
+    # The full lists (1000 entries for ImageNet) stay out of the answer: see labels_sample.
+    labels: list[str] = Field(exclude=True)
+    wnids: list[str | None] = Field(exclude=True)
     sha256: str = Field(description="SHA-256 of the ONNX file in service")
     file: str
-    input_size: int
-    resize_size: int
-    mean: list[float]
-    std: list[float]
-    exported_at: datetime
-    validation_top1: float | None
-    validation_top5: float | None
+    integrity: str = Field(
+        description="verified: the file matches the SHA-256 recorded at export; unverified: no record"
+    )
     providers_requested: list[str]
     providers: list[str] = Field(description="what the ONNX Runtime session really runs on")
-    available_versions: list[str]
+    available_versions: list[str] = Field(description="models in the weights directory (by file stem)")
+
+    @computed_field  # type: ignore[prop-decorator]
+    @property
+    def num_classes(self) -> int:
+        return len(self.labels)
+
+    @computed_field  # type: ignore[prop-decorator]
+    @property
+    def labels_sample(self) -> list[str]:
+        """The first ten class labels."""
+        return self.labels[:10]
 
 
 class ActivateRequest(BaseModel):

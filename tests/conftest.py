@@ -12,6 +12,7 @@ import pytest
 import uvicorn
 
 from service.core.config import Settings
+from service.core.http import server_config
 from service.main import create_app
 
 
@@ -25,7 +26,8 @@ def free_port() -> int:
 def serve(settings: Settings) -> Iterator[str]:
     """The real app under uvicorn on a free loopback port, in a background thread."""
     port = free_port()
-    config = uvicorn.Config(create_app(settings), host="127.0.0.1", port=port, log_level="warning")
+    # The server's own configuration (timeouts, limits, protocol), on a loopback port.
+    config = server_config(create_app(settings), settings, host="127.0.0.1", port=port, log_level="warning")
     server = uvicorn.Server(config)
     thread = threading.Thread(target=server.run, daemon=True)
     thread.start()

@@ -27,7 +27,8 @@ def test_cli_exports_one_self_describing_file(
     assert (
         export_cli(["--source", "random", "--layout", layout, "--input", "crops", "--output", str(out)]) == 0
     )
-    assert [p.name for p in tmp_path.iterdir()] == ["model.onnx"]  # no external-data side file
+    # no external-data side file; the SHA-256 manifest the service checks
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["model.onnx", "model.onnx.sha256"]
     printed = capsys.readouterr().out
     assert "parity" in printed and "UNTRAINED" in printed
 

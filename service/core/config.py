@@ -5,7 +5,7 @@ from functools import cache
 from typing import Annotated, Literal
 
 from pydantic import BeforeValidator, Field, SecretStr, model_validator
-from pydantic_settings import NoDecode
+from pydantic_settings import CliApp, NoDecode, SettingsConfigDict
 
 from alexnet_core.settings import CommonSettings
 
@@ -22,6 +22,18 @@ def _lower(value: object) -> object:
 
 
 class Settings(CommonSettings):
+    """alexnet-serve: every setting is an ALEXNET_<NAME> variable and a --<name> option."""
+
+    # The command line is read only by ``from_command_line``: ``Settings()`` in a test or a
+    # ``uvicorn service.main:app`` process never looks at sys.argv.
+    model_config = SettingsConfigDict(
+        cli_prog_name="alexnet-serve",
+        cli_kebab_case=True,
+        cli_implicit_flags=True,
+        cli_avoid_json=True,
+        cli_exit_on_error=True,
+    )
+
     # Model (weights_dir and data_root: CommonSettings, shared with the export and training CLIs)
     model: str | None = Field(
         None,
@@ -60,13 +72,32 @@ class Settings(CommonSettings):
     # Training and model management
     api_key: SecretStr | None = Field(
         None,
-        description="bearer key for /train and /model/activate; unset = those answer 403",
+        description="bearer key for /train and /model/activate; unset = those answer 403 (set it in "
+        "the environment: a command line is visible to every user of the machine)",
     )
 
     # HTTP
     host: str = Field("127.0.0.1", description="alexnet-serve bind address")
     port: int = Field(8000, description="alexnet-serve port")
     cors_origins: CommaList = Field([], description="origins allowed by CORS; empty = CORS off")
+    # Connection hygiene (findings: idle or slow connections held for minutes exhausted the
+    # descriptors, and with them /health). uvicorn's own options where it has one.
+    header_timeout_s: float = Field(
+        10.0, gt=0, description="longest wait for a request's headers, from connect or the first byte"
+    )
+    max_header_bytes: int = Field(
+        64 * 1024, ge=1024, description="largest request head (request line and headers); larger gets 431"
+    )
+    body_timeout_s: float = Field(
+        60.0, gt=0, description="longest wait for a whole request body; a stalled upload gets 408"
+    )
+    keep_alive_s: int = Field(5, ge=1, description="idle keep-alive connections are closed after this")
+    max_connections: int = Field(
+        2048,
+        ge=1,
+        description="open connections (and tasks) before new requests get 503 (uvicorn limit_concurrency)",
+    )
+    backlog: int = Field(2048, ge=1, description="connections the kernel queues before accept")
     # A closed list: anything else failed at start-up with "Unknown level" from logging.
     log_level: Annotated[Literal["debug", "info", "warning", "error"], BeforeValidator(_lower)] = Field(
         "info", description="debug, info, warning, error"
@@ -94,3 +125,9 @@ class Settings(CommonSettings):
 @cache
 def get_settings() -> Settings:
     return Settings()
+
+
+def from_command_line(args: list[str] | None = None) -> Settings:
+    """Settings from the environment, overridden by ``args`` (default: sys.argv); ``--help``
+    prints every setting and exits, an unknown option exits with argparse's message."""
+    return CliApp.run(Settings, cli_args=args)

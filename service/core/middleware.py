@@ -1,10 +1,17 @@
-"""Pure ASGI middleware: they see the raw request stream, which the body limit depends on."""
+"""Pure ASGI middleware: they see the raw request stream, so they can answer before (or while) a
+body is read, which the limits and the key check depend on. Their answers are Starlette
+``Response`` objects, as from a route."""
 
-import json
+import asyncio
 import time
+from collections.abc import Awaitable, Callable
 
+from fastapi import HTTPException
+from fastapi.responses import JSONResponse
+from starlette.routing import BaseRoute, Match
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
+from service.core.errors import error as error_response
 from service.core.metrics import Metrics
 from service.inference import InferenceQueue, Overloaded
 
@@ -12,27 +19,34 @@ from service.inference import InferenceQueue, Overloaded
 # counted under that route in the metrics (Starlette sets scope["route"] only when routing ran).
 ROUTE_KEY = "alexnet.route"
 
-
-async def _send_json(
-    send: Send, status: int, detail: str, headers: list[tuple[bytes, bytes]] | None = None
-) -> None:
-    body = json.dumps({"detail": detail}).encode()
-    headers = [
-        (b"content-type", b"application/json"),
-        (b"content-length", str(len(body)).encode()),
-        *(headers or []),
-    ]
-    await send({"type": "http.response.start", "status": status, "headers": headers})
-    await send({"type": "http.response.body", "body": body})
+# The unread rest of a refused body is not worth receiving: the connection is closed instead.
+CLOSE = {"Connection": "close"}
 
 
-# The unread rest of an oversized body is not worth receiving: the connection is closed instead.
-CLOSE = [(b"connection", b"close")]
+class _ReceiveGuard:
+    """Wraps ``receive`` so that a middleware can answer while the app is still reading the
+    body: the app then sees a disconnected client, and whatever it sends later is dropped."""
+
+    def __init__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        self.scope, self.receive, self.send = scope, receive, send
+        self.responded = False
+        self.started = False
+
+    async def answer(self, response: JSONResponse) -> Message:
+        if not self.started:  # a response already under way cannot be replaced
+            await response(self.scope, self.receive, self.send)
+        self.responded = True
+        return {"type": "http.disconnect"}
+
+    async def guarded_send(self, message: Message) -> None:
+        if not self.responded:
+            self.started = self.started or message["type"] == "http.response.start"
+            await self.send(message)
 
 
 class BodySizeLimit:
     """413 for a body over ``max_bytes``: at once from Content-Length, else counted while it
-    streams in, so an unbounded (chunked) upload is cut off instead of buffered to disk."""
+    streams in, so an unbounded (chunked) upload is cut off instead of buffered."""
 
     def __init__(self, app: ASGIApp, max_bytes: int) -> None:
         self.app = app
@@ -43,41 +57,96 @@ class BodySizeLimit:
             await self.app(scope, receive, send)
             return
         limit = self.max_bytes
-        too_large = f"request body over the upload limit of {limit} bytes ({limit / 2**20:.1f} MiB)"
+        too_large = error_response(
+            413, f"request body over the upload limit of {limit} bytes ({limit / 2**20:.1f} MiB)", CLOSE
+        )
         length = dict(scope["headers"]).get(b"content-length")
         if length is not None and length.isdigit() and int(length) > limit:
-            await _send_json(send, 413, too_large, CLOSE)
+            await too_large(scope, receive, send)
             return
+        guard = _ReceiveGuard(scope, receive, send)
         received = 0
-        responded = False
 
         async def limited_receive() -> Message:
-            nonlocal received, responded
-            if responded:
+            nonlocal received
+            if guard.responded:
                 return {"type": "http.disconnect"}
             message = await receive()
             if message["type"] == "http.request":
                 received += len(message.get("body", b""))
                 if received > limit:
-                    # Answer now; the app sees a disconnected client and stops reading.
-                    await _send_json(send, 413, too_large, CLOSE)
-                    responded = True
-                    return {"type": "http.disconnect"}
+                    return await guard.answer(too_large)
             return message
 
-        async def guarded_send(message: Message) -> None:
-            if not responded:
-                await send(message)
+        await self.app(scope, limited_receive, guard.guarded_send)
 
-        await self.app(scope, limited_receive, guarded_send)
+
+class BodyTimeout:
+    """408 for a body that is not complete ``timeout_s`` after the request began: an upload that
+    stalls (or trickles) would otherwise hold its connection and buffers for as long as the client
+    likes. uvicorn has no body timeout of its own (its keep-alive timeout runs between requests)."""
+
+    def __init__(self, app: ASGIApp, timeout_s: float) -> None:
+        self.app = app
+        self.timeout_s = timeout_s
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] != "http":
+            await self.app(scope, receive, send)
+            return
+        guard = _ReceiveGuard(scope, receive, send)
+        deadline = asyncio.get_running_loop().time() + self.timeout_s
+        body_done = False
+
+        async def timed_receive() -> Message:
+            nonlocal body_done
+            if guard.responded:
+                return {"type": "http.disconnect"}
+            if body_done:  # after the body: waiting for a disconnect is not bounded here
+                return await receive()
+            try:
+                async with asyncio.timeout_at(deadline):
+                    message = await receive()
+            except TimeoutError:
+                detail = f"request body not received within {self.timeout_s:g} s"
+                return await guard.answer(error_response(408, detail, CLOSE))
+            body_done = message["type"] != "http.request" or not message.get("more_body", False)
+            return message
+
+        await self.app(scope, timed_receive, guard.guarded_send)
+
+
+class ApiKeyGate:
+    """The key check of the routes that need one, before their body is read: an anonymous
+    request then costs no upload and no JSON parse on the event loop, and a malformed body from
+    someone without the key gets 401, not a validation error. The routes keep their dependency
+    too (OpenAPI documents it, and it guards a route this gate would miss)."""
+
+    def __init__(
+        self, app: ASGIApp, routes: list[BaseRoute], check: Callable[[Scope], Awaitable[None]]
+    ) -> None:
+        self.app = app
+        self.routes = routes  # those that need the key, with their full paths
+        self.check = check
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] == "http":
+            route = next((r for r in self.routes if r.matches(scope)[0] is Match.FULL), None)
+            if route is not None:
+                try:
+                    await self.check(scope)
+                except HTTPException as exc:
+                    scope[ROUTE_KEY] = getattr(route, "path", None)
+                    await error_response(exc.status_code, exc.detail, exc.headers)(scope, receive, send)
+                    return
+        await self.app(scope, receive, send)
 
 
 class QueueFullGate:
     """``POST /predict`` is refused with 503 + Retry-After before its body is read while the
     inference queue has no room for even one image. Otherwise, under overload, every refusal first
-    pays for its upload and multipart parse on the event loop, which the admitted requests need
-    (``--tune`` on 2 cores at 64 clients: refusals in 0.3 ms instead of 5 ms at the median, and
-    52 % more images served). A request let through can still be refused by ``admit``."""
+    pays for its upload and multipart parse on the event loop, which the admitted requests need.
+    A request let through can still be refused by ``admit``."""
 
     def __init__(self, app: ASGIApp, inference: InferenceQueue, path: str = "/predict") -> None:
         self.app = app
@@ -92,7 +161,7 @@ class QueueFullGate:
                 scope[ROUTE_KEY] = self.path
                 # Keep-alive: the server reads and discards the unread body, the client retries
                 # on the same connection.
-                await _send_json(send, 503, str(exc), [(b"retry-after", b"1")])
+                await error_response(503, str(exc), {"Retry-After": "1"})(scope, receive, send)
                 return
         await self.app(scope, receive, send)
 

@@ -1,10 +1,13 @@
 """The API key that guards the endpoints which change the server (training, model switching)."""
 
 import secrets
+from collections.abc import Awaitable, Callable
 from typing import Annotated
 
-from fastapi import Depends, HTTPException, status
+from fastapi import Depends, HTTPException, Request, status
 from fastapi.security import HTTPAuthorizationCredentials, HTTPBearer
+from starlette.routing import BaseRoute
+from starlette.types import Scope
 
 from service.core.config import Settings
 from service.deps import get_settings
@@ -33,6 +36,28 @@ async def require_api_key(
             "missing or wrong API key (Authorization: Bearer <key>)",
             headers={"WWW-Authenticate": "Bearer"},
         )
+
+
+def needs_key(route: BaseRoute) -> bool:
+    """Whether ``route`` depends on ``require_api_key`` (directly or through its dependencies)."""
+    stack = [getattr(route, "dependant", None)]
+    while stack:
+        if (dependant := stack.pop()) is None:
+            continue
+        if dependant.call is require_api_key:
+            return True
+        stack.extend(dependant.dependencies)
+    return False
+
+
+def scope_checker(settings: Settings) -> Callable[[Scope], Awaitable[None]]:
+    """The dependency above on a raw ASGI scope, for ``ApiKeyGate``: a ``Request`` made from the
+    scope reads the headers only, never the body."""
+
+    async def check(scope: Scope) -> None:
+        await require_api_key(settings, await bearer(Request(scope)))
+
+    return check
 
 
 ApiKey = Depends(require_api_key)

@@ -3,36 +3,24 @@ import asyncio
 from fastapi import APIRouter, HTTPException, status
 
 from alexnet_core.session import OnnxClassifier
+from service.core.config import Settings
 from service.core.security import ApiKey
 from service.deps import ClassifierDep, RegistryDep, SettingsDep
-from service.model_registry import ModelNotFound
+from service.model_registry import ModelNotFound, ModelRegistry
 from service.schemas import ActivateRequest, ErrorResponse, ModelInfo, ValidationErrorResponse
 
 router = APIRouter(prefix="/model", tags=["model"])
 
 
-def model_info(classifier: OnnxClassifier, requested: list[str], versions: list[str]) -> ModelInfo:
-    meta = classifier.metadata
+def model_info(classifier: OnnxClassifier, registry: ModelRegistry, settings: Settings) -> ModelInfo:
     return ModelInfo(
-        version=meta.version,
-        layout=meta.layout,
-        num_classes=meta.num_classes,
-        labels_sample=meta.labels[:10],
-        source=meta.source,
-        source_sha256=meta.source_sha256,
-        trained=meta.trained,
+        **classifier.metadata.model_dump(),
         sha256=classifier.sha256,
         file=classifier.path.name,
-        input_size=meta.input_size,
-        resize_size=meta.resize_size,
-        mean=meta.mean,
-        std=meta.std,
-        exported_at=meta.exported_at,
-        validation_top1=meta.validation_top1,
-        validation_top5=meta.validation_top5,
-        providers_requested=requested,
+        integrity="verified" if registry.is_verified(classifier.path) else "unverified",
+        providers_requested=settings.providers,
         providers=classifier.providers,
-        available_versions=versions,
+        available_versions=[p.stem for p in registry.available()],
     )
 
 
@@ -40,8 +28,8 @@ def model_info(classifier: OnnxClassifier, requested: list[str], versions: list[
     "", response_model=ModelInfo, responses={503: {"model": ErrorResponse}}, summary="The model in service"
 )
 async def get_model(classifier: ClassifierDep, registry: RegistryDep, settings: SettingsDep) -> ModelInfo:
-    versions = [p.stem for p in registry.available()]
-    return model_info(classifier, settings.providers, versions)
+    # Listing reads each file's metadata header (cached per file version): off the event loop.
+    return await asyncio.to_thread(model_info, classifier, registry, settings)
 
 
 @router.post(
@@ -66,6 +54,7 @@ async def activate(body: ActivateRequest, registry: RegistryDep, settings: Setti
         raise HTTPException(status.HTTP_404_NOT_FOUND, str(exc)) from None
     except Exception as exc:
         raise HTTPException(
-            status.HTTP_422_UNPROCESSABLE_CONTENT, f"model {body.version!r} cannot be loaded: {exc}"
+            status.HTTP_422_UNPROCESSABLE_CONTENT,
+            f"model {body.version!r} cannot be loaded: {registry.public(exc)}",
         ) from None
-    return model_info(classifier, settings.providers, [p.stem for p in registry.available()])
+    return await asyncio.to_thread(model_info, classifier, registry, settings)

@@ -3,15 +3,16 @@ import functools
 from typing import Annotated
 
 import numpy as np
-from fastapi import APIRouter, File, HTTPException, Query, UploadFile, status
+from fastapi import APIRouter, Depends, File, HTTPException, Query, UploadFile, status
 from pydantic import BeforeValidator
 
 from alexnet_core.images import ImageInputError
 from alexnet_core.pipeline import Preprocessed, top_k
-from service.deps import ClassifierDep, MetricsDep, PoolDep, QueueDep, SettingsDep
+from service.deps import ClassifierDep, MetricsDep, PoolDep, QueueDep, SettingsDep, single_file_part
 from service.schemas import (
     ErrorResponse,
     ImagePrediction,
+    ImageUpload,
     Prediction,
     PredictResponse,
     Timings,
@@ -49,6 +50,7 @@ def top_k_predictions(
     "/predict",
     response_model=PredictResponse,
     responses=ERRORS,
+    dependencies=[Depends(single_file_part)],
     summary="Top-k classes of one or more images (the paper's ten-crop average)",
 )
 async def predict(
@@ -57,9 +59,9 @@ async def predict(
     inference: QueueDep,
     pool: PoolDep,
     metrics: MetricsDep,
-    file: Annotated[UploadFile | None, File(description="one image")] = None,
+    file: Annotated[ImageUpload | None, File(description="one image")] = None,
     files: Annotated[
-        Annotated[list[UploadFile], BeforeValidator(_no_empty_parts)] | None,
+        Annotated[list[ImageUpload], BeforeValidator(_no_empty_parts)] | None,
         # default []: Swagger UI starts with no item (else it sends its "string" placeholder)
         File(description="several images", json_schema_extra={"default": []}),
     ] = None,

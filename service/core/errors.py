@@ -1,0 +1,70 @@
+"""Exception handlers: every error is JSON with a readable ``detail`` (FastAPI's documented
+``app.exception_handler`` hook, one per kind of error)."""
+
+import logging
+
+from fastapi import FastAPI, Request
+from fastapi.exceptions import RequestValidationError
+from fastapi.responses import JSONResponse
+from starlette.exceptions import HTTPException
+from starlette.routing import Match
+
+from alexnet_core.images import ImageInputError
+from service.inference import Overloaded
+from service.training_jobs import JobError
+
+log = logging.getLogger("service")
+HTTP_METHODS = ("GET", "HEAD", "POST", "PUT", "PATCH", "DELETE", "OPTIONS")
+
+
+def error(status: int, detail: str, headers: dict[str, str] | None = None) -> JSONResponse:
+    return JSONResponse({"detail": detail}, status_code=status, headers=headers)
+
+
+async def _validation_error(request: Request, exc: RequestValidationError) -> JSONResponse:
+    # One sentence in `detail`, the structured list beside it; a problem with the body as a whole
+    # (missing, not an object) has no field name: say "body".
+    errors = [{"loc": e["loc"], "msg": e["msg"], "type": e["type"]} for e in exc.errors()]
+    where = [".".join(str(p) for p in e["loc"] if p != "body") or "body" for e in errors]
+    problems = "; ".join(f"{w}: {e['msg']}" for w, e in zip(where, errors, strict=True))
+    return JSONResponse({"detail": f"invalid request: {problems}", "errors": errors}, status_code=422)
+
+
+def _allowed_methods(request: Request) -> list[str]:
+    return [
+        m
+        for m in HTTP_METHODS
+        if any(r.matches({**request.scope, "method": m})[0] is Match.FULL for r in request.app.routes)
+    ]
+
+
+async def _http_error(request: Request, exc: HTTPException) -> JSONResponse:
+    headers = exc.headers
+    if exc.status_code == 405 and headers and "Allow" in headers and (allowed := _allowed_methods(request)):
+        # Starlette's router names the methods of the first route with this path only, and has no
+        # option to merge them; GET and POST /train are two routes (two handlers, two schemas),
+        # and a 405 must list every method of the resource (RFC 9110, 15.5.6). No route matching
+        # in full: StaticFiles' own 405, whose header is right.
+        headers = {**headers, "Allow": ", ".join(allowed)}
+    return error(exc.status_code, str(exc.detail), headers)
+
+
+async def _unexpected(request: Request, exc: Exception) -> JSONResponse:
+    log.exception("unhandled error on %s %s", request.method, request.url.path)
+    return error(500, f"internal error: {type(exc).__name__}")
+
+
+def install(app: FastAPI) -> None:
+    async def domain_error(request: Request, exc: ImageInputError | JobError) -> JSONResponse:
+        return error(exc.status_code, exc.detail)
+
+    async def overloaded(request: Request, exc: Overloaded) -> JSONResponse:
+        return error(503, str(exc), {"Retry-After": "1"})
+
+    app.add_exception_handler(ImageInputError, domain_error)  # type: ignore[arg-type]
+    app.add_exception_handler(JobError, domain_error)  # type: ignore[arg-type]
+    app.add_exception_handler(Overloaded, overloaded)  # type: ignore[arg-type]
+    app.add_exception_handler(RequestValidationError, _validation_error)  # type: ignore[arg-type]
+    # Starlette's own (404 no route, 405 wrong method) as well as FastAPI's subclass.
+    app.add_exception_handler(HTTPException, _http_error)  # type: ignore[arg-type]
+    app.add_exception_handler(Exception, _unexpected)
