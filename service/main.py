@@ -26,6 +26,7 @@ from service.core.middleware import BodySizeLimit, QueueFullGate, RequestMetrics
 from service.inference import InferenceQueue, Overloaded
 from service.model_registry import ModelRegistry
 from service.routers import health, models, predict, train
+from service.routers import v2 as open_inference
 from service.training_jobs import JobError, TrainingManager
 
 log = logging.getLogger("service")
@@ -111,6 +112,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     app.include_router(models.router)
     app.include_router(train.router)
     app.include_router(health.router)
+    app.include_router(open_inference.router)
 
     app.mount("/static/swagger-ui", StaticFiles(directory=str(swagger_ui_path)), name="swagger-ui")
 

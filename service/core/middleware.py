@@ -14,9 +14,13 @@ ROUTE_KEY = "alexnet.route"
 
 
 async def _send_json(
-    send: Send, status: int, detail: str, headers: list[tuple[bytes, bytes]] | None = None
+    send: Send,
+    status: int,
+    detail: str,
+    headers: list[tuple[bytes, bytes]] | None = None,
+    key: str = "detail",
 ) -> None:
-    body = json.dumps({"detail": detail}).encode()
+    body = json.dumps({key: detail}).encode()
     headers = [
         (b"content-type", b"application/json"),
         (b"content-length", str(len(body)).encode()),
@@ -44,9 +48,11 @@ class BodySizeLimit:
             return
         limit = self.max_bytes
         too_large = f"request body over the upload limit of {limit} bytes ({limit / 2**20:.1f} MiB)"
+        # The Open Inference Protocol's error shape on its routes (tritonclient reads `error`).
+        key = "error" if scope["path"].startswith("/v2/") else "detail"
         length = dict(scope["headers"]).get(b"content-length")
         if length is not None and length.isdigit() and int(length) > limit:
-            await _send_json(send, 413, too_large, CLOSE)
+            await _send_json(send, 413, too_large, CLOSE, key)
             return
         received = 0
         responded = False
@@ -60,7 +66,7 @@ class BodySizeLimit:
                 received += len(message.get("body", b""))
                 if received > limit:
                     # Answer now; the app sees a disconnected client and stops reading.
-                    await _send_json(send, 413, too_large, CLOSE)
+                    await _send_json(send, 413, too_large, CLOSE, key)
                     responded = True
                     return {"type": "http.disconnect"}
             return message
