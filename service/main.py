@@ -24,7 +24,7 @@ from service.core.config import Settings, get_settings
 from service.core.metrics import Metrics
 from service.core.middleware import BodySizeLimit, QueueFullGate, RequestMetrics
 from service.inference import InferenceQueue, Overloaded
-from service.model_registry import ModelRegistry
+from service.model_registry import ModelRegistry, PointerWatcher
 from service.routers import health, models, predict, train
 from service.routers import v2 as open_inference
 from service.training_jobs import JobError, TrainingManager
@@ -76,11 +76,14 @@ def create_app(settings: Settings | None = None) -> FastAPI:
         pool = ThreadPoolExecutor(settings.preprocess_threads, thread_name_prefix="preprocess")
         app.state.preprocess_pool = pool
         await asyncio.to_thread(registry.load_at_startup)
+        watcher = PointerWatcher(registry)  # replicas sharing the weights volume follow activations
+        watcher.start()
         app.state.training = TrainingManager(settings.weights_dir, settings.data_root, registry)
         inference.start()
         try:
             yield
         finally:
+            watcher.stop()
             await app.state.training.shutdown()
             inference.stop()
             pool.shutdown(wait=True, cancel_futures=True)

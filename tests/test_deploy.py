@@ -1,6 +1,8 @@
 """Deployment files: docker-compose.yml (+ the CPU override) validated and resolved by a real
 Docker Compose v2, kept in step with the service's settings; the Dockerfile's structure, its
-health check run against a real server, and hadolint. Nothing here needs a Docker engine."""
+health check run against a real server, and hadolint. Nothing here needs a Docker engine, except
+test_deployment_end_to_end (ALEXNET_DEPLOY_TEST=1): deploy/ci.py builds the image and runs the
+compose stack for real."""
 
 import importlib.util
 import json
@@ -395,3 +397,24 @@ def test_dockerignore_keeps_models_and_secrets_out() -> None:
         if keyword == "COPY" and "--from" not in args:
             copied.update(shlex.split(args)[:-1])
     assert copied and not copied & patterns, copied & patterns
+
+
+# ------------------------------------------------------------------------------ real deployment
+
+
+@pytest.mark.skipif(
+    os.environ.get("ALEXNET_DEPLOY_TEST") != "1",
+    reason="the real deployment (root; installs Docker, builds the image, runs the compose stack; "
+    "about 15 minutes): set ALEXNET_DEPLOY_TEST=1, as .ci/run does",
+)
+def test_deployment_end_to_end(tmp_path: Path) -> None:
+    """deploy/ci.py: build, compose up, /predict, /train in the container, restart, down -v."""
+    summary_file = tmp_path / "summary.json"
+    out = subprocess.run(
+        [sys.executable, str(ROOT / "deploy" / "ci.py"), "--summary", str(summary_file)],
+        cwd=ROOT,
+        timeout=3600,
+    )
+    summary = json.loads(summary_file.read_text())
+    assert out.returncode == 0 and summary["ok"], summary
+    assert summary["left_running"] == [] and summary["image_bytes"] > 0
