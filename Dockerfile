@@ -30,7 +30,6 @@ ARG EXTRA_CA_CERTS=""
 
 # ---------------------------------------------------------------------------------------------
 FROM ${CUDA_IMAGE} AS builder
-ARG TORCH_INDEX_URL=https://download.pytorch.org/whl/cpu
 ARG EXTRA_CA_CERTS
 # PIP_CERT: pip would otherwise trust only its own bundled CA list, never the extra certificates.
 ENV DEBIAN_FRONTEND=noninteractive \
@@ -61,6 +60,9 @@ COPY constraints.txt ./
 # constraints.txt pins the version (torch==2.13.0 also matches the index's 2.13.0+cpu build).
 # --no-deps: the index needs to hold torch only (a local one made from a single wheel works); its
 # dependencies come from PyPI with the project's in the next step.
+# The argument declared here, not at the top: a build argument is part of the cache key of every
+# RUN after it, so another index URL (a local index on a new port) rebuilds only from this step.
+ARG TORCH_INDEX_URL=https://download.pytorch.org/whl/cpu
 RUN pip install --no-deps --index-url "${TORCH_INDEX_URL}" -c constraints.txt torch
 
 COPY pyproject.toml README.md ./

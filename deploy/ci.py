@@ -37,6 +37,7 @@ from deploy.tools import (  # noqa: E402
     compose_command,
     extra_ca_certificates,
     free_port,
+    port_pair,
     run,
     torch_index,
 )
@@ -120,28 +121,23 @@ class Stack:
         self.port = free_port()
         self.key = secrets.token_urlsafe(24)
         self.env_file = work / ".env"
+        low = port_pair()
         self.env_file.write_text(
             f"ALEXNET_API_KEY={self.key}\nDEPLOY_IMAGE={IMAGE}\nDEPLOY_EXPORT_SOURCE=random\n"
-            f"DEPLOY_PORT={self.port}\n"
+            f"DEPLOY_PORT={self.port}\nDEPLOY_PORT_RANGE={low}-{low + 1}\n"
         )
-        self.command = [
-            *compose,
-            "--project-name",
-            PROJECT,
-            "--project-directory",
-            str(ROOT),
-            "--env-file",
-            str(self.env_file),
-            "-f",
-            str(ROOT / "docker-compose.yml"),
-            "-f",
-            str(ROOT / "docker-compose.cpu.yml"),
-        ]
+        self.base = [*compose, "--project-name", PROJECT, "--project-directory", str(ROOT)]
+        self.base += ["--env-file", str(self.env_file)]
+        self.files = [ROOT / "docker-compose.yml", ROOT / "docker-compose.cpu.yml"]
         # Only the .env decides: no ALEXNET_/DEPLOY_/COMPOSE_ variable of the caller leaks in.
         prefixes = ("ALEXNET_", "DEPLOY_", "COMPOSE_")
         self.env = {k: v for k, v in os.environ.items() if not k.startswith(prefixes)}
         self.url = f"http://127.0.0.1:{self.port}"
         self.auth = {"Authorization": f"Bearer {self.key}"}
+
+    @property
+    def command(self) -> list[str]:
+        return self.base + [arg for f in self.files for arg in ("-f", str(f))]
 
     def compose(self, *args: str, **kwargs: Any) -> subprocess.CompletedProcess[str]:
         return run([*self.command, *args], env=self.env, **kwargs)
@@ -150,14 +146,15 @@ class Stack:
         self.compose("up", "-d", "--no-build", "--pull", "never")
         self.wait_ready()
 
-    def wait_ready(self, attempts: int = 300) -> None:
+    def wait_ready(self, url: str | None = None, attempts: int = 300) -> None:
         """Polls /ready once a second (the export job and the API start in between)."""
+        url = url or self.url
         for _ in range(attempts):
             with suppress(httpx.HTTPError):
-                if httpx.get(f"{self.url}/ready", timeout=5).status_code == 200:
+                if httpx.get(f"{url}/ready", timeout=5).status_code == 200:
                     return
             time.sleep(1)
-        raise RuntimeError(f"{self.url}/ready never answered 200")
+        raise RuntimeError(f"{url}/ready never answered 200")
 
     def copy_into_data(self, folder: Path) -> None:
         """A dataset into the data volume, owned by the image's user (tar through `exec`)."""
@@ -217,6 +214,36 @@ def after_restart(stack: Stack, client: httpx.Client, job: dict[str, Any]) -> No
     check(job["id"] in jobs and jobs[job["id"]]["state"] == "succeeded", f"job history lost: {jobs}")
 
 
+def replica_urls(stack: Stack, count: int) -> list[str]:
+    urls = []
+    for index in range(1, count + 1):
+        out = stack.compose("port", "--index", str(index), "api", "8000", quiet=True).stdout.strip()
+        urls.append(f"http://127.0.0.1:{out.rsplit(':', 1)[1]}")
+    return urls
+
+
+def check_replicas(stack: Stack, job: dict[str, Any]) -> float:
+    """docker-compose.replicas.yml with two API replicas: a model activated on the first is served
+    by the second (which polls the shared ACTIVE file). Returns the seconds that took."""
+    stack.files.append(ROOT / "docker-compose.replicas.yml")
+    stack.compose("up", "-d", "--no-build", "--pull", "never", "--scale", "api=2")
+    first, second = replica_urls(stack, 2)
+    for url in (first, second):
+        stack.wait_ready(url)
+    versions = httpx.get(f"{first}/model", timeout=60).json()["available_versions"]
+    other = next(v for v in versions if v != job["model_version"])
+    activated = httpx.post(
+        f"{first}/model/activate", json={"version": other}, headers=stack.auth, timeout=120
+    )
+    check(activated.status_code == 200, f"activate on replica 1: {activated.text}")
+    started = time.monotonic()
+    for _ in range(120):  # polled once a second
+        if httpx.get(f"{second}/model", timeout=60).json()["version"] == other:
+            return round(time.monotonic() - started, 1)
+        time.sleep(1)
+    raise AssertionError(f"replica 2 never served {other}, activated on replica 1")
+
+
 def leftovers() -> list[str]:
     label = f"label=com.docker.compose.project={PROJECT}"
     found = []
@@ -241,7 +268,7 @@ def deploy(work: Path, steps: Steps, summary: dict[str, Any]) -> None:
         summary["compose"] = run([*compose, "version", "--short"], quiet=True).stdout.strip()
         stack = Stack(work, compose)
         try:
-            stack_checks(stack, steps, work)
+            stack_checks(stack, steps, work, summary)
         except BaseException:
             stack.compose("logs", "--no-color", "--tail", "200", check=False)
             raise
@@ -256,7 +283,7 @@ def deploy(work: Path, steps: Steps, summary: dict[str, Any]) -> None:
             summary["daemon_started_here"] = daemon.stop()
 
 
-def stack_checks(stack: Stack, steps: Steps, work: Path) -> None:
+def stack_checks(stack: Stack, steps: Steps, work: Path, summary: dict[str, Any]) -> None:
     with httpx.Client(base_url=stack.url, timeout=120) as client:
         with steps("compose up (export job, API ready)"):
             stack.up()
@@ -269,6 +296,8 @@ def stack_checks(stack: Stack, steps: Steps, work: Path) -> None:
             stack.up()
         with steps("trained model and job history kept"):
             after_restart(stack, client, job)
+        with steps("two replicas agree"):
+            summary["replica_followed_s"] = check_replicas(stack, job)
 
 
 def main(argv: list[str] | None = None) -> int:

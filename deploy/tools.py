@@ -56,6 +56,30 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
+def stable_port(preferred: int) -> int:
+    """``preferred`` if free, else any free port. The index URL is a build argument, part of the
+    build cache's key: the same URL on every run keeps the cached layers."""
+    with socket.socket() as s:
+        try:
+            s.bind(("127.0.0.1", preferred))
+        except OSError:
+            return free_port()
+    return preferred
+
+
+def port_pair() -> int:
+    """The lower of two consecutive free loopback ports (a port range for two replicas)."""
+    for _ in range(100):
+        low = free_port()
+        with socket.socket() as s:
+            try:
+                s.bind(("127.0.0.1", low + 1))
+            except OSError:
+                continue
+        return low
+    raise RuntimeError("no two consecutive free ports")
+
+
 def apt_install(packages: list[str]) -> None:
     env = {**os.environ, "DEBIAN_FRONTEND": "noninteractive"}
     run(["apt-get", "update", "-qq"], env=env)
@@ -185,7 +209,7 @@ def torch_index(root: Path) -> tuple[str, subprocess.Popen[bytes]]:
     page = "<!DOCTYPE html><html><body>\n" + "\n".join(links) + "\n</body></html>\n"
     (folder / "index.html").write_text(page)
     print("torch wheels:", [w.name for w in wheels])
-    port = free_port()
+    port = stable_port(int(os.environ.get("DEPLOY_INDEX_PORT", "38517")))
     server = subprocess.Popen(
         [sys.executable, "-m", "http.server", "--bind", "127.0.0.1", "--directory", str(root), str(port)],
         stdout=subprocess.DEVNULL,

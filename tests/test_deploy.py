@@ -223,6 +223,21 @@ def test_compose_takes_values_from_env_file(compose: list[str], tmp_path: Path) 
         assert (weights["type"], Path(weights["source"])) == ("bind", ROOT / "my-weights")
 
 
+def test_compose_replicas_override(compose: list[str], tmp_path: Path) -> None:
+    """docker-compose.replicas.yml: one host port per replica from a range (a fixed port would
+    let only one replica start), the shared weights volume unchanged."""
+    replicas = ROOT / "docker-compose.replicas.yml"
+    config = resolved(compose, [COMPOSE, COMPOSE_CPU, replicas])
+    (port,) = config["services"]["api"]["ports"]
+    assert (str(port["published"]), port["target"]) == ("8000-8003", 8000)
+    env_file = tmp_path / ".env"
+    env_file.write_text("DEPLOY_PORT_RANGE=9100-9109\n")
+    (port,) = resolved(compose, [COMPOSE, replicas], env_file=env_file)["services"]["api"]["ports"]
+    assert str(port["published"]) == "9100-9109"
+    volumes = {v["target"]: v["source"] for v in config["services"]["api"]["volumes"]}
+    assert volumes["/weights"] == "weights"
+
+
 def test_env_example_names_only_real_settings() -> None:
     """Every ALEXNET_* in .env.example (commented or not) is a setting, and every setting that
     .env may change is documented there."""
