@@ -13,6 +13,7 @@ and the job history, and `down -v`. Prints a JSON summary with the time of every
 """
 
 import argparse
+import base64
 import io
 import json
 import os
@@ -185,6 +186,22 @@ def check_serving(stack: Stack, client: httpx.Client) -> dict[str, Any]:
     body = answer.json()
     check(len(body["results"][0]["predictions"]) == 5, f"/predict: {body}")
     check(body["model_version"] == model["version"], f"/predict served {body['model_version']}")
+    # The Open Inference Protocol on the same port: the photo as base64 BYTES, top-1 label.
+    image = {
+        "name": "image_bytes",
+        "datatype": "BYTES",
+        "shape": [1],
+        "data": [base64.b64encode(photo_jpeg()).decode()],
+    }
+    request = {
+        "inputs": [{**image, "parameters": {"content_type": "base64"}}],
+        "outputs": [{"name": "probabilities", "parameters": {"classification": 1}}],
+    }
+    v2 = client.post("/v2/models/alexnet/infer", json=request)
+    check(v2.status_code == 200, f"/v2 infer: {v2.status_code} {v2.text}")
+    (label,) = v2.json()["outputs"][0]["data"]
+    top = body["results"][0]["predictions"][0]
+    check(label.split(":", 2)[1:] == [str(top["index"]), top["label"]], f"/v2 {label} but /predict {top}")
     return model
 
 
