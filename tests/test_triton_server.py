@@ -27,6 +27,8 @@ import numpy as np
 import onnxruntime as ort
 import pytest
 
+from alexnet_core.images import decode
+from alexnet_core.pipeline import center_square
 from alexnet_core.session import OnnxClassifier
 from model_export.triton import write_triton_repository
 from tests.conftest import cpu_settings, free_port, serve
@@ -130,11 +132,16 @@ def triton(
 
 
 def model_input(metadata: dict[str, Any], classifier: OnnxClassifier, image: bytes) -> np.ndarray:
-    """One image as the model's input tensor, by what the server's metadata declares."""
+    """One image as the model's input tensor, by what the server's metadata declares: ten
+    normalised crops (FP32), or the central square (UINT8, a model of the square kind)."""
     (tensor,) = [i for i in metadata["inputs"] if i["datatype"] != "BYTES"]
-    crops = classifier.metadata.preprocess(image, max_pixels=10**8).crops
-    assert tensor["datatype"] == "FP32" and tensor["shape"][1:] == list(crops.shape[1:]), tensor
-    return crops
+    meta = classifier.metadata
+    if tensor["datatype"] == "UINT8":
+        array = center_square(decode(image, meta.resize_size, 10**8), meta.resize_size)[None]
+    else:
+        array = meta.preprocess(image, max_pixels=10**8).crops
+    assert tensor["shape"][1:] == list(array.shape[1:]), tensor
+    return array
 
 
 def top_classes(client: Any, image_input: np.ndarray, k: int) -> tuple[str, np.ndarray, list[list[str]]]:
@@ -153,15 +160,20 @@ def top_classes(client: Any, image_input: np.ndarray, k: int) -> tuple[str, np.n
 
 
 def test_config_as_triton_parsed_it(triton: tuple[str, OnnxClassifier, Path]) -> None:
-    url, classifier, _ = triton
+    """What Triton read (its model-configuration endpoint) is what the export wrote."""
+    url, classifier, repo = triton
     client = httpclient.InferenceServerClient(url)
     config = client.get_model_config("alexnet")
-    assert config["backend"] == "python" and config["max_batch_size"] == 64
-    assert config["dynamic_batching"]["preferred_batch_size"] == [30, 60]
+    written = (repo / "alexnet" / "config.pbtxt").read_text()
+    assert config["backend"] == "python"
+    assert f"max_batch_size: {config['max_batch_size']}\n" in written
+    preferred = ", ".join(map(str, config["dynamic_batching"]["preferred_batch_size"]))
+    assert f"preferred_batch_size: [ {preferred} ]" in written
     assert [(g["kind"], g["count"]) for g in config["instance_group"]] == [("KIND_CPU", 1)]
     assert config["output"][0]["label_filename"] == "labels.txt"
     assert config["parameters"]["alexnet_version"]["string_value"] == classifier.version
-    assert config["input"][0]["dims"] == [3, 224, 224]
+    (tensor,) = client.get_model_metadata("alexnet")["inputs"]
+    assert [str(d) for d in config["input"][0]["dims"]] == [str(d) for d in tensor["shape"][1:]]
 
 
 def test_outputs_and_labels_match_onnx_runtime(triton: tuple[str, OnnxClassifier, Path]) -> None:
@@ -186,9 +198,11 @@ def test_dynamic_batching(triton: tuple[str, OnnxClassifier, Path]) -> None:
     """Concurrent requests run in fewer executions than requests (Triton's statistics)."""
     url, classifier, _ = triton
     client = httpclient.InferenceServerClient(url, concurrency=8)
-    crops = model_input(client.get_model_metadata("alexnet"), classifier, photo_jpeg())
-    request = httpclient.InferInput("images", list(crops.shape), "FP32")
-    request.set_data_from_numpy(crops)
+    metadata = client.get_model_metadata("alexnet")
+    array = model_input(metadata, classifier, photo_jpeg())
+    (tensor,), output = metadata["inputs"], metadata["outputs"][0]
+    request = httpclient.InferInput(tensor["name"], list(array.shape), tensor["datatype"])
+    request.set_data_from_numpy(array)
 
     def counts() -> tuple[int, int]:
         stats = client.get_inference_statistics("alexnet")["model_stats"][0]
@@ -196,9 +210,10 @@ def test_dynamic_batching(triton: tuple[str, OnnxClassifier, Path]) -> None:
 
     before = counts()
     pending = [client.async_infer("alexnet", [request]) for _ in range(8)]
-    assert all(p.get_result().as_numpy("logits").shape == (10, 1000) for p in pending)
+    shape = (len(array), output["shape"][-1])
+    assert all(p.get_result().as_numpy(output["name"]).shape == shape for p in pending)
     after = counts()
-    assert after[0] - before[0] == 80  # inference_count counts batch rows
+    assert after[0] - before[0] == 8 * len(array)  # inference_count counts batch rows
     assert after[1] - before[1] < 8, f"no request was batched with another: {before} -> {after}"
 
 
