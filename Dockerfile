@@ -1,9 +1,19 @@
-# syntax=docker/dockerfile:1
 # alexnet-serve: the REST service (ONNX Runtime, CUDA provider with CPU fallback) and the export /
 # training stage (alexnet-export, alexnet-train) in one image.
 #
 #   docker build -t alexnet-serve .
 #   docker build -t alexnet-serve:cuda-torch --build-arg TORCH_INDEX_URL=https://download.pytorch.org/whl/cu130 .
+#
+# Offline and behind proxies (no `# syntax=` line on purpose: it makes BuildKit fetch its frontend
+# from Docker Hub; without it BuildKit and the legacy builder both use their built-in parser):
+#   --build-arg CUDA_IMAGE=...        any base with apt and python3 >= 3.11 (e.g. one made with
+#                                     debootstrap + docker import; deploy/ci.sh shows how)
+#   --build-arg TORCH_INDEX_URL=...   a PEP 503 index holding the torch wheel (a local one works)
+#   --build-arg EXTRA_CA_CERTS="$(cat proxy-ca.pem)"   PEM certificates to trust (a TLS-intercepting
+#                                     proxy's CA): they go to /usr/local/share/ca-certificates/,
+#                                     so every update-ca-certificates run keeps them. CA
+#                                     certificates are public; a build argument is recorded in the
+#                                     image history, so never pass a private key this way.
 #
 # Base: NVIDIA's CUDA 13 + cuDNN 9 *runtime* image. onnxruntime-gpu 1.31 links against CUDA 13 and
 # cuDNN 9 system libraries; this image has exactly those on the loader path, with no compilers.
@@ -16,20 +26,31 @@
 # (seconds on a CPU) and CPU training; serving never imports it. For GPU training build with
 # TORCH_INDEX_URL=https://download.pytorch.org/whl/cu130 (a CUDA 13 build of the same version).
 ARG CUDA_IMAGE=nvidia/cuda:13.1.1-cudnn-runtime-ubuntu24.04
+ARG EXTRA_CA_CERTS=""
 
 # ---------------------------------------------------------------------------------------------
 FROM ${CUDA_IMAGE} AS builder
-ARG TORCH_INDEX_URL=https://download.pytorch.org/whl/cpu
+ARG EXTRA_CA_CERTS
+# PIP_CERT: pip would otherwise trust only its own bundled CA list, never the extra certificates.
 ENV DEBIAN_FRONTEND=noninteractive \
     PIP_NO_CACHE_DIR=1 \
     PIP_DISABLE_PIP_VERSION_CHECK=1 \
+    PIP_CERT=/etc/ssl/certs/ca-certificates.crt \
     PATH=/opt/venv/bin:$PATH
 
 # Unpinned apt packages (DL3008): the base image tag fixes the Ubuntu release, and the archive
 # drops old patch versions, so exact pins would only break later rebuilds.
+# The extra CA certificates first, one file each: installing ca-certificates rebuilds the bundle
+# from /usr/share/ca-certificates and /usr/local/share/ca-certificates only.
 # hadolint ignore=DL3008
-RUN apt-get update \
-    && apt-get install -y --no-install-recommends python3 python3-venv \
+RUN if [ -n "$EXTRA_CA_CERTS" ]; then \
+        mkdir -p /usr/local/share/ca-certificates \
+        && echo "$EXTRA_CA_CERTS" > /tmp/extra-ca.pem \
+        && awk '/BEGIN CERTIFICATE/ { n++ } n { print > ("/usr/local/share/ca-certificates/extra-" n ".crt") }' /tmp/extra-ca.pem \
+        && rm /tmp/extra-ca.pem; \
+    fi \
+    && apt-get update \
+    && apt-get install -y --no-install-recommends ca-certificates python3 python3-venv \
     && rm -rf /var/lib/apt/lists/* \
     && python3 -m venv /opt/venv
 
@@ -37,9 +58,15 @@ WORKDIR /src
 # torch first, in its own layer: the largest download, and it changes only with constraints.txt.
 COPY constraints.txt ./
 # constraints.txt pins the version (torch==2.13.0 also matches the index's 2.13.0+cpu build).
-RUN pip install --index-url "${TORCH_INDEX_URL}" -c constraints.txt torch
+# --no-deps: the index needs to hold torch only (a local one made from a single wheel works); its
+# dependencies come from PyPI with the project's in the next step.
+# The argument declared here, not at the top: a build argument is part of the cache key of every
+# RUN after it, so another index URL (a local index on a new port) rebuilds only from this step.
+ARG TORCH_INDEX_URL=https://download.pytorch.org/whl/cpu
+RUN pip install --no-deps --index-url "${TORCH_INDEX_URL}" -c constraints.txt torch
 
 COPY pyproject.toml README.md ./
+COPY alexnet_core ./alexnet_core
 COPY model_export ./model_export
 COPY service ./service
 # A regular (non-editable) install: the final stage gets /opt/venv only, not the sources.
@@ -54,9 +81,18 @@ LABEL org.opencontainers.image.title="alexnet-serve" \
 
 # Only the interpreter: no pip, venv module or compilers in the final image. A fixed UID/GID so
 # that bind-mounted weights/data directories can be chowned to it on the host (chown 10001).
+# ca-certificates (with the extra CA certificates, as in the builder): the export job downloads the
+# pretrained weights over HTTPS.
+ARG EXTRA_CA_CERTS
 # hadolint ignore=DL3008
-RUN apt-get update \
-    && apt-get install -y --no-install-recommends python3 \
+RUN if [ -n "$EXTRA_CA_CERTS" ]; then \
+        mkdir -p /usr/local/share/ca-certificates \
+        && echo "$EXTRA_CA_CERTS" > /tmp/extra-ca.pem \
+        && awk '/BEGIN CERTIFICATE/ { n++ } n { print > ("/usr/local/share/ca-certificates/extra-" n ".crt") }' /tmp/extra-ca.pem \
+        && rm /tmp/extra-ca.pem; \
+    fi \
+    && apt-get update \
+    && apt-get install -y --no-install-recommends ca-certificates python3 \
     && rm -rf /var/lib/apt/lists/* \
     && groupadd --system --gid 10001 app \
     && useradd --system --uid 10001 --gid app --create-home --home-dir /home/app --shell /usr/sbin/nologin app \

@@ -24,8 +24,9 @@ from service.core.metrics import Metrics
 from service.core.middleware import ApiKeyGate, BodySizeLimit, BodyTimeout, QueueFullGate, RequestMetrics
 from service.core.security import needs_key, scope_checker
 from service.inference import InferenceQueue
-from service.model_registry import ModelRegistry
+from service.model_registry import ModelRegistry, PointerWatcher
 from service.routers import health, models, predict, train
+from service.routers import v2 as open_inference
 from service.training_jobs import TrainingManager
 
 DESCRIPTION = """
@@ -58,11 +59,14 @@ def create_app(settings: Settings | None = None) -> FastAPI:
         pool = ThreadPoolExecutor(settings.preprocess_threads, thread_name_prefix="preprocess")
         app.state.preprocess_pool = pool
         await asyncio.to_thread(registry.load_at_startup)
+        watcher = PointerWatcher(registry)  # replicas sharing the weights volume follow activations
+        watcher.start()
         app.state.training = TrainingManager(settings.weights_dir, settings.data_root, registry)
         inference.start()
         try:
             yield
         finally:
+            watcher.stop()
             await app.state.training.shutdown()
             inference.stop()
             pool.shutdown(wait=True, cancel_futures=True)
@@ -80,7 +84,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     app.state.registry = registry
     app.state.inference = inference
 
-    routers = (predict.router, models.router, train.router, health.router)
+    routers = (predict.router, models.router, train.router, health.router, open_inference.router)
     for router in routers:
         app.include_router(router)
 

@@ -122,3 +122,61 @@ class ModelRegistry:
             pointer = self.weights_dir / ACTIVE_FILE
             if self.current is not None and not pointer.exists():
                 files.write_text(pointer, self.current.path.name)
+
+    def follow_pointer(self) -> OnnxClassifier | None:
+        """Serve the model the ACTIVE file names when another process sharing the weights
+        directory (a replica, or its training job) activated it. Never writes the file: a replica
+        that lags behind must not undo a later activation. None when it names the model served."""
+        with self._activation:
+            try:
+                name = (self.weights_dir / ACTIVE_FILE).read_text().strip()
+            except FileNotFoundError:
+                return None
+            current = self.current
+            if not name or (current is not None and current.path.name == name):
+                return None
+            classifier = self._load(self.find(name))
+            self.current = classifier
+            log.info("following the ACTIVE file: now serving %s", classifier.version)
+            return classifier
+
+
+class PointerWatcher:
+    """Replicas that agree: polls the ACTIVE file's status once a second (one stat call; works on
+    every filesystem a volume can be, including NFS, where inotify sees no other host's writes)
+    and, when it changed, swaps to the model it names through ``ModelRegistry.follow_pointer``,
+    which loads and warms the new model before the swap: no request fails meanwhile."""
+
+    def __init__(self, registry: ModelRegistry, interval_s: float = 1.0) -> None:
+        self.registry = registry
+        self.interval_s = interval_s
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._run, name="active-pointer", daemon=True)
+
+    def _stamp(self) -> tuple[int, int, int] | None:
+        try:
+            st = (self.registry.weights_dir / ACTIVE_FILE).stat()
+        except OSError:
+            return None
+        return st.st_ino, st.st_size, st.st_mtime_ns
+
+    def start(self) -> None:
+        # Changes from now on: a model chosen at start-up (ALEXNET_MODEL) is not overridden.
+        self._last = self._stamp()
+        self._thread.start()
+
+    def stop(self) -> None:
+        self._stop.set()
+        if self._thread.is_alive():
+            self._thread.join(timeout=30)
+
+    def _run(self) -> None:
+        while not self._stop.wait(self.interval_s):
+            stamp = self._stamp()
+            if stamp == self._last:
+                continue
+            self._last = stamp
+            try:
+                self.registry.follow_pointer()
+            except Exception as exc:  # a bad or missing model: keep serving, log, wait for the next change
+                log.error("cannot follow the ACTIVE file: %s", exc)

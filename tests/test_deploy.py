@@ -1,6 +1,8 @@
 """Deployment files: docker-compose.yml (+ the CPU override) validated and resolved by a real
 Docker Compose v2, kept in step with the service's settings; the Dockerfile's structure, its
-health check run against a real server, and hadolint. Nothing here needs a Docker engine."""
+health check run against a real server, and hadolint. Nothing here needs a Docker engine, except
+test_deployment_end_to_end (ALEXNET_DEPLOY_TEST=1): deploy/ci.py builds the image and runs the
+compose stack for real."""
 
 import importlib.util
 import json
@@ -221,6 +223,21 @@ def test_compose_takes_values_from_env_file(compose: list[str], tmp_path: Path) 
         assert (weights["type"], Path(weights["source"])) == ("bind", ROOT / "my-weights")
 
 
+def test_compose_replicas_override(compose: list[str], tmp_path: Path) -> None:
+    """docker-compose.replicas.yml: one host port per replica from a range (a fixed port would
+    let only one replica start), the shared weights volume unchanged."""
+    replicas = ROOT / "docker-compose.replicas.yml"
+    config = resolved(compose, [COMPOSE, COMPOSE_CPU, replicas])
+    (port,) = config["services"]["api"]["ports"]
+    assert (str(port["published"]), port["target"]) == ("8000-8003", 8000)
+    env_file = tmp_path / ".env"
+    env_file.write_text("DEPLOY_PORT_RANGE=9100-9109\n")
+    (port,) = resolved(compose, [COMPOSE, replicas], env_file=env_file)["services"]["api"]["ports"]
+    assert str(port["published"]) == "9100-9109"
+    volumes = {v["target"]: v["source"] for v in config["services"]["api"]["volumes"]}
+    assert volumes["/weights"] == "weights"
+
+
 def test_env_example_names_only_real_settings() -> None:
     """Every ALEXNET_* in .env.example (commented or not) is a setting, and every setting that
     .env may change is documented there."""
@@ -395,3 +412,24 @@ def test_dockerignore_keeps_models_and_secrets_out() -> None:
         if keyword == "COPY" and "--from" not in args:
             copied.update(shlex.split(args)[:-1])
     assert copied and not copied & patterns, copied & patterns
+
+
+# ------------------------------------------------------------------------------ real deployment
+
+
+@pytest.mark.skipif(
+    os.environ.get("ALEXNET_DEPLOY_TEST") != "1",
+    reason="the real deployment (root; installs Docker, builds the image, runs the compose stack; "
+    "about 15 minutes): set ALEXNET_DEPLOY_TEST=1, as .ci/run does",
+)
+def test_deployment_end_to_end(tmp_path: Path) -> None:
+    """deploy/ci.py: build, compose up, /predict, /train in the container, restart, down -v."""
+    summary_file = tmp_path / "summary.json"
+    out = subprocess.run(
+        [sys.executable, str(ROOT / "deploy" / "ci.py"), "--summary", str(summary_file)],
+        cwd=ROOT,
+        timeout=3600,
+    )
+    summary = json.loads(summary_file.read_text())
+    assert out.returncode == 0 and summary["ok"], summary
+    assert summary["left_running"] == [] and summary["image_bytes"] > 0

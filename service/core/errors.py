@@ -17,8 +17,10 @@ log = logging.getLogger("service")
 HTTP_METHODS = ("GET", "HEAD", "POST", "PUT", "PATCH", "DELETE", "OPTIONS")
 
 
-def error(status: int, detail: str, headers: dict[str, str] | None = None) -> JSONResponse:
-    return JSONResponse({"detail": detail}, status_code=status, headers=headers)
+def error(
+    status: int, detail: str, headers: dict[str, str] | None = None, key: str = "detail"
+) -> JSONResponse:
+    return JSONResponse({key: detail}, status_code=status, headers=headers)
 
 
 async def _validation_error(request: Request, exc: RequestValidationError) -> JSONResponse:

@@ -57,8 +57,10 @@ class BodySizeLimit:
             await self.app(scope, receive, send)
             return
         limit = self.max_bytes
+        # The Open Inference Protocol's error shape on its routes (tritonclient reads `error`).
+        key = "error" if scope["path"].startswith("/v2/") else "detail"
         too_large = error_response(
-            413, f"request body over the upload limit of {limit} bytes ({limit / 2**20:.1f} MiB)", CLOSE
+            413, f"request body over the upload limit of {limit} bytes ({limit / 2**20:.1f} MiB)", CLOSE, key
         )
         length = dict(scope["headers"]).get(b"content-length")
         if length is not None and length.isdigit() and int(length) > limit:
