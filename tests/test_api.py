@@ -389,20 +389,22 @@ def test_dynamic_batching_gathers_concurrent_requests_only(imagenet_model_dir: P
     import time
 
     data = photo_jpeg()
-    settings = cpu_settings(imagenet_model_dir, batching=batching, max_batch_delay_ms=5000)
+    # A minute of delay against a bound of 20 s: waiting out the delay cannot pass, and a loaded
+    # machine's slow inference cannot fail it.
+    settings = cpu_settings(imagenet_model_dir, batching=batching, max_batch_delay_ms=60_000)
     with serve(settings) as url:
 
         def predict() -> tuple[int, int, float]:
-            with httpx.Client(base_url=url, timeout=60) as c:
+            with httpx.Client(base_url=url, timeout=120) as c:
                 started = time.monotonic()
                 response = c.post("/predict", files={"file": ("a.jpg", data)})
                 timings = response.json()["results"][0]["timings"]
                 return response.status_code, timings["batch_images"], time.monotonic() - started
 
         status, batch, seconds = predict()
-        assert (status, batch) == (200, 1) and seconds < 2.5, seconds
+        assert (status, batch) == (200, 1) and seconds < 20, seconds
         with concurrent.futures.ThreadPoolExecutor(8) as pool:
             results = list(pool.map(lambda _: predict(), range(8)))
-    assert all(status == 200 and seconds < 2.5 for status, _, seconds in results), results
+    assert all(status == 200 and seconds < 20 for status, _, seconds in results), results
     batches = [batch for _, batch, _ in results]
     assert max(batches) > 1 if batching else set(batches) == {1}, batches
