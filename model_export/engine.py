@@ -80,7 +80,7 @@ def train_one_epoch(
     batches: Iterator = iter(loader)
     bar = tqdm(
         total=plan.steps,
-        desc=f"epoch {plan.epoch + 1}",
+        desc=f"epoch {plan.epoch + 1}/{plan.total_steps // plan.steps}",
         unit="step",
         leave=False,
         disable=not plan.progress_bar or not s.procs.main,
