@@ -167,6 +167,7 @@ def measure(
     for name, settings in TUNING.items() if args.tune else ():
         engine.recheck(f"tuning {name}", plan)
         report.tuning[name] = bench_e2e(model, providers, uploads, plan, settings, label=name)
+    report.raw_ort.rechecks = engine.checks  # taken before each server configuration
     report.meta["disturbed"] = report.disturbed()
     if report.meta["disturbed"]:
         log(f"warning: {len(report.meta['disturbed'])} measurements disturbed by other work")

@@ -103,7 +103,6 @@ class Engine:
             batches=rows,
             best_images_per_s=best.images_per_s,
             best_crops=best.crops,
-            rechecks=self.checks,  # filled as the run goes on
         )
 
     def recheck(self, label: str, plan: Plan) -> None:
