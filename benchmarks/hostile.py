@@ -43,6 +43,7 @@ from benchmarks.server import ServerProcess, env_name, export_random_model, mode
 MAX_PIXELS = 64_000_000  # the service's default
 ANY_REFUSAL = frozenset({200, 400, 401, 403, 408, 413, 415, 422, 429, 503})
 GAUGE = re.compile(r"budget|decod|upload|in_flight|queue|memory|connections", re.IGNORECASE)
+COUNTER = re.compile(r"_(total|bucket|sum|count|created)(\{|$)")
 
 
 # --------------------------------------------------------------------------- costly images
