@@ -136,6 +136,22 @@ def run(args: argparse.Namespace) -> Json:
     return summarise(load.outcomes, started, wall, samples, series, alive, health, server_log, args, warm_up)
 
 
+def minute_by_minute(outcomes: list[Outcome], started: float) -> list[Json]:
+    minutes: dict[int, list[Outcome]] = defaultdict(list)
+    for o in outcomes:
+        minutes[int((o.finished - started) // 60)].append(o)
+    return [
+        {
+            "minute": m + 1,
+            "requests": len(os_),
+            "p99_ms_all": p99_ms([o.seconds for o in os_]),
+            "p99_ms_200": p99_ms([o.seconds for o in os_ if o.status == "200"]),
+            "errors_5xx": sum(o.status.startswith("5") for o in os_),
+        }
+        for m, os_ in sorted(minutes.items())
+    ]
+
+
 def summarise(
     outcomes: list[Outcome],
     started: float,
@@ -152,19 +168,7 @@ def summarise(
     by_kind: dict[str, Counter[str]] = defaultdict(Counter)
     for o in outcomes:
         by_kind[o.kind][o.status] += 1
-    minutes: dict[int, list[Outcome]] = defaultdict(list)
-    for o in outcomes:
-        minutes[int((o.finished - started) // 60)].append(o)
-    per_minute = [
-        {
-            "minute": m + 1,
-            "requests": len(os_),
-            "p99_ms_all": p99_ms([o.seconds for o in os_]),
-            "p99_ms_200": p99_ms([o.seconds for o in os_ if o.status == "200"]),
-            "errors_5xx": sum(o.status.startswith("5") for o in os_),
-        }
-        for m, os_ in sorted(minutes.items())
-    ]
+    per_minute = minute_by_minute(outcomes, started)
     server_errors = sum(n for s, n in by_status.items() if s.startswith("5"))
     failed_valid = sum(1 for o in outcomes if not o.status[0].isdigit() and not o.expected)
     unexpected = Counter(f"{o.kind}: {o.status}" for o in outcomes if not o.expected)
