@@ -7,7 +7,6 @@ validation split, which is what decides whether a variant may be served.
 """
 
 import io
-import os
 import subprocess
 import sys
 from pathlib import Path
@@ -20,6 +19,7 @@ from onnx import numpy_helper
 from PIL import Image
 
 from alexnet_core.session import OnnxClassifier
+from benchmarks.free_engine import default_metadata, write_free_model
 from model_export.precision import convert_fp16, main, quantize_int8, top1_agreement
 from service.model_registry import ModelRegistry
 from tests.conftest import cpu_settings
@@ -138,18 +138,19 @@ def test_int8_agrees_with_fp32_on_real_images(source: Path, int8: Path) -> None:
     assert np.percentile(relative, 99) <= 4.0, np.percentile(relative, 99)
 
 
-def test_variants_are_not_activated_by_being_written(source: Path, tmp_path: Path) -> None:
+def test_variants_are_not_activated_by_being_written(tmp_path: Path) -> None:
+    # A model with real metadata and a tiny graph (benchmarks.free_engine): what is checked here is
+    # where the CLI writes and what the service then serves, not the quantisation itself.
     weights = tmp_path / "weights"
-    weights.mkdir()
-    os.link(source, weights / source.name)  # the 233 MiB model without copying it
-    assert main([str(weights / source.name), "--int8"]) == 0  # the CLI, default location
-    variant = weights / "alexnet-random-int8.onnx"
+    source = write_free_model(default_metadata("x"), weights / "alexnet-free.onnx")
+    assert main([str(source), "--int8"]) == 0  # the CLI, default location
+    variant = weights / "alexnet-free-int8.onnx"
     assert variant.is_file()
     assert not list(weights.glob(".*.part"))  # the atomic write left no temporary file behind
     registry = ModelRegistry(cpu_settings(weights))
     # Without ALEXNET_MODEL or an ACTIVE file the service serves the newest model: still the source.
     assert registry.available()[0].name == source.name
-    assert registry.find("alexnet-random-int8") == variant  # ... and the variant can be chosen
+    assert registry.find("alexnet-free-int8") == variant  # ... and the variant can be chosen
     assert not (weights / "ACTIVE").exists()
 
 
