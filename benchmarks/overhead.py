@@ -270,6 +270,7 @@ def main(argv: list[str] | None = None) -> int:
         "small_requests": 40 if args.quick else 1000,
         "large_requests": 8 if args.quick else 150,
     }
+    started_at = datetime.now(UTC).isoformat(timespec="seconds")
     busy = machine_busy_pct(1.0)
     meta = read_metadata(args.model) if args.model else default_metadata("free-engine", args.kind or "crops")
     small = encoded(photo().resize((500, 333), Image.Resampling.LANCZOS), "JPEG", quality=90)
@@ -280,7 +281,7 @@ def main(argv: list[str] | None = None) -> int:
         results = {name: measure_image(name, data, model, meta, plan) for name, data in images.items()}
     report = OverheadReport(
         meta={
-            "started_at": datetime.now(UTC).isoformat(timespec="seconds"),
+            "started_at": started_at,
             "command": " ".join(
                 ["python -m benchmarks.overhead", *(argv if argv is not None else sys.argv[1:])]
             ),
