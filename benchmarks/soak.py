@@ -27,31 +27,21 @@ died, RSS under load grew by 10 % or more, or open fds or threads grew. Load onl
 """
 
 import argparse
-import io
 import json
 import os
-import socket
-import struct
-import subprocess
 import sys
 import tempfile
-import threading
 import time
-import zlib
 from collections import Counter, defaultdict
-from collections.abc import Callable, Iterator
-from contextlib import contextmanager
-from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 import httpx
 import numpy as np
-from PIL import Image
 
-REPO_ROOT = Path(__file__).resolve().parent.parent
-MAX_UPLOAD_MB = 20  # the service's default; the oversized kinds send more than this
-MAX_FILES = 16  # the service's default
+from benchmarks.mix import MAX_FILES, MAX_UPLOAD_MB, Load, Outcome, request_kinds
+from benchmarks.server import ProcessStats, ServerProcess, export_random_model, model_settings, server_process
+
 RSS_GROWTH_LIMIT = 0.10
 Json = dict[str, Any]
 _started = time.monotonic()
@@ -61,321 +51,11 @@ def log(message: str) -> None:
     print(f"[{time.monotonic() - _started:7.1f}s] {message}", file=sys.stderr, flush=True)
 
 
-# --------------------------------------------------------------------------- the server
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-def export_random_model(weights_dir: Path) -> Path:
-    import warnings
-
-    from model_export.export import export_onnx
-    from model_export.weights import random_weights
-
-    warnings.filterwarnings("ignore", category=FutureWarning)
-    path = weights_dir / "alexnet-soak-random.onnx"
-    export_onnx(random_weights("torchvision", seed=0), path)
-    return path
-
-
-@dataclass(frozen=True)
-class ProcessStats:
-    rss_mb: float
-    fds: int
-    threads: int
-
-    @classmethod
-    def of(cls, pid: int) -> "ProcessStats":
-        status = Path(f"/proc/{pid}/status").read_text()
-        fields = dict(line.split(":", 1) for line in status.splitlines() if ":" in line)
-        rss_kb = int(fields["VmRSS"].split()[0])
-        return cls(round(rss_kb / 1024, 1), len(os.listdir(f"/proc/{pid}/fd")), int(fields["Threads"]))
-
-
-@dataclass
-class Server:
-    model: Path
-    queue_images: int
-    url: str = ""
-    proc: subprocess.Popen[bytes] | None = None
-    log_path: Path | None = None
-
-    @contextmanager
-    def running(self, workdir: Path) -> Iterator["Server"]:
-        port = free_port()
-        # A clean ALEXNET_* environment and a working directory without a .env file: the server
-        # runs exactly the settings written here.
-        env = {k: v for k, v in os.environ.items() if not k.startswith("ALEXNET_")}
-        env |= {
-            "ALEXNET_WEIGHTS_DIR": str(self.model.parent),
-            "ALEXNET_MODEL": self.model.name,
-            "ALEXNET_PROVIDERS": "CPUExecutionProvider",
-            "ALEXNET_HOST": "127.0.0.1",
-            "ALEXNET_PORT": str(port),
-            "ALEXNET_LOG_LEVEL": "warning",
-            "ALEXNET_DATA_ROOT": str(workdir),
-            "ALEXNET_MAX_UPLOAD_MB": str(MAX_UPLOAD_MB),
-            "ALEXNET_MAX_FILES": str(MAX_FILES),
-            # Room for every client's largest request: backpressure (503) is the benchmark's
-            # subject, not this one's; here any 5xx is a failure. A generous timeout for the
-            # same reason: latency on a shared 2-core machine is noisy.
-            "ALEXNET_MAX_QUEUE_IMAGES": str(self.queue_images),
-            "ALEXNET_REQUEST_TIMEOUT_S": "120",
-            "PYTHONPATH": os.pathsep.join(filter(None, [str(REPO_ROOT), os.environ.get("PYTHONPATH")])),
-        }
-        self.log_path = workdir / "server.log"
-        with self.log_path.open("wb") as server_log:
-            self.proc = subprocess.Popen(
-                [sys.executable, "-c", "from service.main import run; run()"],
-                env=env,
-                cwd=workdir,
-                stdout=server_log,
-                stderr=server_log,
-            )
-        self.url = f"http://127.0.0.1:{port}"
-        try:
-            self._wait_ready()
-            yield self
-        finally:
-            self._stop()
-
-    def _wait_ready(self) -> None:
-        assert self.proc is not None
-        deadline = time.monotonic() + 180
-        with httpx.Client(timeout=5) as client:
-            while time.monotonic() < deadline and self.proc.poll() is None:
-                try:
-                    if client.get(f"{self.url}/ready").status_code == 200:
-                        return
-                except httpx.HTTPError:
-                    pass
-                time.sleep(0.2)
-        raise RuntimeError(
-            f"alexnet-serve did not become ready (exit {self.proc.poll()}):\n{self.log_tail()}"
-        )
-
-    def _stop(self) -> None:
-        if self.proc is None or self.proc.poll() is not None:
-            return
-        self.proc.terminate()  # graceful: uvicorn finishes what is in flight
-        try:
-            self.proc.wait(timeout=60)
-        except subprocess.TimeoutExpired:
-            self.proc.kill()
-            self.proc.wait(timeout=10)
-
-    def alive(self) -> bool:
-        return self.proc is not None and self.proc.poll() is None
-
-    def stats(self) -> ProcessStats:
-        assert self.proc is not None
-        return ProcessStats.of(self.proc.pid)
-
-    def log_tail(self, chars: int = 3000) -> str:
-        return self.log_path.read_text(errors="replace")[-chars:] if self.log_path else ""
-
-
-# --------------------------------------------------------------------------- the request mix
-
-
-def photo(name: str) -> Image.Image:
-    from sklearn.datasets import load_sample_image
-
-    return Image.fromarray(load_sample_image(name))
-
-
-def encoded(image: Image.Image, fmt: str, **params: Any) -> bytes:
-    buffer = io.BytesIO()
-    image.save(buffer, format=fmt, **params)
-    return buffer.getvalue()
-
-
-def big_jpeg() -> bytes:
-    """12 MP (4000x3000), upscaled from the real photo with sensor-like noise: it compresses and
-    decodes like a camera's JPEG, not like a smooth upscale."""
-    rng = np.random.default_rng(0)
-    pixels = np.asarray(photo("china.jpg").resize((4000, 3000), Image.Resampling.BICUBIC), dtype=np.int16)
-    pixels = np.clip(pixels + rng.normal(0, 4, pixels.shape), 0, 255).astype(np.uint8)
-    return encoded(Image.fromarray(pixels), "JPEG", quality=90)
-
-
-def png_claiming(width: int, height: int) -> bytes:
-    def chunk(kind: bytes, payload: bytes) -> bytes:
-        crc = struct.pack(">I", zlib.crc32(kind + payload))
-        return struct.pack(">I", len(payload)) + kind + payload + crc
-
-    header = struct.pack(">IIBBBBB", width, height, 8, 2, 0, 0, 0)
-    idat = zlib.compress(b"\x00" * 1024)
-    return b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", header) + chunk(b"IDAT", idat) + chunk(b"IEND", b"")
-
-
-def gif_claiming(width: int, height: int) -> bytes:
-    size = struct.pack("<HH", width, height)
-    return b"GIF89a" + size + b"\x00\x00\x00" + b",\x00\x00\x00\x00" + size + b"\x00\x02\x02D\x01\x00;"
-
-
-@dataclass(frozen=True)
-class Kind:
-    """One kind of request: its body encoded once (the clients only send bytes, so that their
-    CPU use, on the cores the server also uses, stays small), and the statuses it may get.
-    ``closed`` allows the connection to be closed instead: a server that answers 413 before an
-    oversized body is read may reset the connection while the client is still sending."""
-
-    name: str
-    weight: float
-    valid: bool
-    expected: frozenset[int]
-    body: bytes | Callable[[], Iterator[bytes]] = b""
-    content_type: str = ""
-    params: dict[str, str] = field(default_factory=dict)
-    closed: bool = False
-
-    def send(self, client: httpx.Client, url: str) -> httpx.Response:
-        headers = {"Content-Type": self.content_type} if self.content_type else {}
-        content = self.body() if callable(self.body) else self.body
-        return client.post(f"{url}/predict", content=content, headers=headers, params=self.params)
-
-
-def multipart(files: list[tuple[str, str, bytes]]) -> tuple[bytes, str]:
-    request = httpx.Request("POST", "http://127.0.0.1/", files=[(f, (n, d)) for f, n, d in files])
-    return request.read(), request.headers["Content-Type"]
-
-
-def request_kinds() -> list[Kind]:
-    china = encoded(photo("china.jpg"), "JPEG", quality=90)
-    flower_png = encoded(photo("flower.jpg"), "PNG")
-    rng = np.random.default_rng(1)
-    noise = b"\x00" + rng.integers(0, 256, 4096, dtype=np.uint8).tobytes()  # no format starts with 0
-    svg = b'<svg xmlns="http://www.w3.org/2000/svg" width="10" height="10"><rect/></svg>'
-    over = (MAX_UPLOAD_MB + 1) * 2**20
-
-    def one(name: str, data: bytes) -> tuple[bytes, str]:
-        return multipart([("file", name, data)])
-
-    def kind(
-        name: str,
-        weight: float,
-        valid: bool,
-        expected: set[int],
-        files: list[tuple[str, str, bytes]],
-        **extra: Any,
-    ) -> Kind:
-        body, content_type = multipart(files)
-        return Kind(name, weight, valid, frozenset(expected), body, content_type, **extra)
-
-    def endless() -> Iterator[bytes]:  # chunked: no Content-Length, only counting stops it
-        yield b'--b\r\nContent-Disposition: form-data; name="file"; filename="x.jpg"\r\n\r\n\xff\xd8\xff'
-        for _ in range(over // 65536 + 64):
-            yield bytes(65536)
-
-    declared_body, declared_type = one("big.jpg", b"\xff\xd8\xff" + bytes(over))
-    return [
-        kind("photo-jpeg", 30, True, {200}, [("file", "china.jpg", china)]),
-        kind("photo-png", 14, True, {200}, [("file", "flower.png", flower_png)]),
-        kind("three-photos", 6, True, {200}, [("files", f"{i}.jpg", china) for i in range(3)]),
-        kind("big-jpeg-12mp", 2, True, {200}, [("file", "big.jpg", big_jpeg())]),
-        kind("top-k-1000", 3, True, {200}, [("file", "china.jpg", china)], params={"top_k": "1000"}),
-        kind("truncated-jpeg", 7, False, {422}, [("file", "t.jpg", china[: len(china) // 3])]),
-        kind("random-bytes", 7, False, {415}, [("file", "r.jpg", noise)]),
-        kind("png-bomb-header", 4, False, {413}, [("file", "b.png", png_claiming(100_000, 100_000))]),
-        kind("gif-bomb-header", 3, False, {413}, [("file", "b.gif", gif_claiming(65535, 65535))]),
-        kind("svg", 3, False, {415}, [("file", "x.svg", svg)]),
-        kind("empty-file", 3, False, {400}, [("file", "e.jpg", b"")]),
-        kind("too-many-files", 3, False, {400}, [("files", f"{i}.jpg", b"x") for i in range(MAX_FILES + 1)]),
-        kind("bad-top-k", 2, False, {422}, [("file", "a.jpg", china)], params={"top_k": "0"}),
-        kind("top-k-not-a-number", 1, False, {422}, [("file", "a.jpg", china)], params={"top_k": "five"}),
-        Kind("no-file", 3, False, frozenset({400}), b"", "application/octet-stream"),
-        Kind(
-            "malformed-multipart",
-            2,
-            False,
-            frozenset({400}),
-            b"--xx\r\ngarbage",
-            "multipart/form-data; boundary=xx",
-        ),
-        Kind("oversized-declared", 1, False, frozenset({413}), declared_body, declared_type, closed=True),
-        Kind(
-            "oversized-chunked",
-            0.5,
-            False,
-            frozenset({413}),
-            endless,
-            "multipart/form-data; boundary=b",
-            closed=True,
-        ),
-    ]
-
-
-# --------------------------------------------------------------------------- the load
-
-
-@dataclass
-class Outcome:
-    kind: str
-    status: str  # "200", ..., "closed" (no response, allowed for that kind), "exc:<type>"
-    seconds: float
-    finished: float  # monotonic
-    expected: bool
-
-
-class Load:
-    """``concurrency`` closed-loop clients (each sends its next request when the last is answered)
-    drawing kinds from the weighted mix with a fixed seed, until stopped."""
-
-    def __init__(self, url: str, kinds: list[Kind], concurrency: int, seed: int) -> None:
-        self.url, self.kinds, self.concurrency, self.seed = url, kinds, concurrency, seed
-        weights = np.asarray([k.weight for k in kinds], dtype=np.float64)
-        self.probabilities = weights / weights.sum()
-        self.outcomes: list[Outcome] = []
-        self._lock = threading.Lock()
-        self._stop = threading.Event()
-        self._threads: list[threading.Thread] = []
-
-    def start(self) -> None:
-        self._stop.clear()
-        self._threads = [
-            threading.Thread(target=self._client, args=(i,), daemon=True) for i in range(self.concurrency)
-        ]
-        for thread in self._threads:
-            thread.start()
-
-    def stop(self) -> None:
-        """Stop sending; wait for the requests in flight (their clients then close connections)."""
-        self._stop.set()
-        for thread in self._threads:
-            thread.join(timeout=300)
-
-    def _client(self, index: int) -> None:
-        rng = np.random.default_rng([self.seed, index])
-        with httpx.Client(timeout=httpx.Timeout(180, connect=30)) as client:
-            while not self._stop.is_set():
-                kind = self.kinds[int(rng.choice(len(self.kinds), p=self.probabilities))]
-                started = time.monotonic()
-                try:
-                    response = kind.send(client, self.url)
-                    status = str(response.status_code)
-                    expected = response.status_code in kind.expected
-                    if response.status_code == 200:
-                        expected = expected and len(response.json()["results"]) >= 1
-                except (httpx.WriteError, httpx.ReadError, httpx.RemoteProtocolError) as exc:
-                    status = "closed" if kind.closed else f"exc:{type(exc).__name__}"
-                    expected = kind.closed
-                except httpx.HTTPError as exc:
-                    status, expected = f"exc:{type(exc).__name__}", False
-                finished = time.monotonic()
-                with self._lock:
-                    self.outcomes.append(Outcome(kind.name, status, finished - started, finished, expected))
-
-
 def p99_ms(seconds: list[float]) -> float | None:
     return round(float(np.percentile(np.asarray(seconds) * 1000, 99)), 1) if seconds else None
 
 
-def idle_stats(server: Server, settle_s: float) -> ProcessStats:
+def idle_stats(server: ServerProcess, settle_s: float) -> ProcessStats:
     """Stats with nothing in flight, after the clients stopped and closed their connections.
     FastAPI runs sync dependencies in anyio's worker threads (up to 40), created on demand; a
     worker idle for 10 s exits when the next call finishes. Waiting that long and then making a
@@ -388,6 +68,19 @@ def idle_stats(server: Server, settle_s: float) -> ProcessStats:
     return server.stats()
 
 
+def server_settings(model: Path, concurrency: int) -> dict[str, str]:
+    return {
+        **model_settings(model),
+        "ALEXNET_MAX_UPLOAD_MB": str(MAX_UPLOAD_MB),
+        "ALEXNET_MAX_FILES": str(MAX_FILES),
+        # Room for every client's largest request: backpressure (503) is the benchmark's subject,
+        # not this one's; here any 5xx is a failure. A generous timeout for the same reason:
+        # latency on a shared 2-core machine is noisy.
+        "ALEXNET_MAX_QUEUE_IMAGES": str(max(64, concurrency * (MAX_FILES + 1))),
+        "ALEXNET_REQUEST_TIMEOUT_S": "120",
+    }
+
+
 def run(args: argparse.Namespace) -> Json:
     kinds = request_kinds()
     duration = args.minutes * 60
@@ -397,11 +90,10 @@ def run(args: argparse.Namespace) -> Json:
         model = args.model
         if model is None:
             log("exporting a random-weights model")
-            model = export_random_model(workdir)
-        server = Server(model, queue_images=max(64, args.concurrency * (MAX_FILES + 1)))
-        with server.running(workdir):
+            model = export_random_model(workdir, "alexnet-soak-random.onnx")
+        with server_process(server_settings(model, args.concurrency), workdir=workdir) as server:
             samples: dict[str, ProcessStats] = {"start": server.stats()}
-            log(f"server {server.url} pid {server.proc.pid if server.proc else '?'}: {samples['start']}")
+            log(f"server {server.url} pid {server.pid}: {samples['start']}")
 
             log(f"warm-up: {warm_up:.0f} s at concurrency {args.concurrency}")
             warm = Load(server.url, kinds, args.concurrency, seed=1)
@@ -440,8 +132,24 @@ def run(args: argparse.Namespace) -> Json:
             if alive:
                 with httpx.Client(timeout=30) as client:
                     health = client.get(f"{server.url}/health").status_code
-            server_log = server.log_tail(20_000)
+            server_log = server.output(20_000)
     return summarise(load.outcomes, started, wall, samples, series, alive, health, server_log, args, warm_up)
+
+
+def minute_by_minute(outcomes: list[Outcome], started: float) -> list[Json]:
+    minutes: dict[int, list[Outcome]] = defaultdict(list)
+    for o in outcomes:
+        minutes[int((o.finished - started) // 60)].append(o)
+    return [
+        {
+            "minute": m + 1,
+            "requests": len(os_),
+            "p99_ms_all": p99_ms([o.seconds for o in os_]),
+            "p99_ms_200": p99_ms([o.seconds for o in os_ if o.status == "200"]),
+            "errors_5xx": sum(o.status.startswith("5") for o in os_),
+        }
+        for m, os_ in sorted(minutes.items())
+    ]
 
 
 def summarise(
@@ -460,19 +168,7 @@ def summarise(
     by_kind: dict[str, Counter[str]] = defaultdict(Counter)
     for o in outcomes:
         by_kind[o.kind][o.status] += 1
-    minutes: dict[int, list[Outcome]] = defaultdict(list)
-    for o in outcomes:
-        minutes[int((o.finished - started) // 60)].append(o)
-    per_minute = [
-        {
-            "minute": m + 1,
-            "requests": len(os_),
-            "p99_ms_all": p99_ms([o.seconds for o in os_]),
-            "p99_ms_200": p99_ms([o.seconds for o in os_ if o.status == "200"]),
-            "errors_5xx": sum(o.status.startswith("5") for o in os_),
-        }
-        for m, os_ in sorted(minutes.items())
-    ]
+    per_minute = minute_by_minute(outcomes, started)
     server_errors = sum(n for s, n in by_status.items() if s.startswith("5"))
     failed_valid = sum(1 for o in outcomes if not o.status[0].isdigit() and not o.expected)
     unexpected = Counter(f"{o.kind}: {o.status}" for o in outcomes if not o.expected)

@@ -1,6 +1,5 @@
 """Shared fixtures: models exported in the test session, and the real app on a loopback port."""
 
-import socket
 import threading
 import time
 from collections.abc import Iterator
@@ -11,15 +10,10 @@ import httpx
 import pytest
 import uvicorn
 
+from benchmarks.server import free_port
 from service.core.config import Settings
 from service.core.http import server_config
 from service.main import create_app
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 @contextmanager

@@ -8,7 +8,9 @@ from pathlib import Path
 
 import pytest
 
-from benchmarks.benchmark import Outcome, human, ratios_and_targets, summarise
+from benchmarks.e2e import ratios_and_targets
+from benchmarks.load import Outcome, summarise
+from benchmarks.report import Report, human
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
 SECTIONS = ("meta", "raw_ort", "torch", "preprocess", "e2e", "overload", "precision", "ratios", "targets")
@@ -72,7 +74,7 @@ def test_quick_run_reports_every_section(imagenet_model_dir: Path, tmp_path: Pat
     variants = report["precision"]["variants"]
     assert variants["int8"]["mib"] < 0.4 * (imagenet_model_dir / "alexnet-random.onnx").stat().st_size / 2**20
     assert 0 <= variants["int8"]["top1_agreement"] <= 1
-    assert all(v["ms_per_call_10"] > 0 for v in variants.values())
+    assert all(v["ms_per_call"]["10"] > 0 for v in variants.values())
 
     assert {"raw_best_images_per_s", "preprocess_12mp_over_10crop_inference"} <= set(report["ratios"])
     assert len(report["targets"]) >= 8
@@ -84,11 +86,11 @@ def test_summary_counts_statuses_and_latencies() -> None:
     outcomes = [Outcome(200, s / 1000, timings) for s in (100, 110, 120, 130, 140)]
     outcomes += [Outcome(503, 0.005, detail="server busy"), Outcome("exc:ReadTimeout", 60.0)]
     summary = summarise(outcomes, wall_s=1.0)
-    assert summary["requests"] == 7 and summary["ok"] == 5
-    assert summary["errors"] == {"503": 1, "exc:ReadTimeout": 1}
-    assert summary["images_per_s"] == 5.0
-    assert summary["p50_ms"] == 120.0 and summary["max_ms"] == 140.0  # successful requests only
-    assert summary["server_inference_ms"] == 70.0 and summary["mean_batch_images"] == 2.0
+    assert summary.requests == 7 and summary.ok == 5
+    assert summary.errors == {"503": 1, "exc:ReadTimeout": 1}
+    assert summary.images_per_s == 5.0
+    assert summary.p50_ms == 120.0 and summary.max_ms == 140.0  # successful requests only
+    assert summary.server_inference_ms == 70.0 and summary.mean_batch_images == 2.0
 
 
 def test_targets_compare_within_the_run() -> None:
@@ -103,27 +105,28 @@ def test_targets_compare_within_the_run() -> None:
             "p95_ms": p50_ms,
             "p99_ms": p50_ms,
             "mean_batch_images": 1.0,
+            "requests": 1,
+            "wall_s": 1.0,
         }
 
-    report: dict[str, object] = {
+    def batch(crops: int, ms_per_call: float, images_per_s: float) -> dict[str, object]:
+        images = crops / 10
+        ms_per_image = ms_per_call / images
+        timing = {"ms_per_call": ms_per_call, "ms_per_call_best": ms_per_call, "ms_per_image": ms_per_image}
+        return {"crops": crops, "images": images, "calls": 3, "images_per_s": images_per_s, **timing}
+
+    values: dict[str, object] = {
         "meta": {"machine": "test", "model": "m.onnx", "compare_batches": [10]},
         "raw_ort": {
             "providers": ["CPUExecutionProvider"],
             "intra_op_threads": 0,
+            "providers_requested": ["CPUExecutionProvider"],
             "best_images_per_s": 15.0,
-            "batches": [
-                {"crops": 10, "ms_per_call": 75.0, "ms_per_image": 75.0, "images_per_s": 13.3},
-                {"crops": 80, "ms_per_call": 533.0, "ms_per_image": 66.7, "images_per_s": 15.0},
-            ],
+            "best_crops": 80,
+            "batches": [batch(10, 75.0, 13.3), batch(80, 533.0, 15.0)],
             # The engine measured again right before the server ran: the reference for its ratios.
             "rechecks": [
-                {
-                    "before": "batching_on",
-                    "batches": [
-                        {"crops": 10, "ms_per_call": 70.0, "images_per_s": 14.3},
-                        {"crops": 80, "ms_per_call": 516.0, "images_per_s": 15.5},
-                    ],
-                }
+                {"before": "batching_on", "batches": [batch(10, 70.0, 14.3), batch(80, 516.0, 15.5)]}
             ],
         },
         "preprocess": {
@@ -131,6 +134,7 @@ def test_targets_compare_within_the_run() -> None:
                 "width": 640,
                 "height": 427,
                 "bytes": 1,
+                "reps": 1,
                 "decode_ms": 1,
                 "resize_crop_ms": 3,
                 "total_ms": 4.0,
@@ -139,6 +143,7 @@ def test_targets_compare_within_the_run() -> None:
                 "width": 4000,
                 "height": 3000,
                 "bytes": 1,
+                "reps": 1,
                 "decode_ms": 38,
                 "resize_crop_ms": 2,
                 "total_ms": 40.0,
@@ -154,10 +159,11 @@ def test_targets_compare_within_the_run() -> None:
             }
         },
     }
+    report = Report.model_validate(values)
     ratios, targets = ratios_and_targets(report)
     assert ratios["e2e_over_raw_batching_on_small_c4"] == pytest.approx(14 / 15.5, abs=1e-3)
     assert ratios["raw_10crop_ms"] == 70.0
-    met = {t["target"]: t["met"] for t in targets}
+    met = {t.target: t.met for t in targets}
     assert met["e2e/raw throughput >= 0.90 (batching_on, small, conc 4)"] is True
     assert met["e2e/raw throughput >= 0.90 (batching_on, small, conc 16)"] is False  # 12 / 15.5
     assert met["12 MP preprocessing <= 0.25 x 10-crop inference"] is False  # 40 / 70
@@ -165,5 +171,5 @@ def test_targets_compare_within_the_run() -> None:
         met["p50 at conc 1 <= raw 10-crop + preprocessing + 10 ms (small, batching on)"]
         is False  # 88 > 70 + 4 + 10
     )  # 88 <= 89
-    text = human(report | {"ratios": ratios, "targets": targets})
+    text = human(report.model_copy(update={"ratios": ratios, "targets": targets}))
     assert "MISSED" in text and "[met]" in text

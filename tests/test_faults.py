@@ -13,16 +13,13 @@ import re
 import resource
 import shutil
 import signal
-import socket
 import subprocess
 import sys
-import tempfile
 import threading
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
-from contextlib import contextmanager
-from dataclasses import dataclass
+from contextlib import AbstractContextManager
 from pathlib import Path
 from typing import Any
 
@@ -32,9 +29,10 @@ import pytest
 import torch
 
 from service.training_jobs import JobStore, read_metrics
-from tests.conftest import cpu_settings, free_port, serve
+from tests.conftest import cpu_settings, serve
 from tests.digits import write_digits
 from tests.images import big_photo_jpeg, photo_jpeg
+from tests.processes import ServerProcess, alive, link_model, server_subprocess, wait_until
 
 REPO = Path(__file__).resolve().parent.parent
 KEY = "fault-key"
@@ -60,22 +58,11 @@ def data_root(tmp_path_factory: pytest.TempPathFactory) -> Path:
     return root
 
 
-def alive(pid: int) -> bool:
-    """Running (a zombie, waiting for a parent that is gone to reap it, is not)."""
-    try:
-        state = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0]
-    except (FileNotFoundError, ProcessLookupError):
-        return False
-    return state not in ("Z", "X")
-
-
-def wait_until(condition: Callable[[], Any], timeout: float, what: str, interval: float = 0.2) -> Any:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        if value := condition():
-            return value
-        time.sleep(interval)
-    raise AssertionError(f"timed out after {timeout} s waiting for {what}")
+def fault_server(
+    weights: Path, tmp: Path, data_root: Path | None = None, **settings: object
+) -> AbstractContextManager[ServerProcess]:
+    """A server subprocess with this module's key, for the tests that kill or signal it."""
+    return server_subprocess(weights, tmp, data_root, api_key=KEY, **settings)
 
 
 def records(run_dir: Path, event: str) -> list[dict[str, Any]]:
@@ -90,80 +77,6 @@ def trainer_pid(weights: Path, job_id: str) -> int:
         store.close()
     assert job is not None and job.pid is not None
     return job.pid
-
-
-def fd_count(pid: int) -> int:
-    return len(os.listdir(f"/proc/{pid}/fd"))
-
-
-def rss_mb(pid: int) -> float:
-    status = Path(f"/proc/{pid}/status").read_text()
-    return int(re.search(r"VmRSS:\s+(\d+)", status).group(1)) / 1024  # type: ignore[union-attr]
-
-
-@dataclass
-class ServerProcess:
-    proc: subprocess.Popen[bytes]
-    url: str
-    log: Path
-    tmpdir: Path  # its TMPDIR
-
-    def output(self) -> str:
-        return self.log.read_text(errors="replace")
-
-
-@contextmanager
-def server_process(
-    weights: Path, tmp: Path, data_root: Path | None = None, **settings: str
-) -> Iterator[ServerProcess]:
-    """``alexnet-serve``'s entry point in a subprocess: the way it runs in production, and a
-    process this test may kill. Its TMPDIR is a fresh folder (to show nothing is left there)."""
-    port = free_port()
-    workdir = Path(tempfile.mkdtemp(dir=tmp, prefix="server-"))
-    (workdir / "tmp").mkdir()
-    env = {k: v for k, v in os.environ.items() if not k.startswith("ALEXNET_")}
-    env |= {
-        "ALEXNET_WEIGHTS_DIR": str(weights),
-        "ALEXNET_DATA_ROOT": str(data_root or workdir),
-        "ALEXNET_PROVIDERS": "CPUExecutionProvider",
-        "ALEXNET_PORT": str(port),
-        "ALEXNET_API_KEY": KEY,
-        "ALEXNET_LOG_LEVEL": "info",
-        "TMPDIR": str(workdir / "tmp"),
-        "PYTHONPATH": str(REPO),
-        **{f"ALEXNET_{k.upper()}": v for k, v in settings.items()},
-    }
-    log = workdir / "server.log"
-    with log.open("wb") as out:
-        proc = subprocess.Popen(
-            [sys.executable, "-c", "from service.main import run; run()"],
-            env=env,
-            cwd=workdir,
-            stdout=out,
-            stderr=subprocess.STDOUT,
-        )
-    server = ServerProcess(proc, f"http://127.0.0.1:{port}", log, workdir / "tmp")
-
-    def up() -> bool:
-        assert proc.poll() is None, server.output()
-        try:
-            return httpx.get(f"{server.url}/health", timeout=2).status_code == 200
-        except httpx.HTTPError:
-            return False
-
-    try:
-        wait_until(up, 120, "the server to start")
-        yield server
-    finally:
-        if proc.poll() is None:
-            proc.kill()
-        proc.wait(timeout=30)
-
-
-def link_model(source_dir: Path, weights: Path, name: str = "alexnet-random.onnx") -> Path:
-    weights.mkdir(parents=True, exist_ok=True)
-    os.link(source_dir / "alexnet-random.onnx", weights / name)  # same file, no 240 MB copy
-    return weights / name
 
 
 # --------------------------------------------------------------------------- (a) trainer killed
@@ -207,7 +120,10 @@ def test_trainer_killed_mid_epoch_fails_the_job_keeps_its_checkpoint(
 
 def test_server_killed_mid_training_restart_interrupts_and_resumes(data_root: Path, tmp_path: Path) -> None:
     weights = tmp_path / "weights"
-    with server_process(weights, tmp_path, data_root) as server, httpx.Client(timeout=60) as api:
+    with (
+        fault_server(weights, tmp_path, data_root) as server,
+        httpx.Client(timeout=60) as api,
+    ):
         job = api.post(f"{server.url}/train", json={**TRAIN, "epochs": 6}, headers=AUTH).json()
         run_dir = weights / "runs" / job["id"]
         wait_until(lambda: records(run_dir, "epoch"), 300, "the first epoch")
@@ -221,7 +137,10 @@ def test_server_killed_mid_training_restart_interrupts_and_resumes(data_root: Pa
     # the signal the new server sends waits until it runs again.
     os.kill(pid, signal.SIGSTOP)
     try:
-        with server_process(weights, tmp_path, data_root) as server, httpx.Client(timeout=60) as api:
+        with (
+            fault_server(weights, tmp_path, data_root) as server,
+            httpx.Client(timeout=60) as api,
+        ):
             after = api.get(f"{server.url}{job['url']}").json()
             assert after["state"] == "interrupted" and "resume" in after["error"]
             for key in ("id", "created_at", "started_at", "request", "epochs"):
@@ -414,53 +333,7 @@ def test_full_tmpfs_during_export_leaves_nothing_behind(tmp_path: Path) -> None:
 
 
 # --------------------------------------------------------------------------- (e) client vanishes
-
-
-def abandoned_upload(url: str, declared: int, sent: int) -> None:
-    """Headers declaring ``declared`` body bytes, ``sent`` of them, then the connection closed."""
-    host, port = url.removeprefix("http://").split(":")
-    boundary = "b0undary"
-    head = (f'--{boundary}\r\nContent-Disposition: form-data; name="file"; filename="big.jpg"\r\n'
-            f"Content-Type: image/jpeg\r\n\r\n").encode()  # fmt: skip
-    with socket.create_connection((host, int(port)), timeout=10) as sock:
-        request = (
-            f"POST /predict HTTP/1.1\r\nHost: {host}\r\n"
-            f"Content-Type: multipart/form-data; boundary={boundary}\r\nContent-Length: {declared}\r\n\r\n"
-        )
-        sock.sendall(request.encode())
-        sock.sendall(head + b"\xff\xd8\xff" + os.urandom(sent - len(head) - 3))
-        time.sleep(0.05)  # let the server buffer it before the connection goes
-
-
-def test_client_gone_mid_upload_leaks_no_files_fds_or_memory(
-    imagenet_model_dir: Path, tmp_path: Path
-) -> None:
-    weights = tmp_path / "weights"
-    link_model(imagenet_model_dir, weights)
-    with server_process(weights, tmp_path) as server, httpx.Client(base_url=server.url, timeout=60) as api:
-        spool = server.tmpdir
-        spool_before = sorted(spool.iterdir())  # ONNX Runtime's session-id file (.ses), not ours
-        pid = server.proc.pid
-        assert api.post("/predict", files={"file": ("a.jpg", photo_jpeg())}).status_code == 200
-        api.close()  # no keep-alive connection of ours among the fds counted below
-
-        def settled_fds() -> int:
-            time.sleep(0.5)
-            return fd_count(pid)
-
-        # Over Starlette's default 1 MiB spool; the service keeps uploads up to its body limit in
-        # memory, so a leaked buffer would show in the RSS, a leaked temp file in TMPDIR.
-        abandoned_upload(server.url, 8 * 2**20, 3 * 2**20)
-        fds, rss = settled_fds(), rss_mb(pid)
-        for _ in range(30):
-            abandoned_upload(server.url, 8 * 2**20, 3 * 2**20)
-        assert wait_until(lambda: settled_fds() <= fds, 10, f"fds back to {fds} (now {fd_count(pid)})")
-        assert rss_mb(pid) < rss + 50, (rss, rss_mb(pid))  # 30 x 3 MiB would be 90 MiB
-        assert sorted(spool.iterdir()) == spool_before
-        with httpx.Client(base_url=server.url, timeout=60) as again:
-            assert again.post("/predict", files={"file": ("a.jpg", photo_jpeg())}).status_code == 200
-        assert server.proc.poll() is None
-    assert sorted(spool.iterdir()) == spool_before
+# (uploads abandoned mid-body: tests/test_server_process.py)
 
 
 # --------------------------------------------------------------------------- (f) SIGTERM
@@ -472,7 +345,7 @@ def test_sigterm_lets_requests_in_flight_finish_and_refuses_new_ones(
     weights = tmp_path / "weights"
     link_model(imagenet_model_dir, weights)
     big = big_photo_jpeg()  # 12 MP: a few seconds for several of them on two cores
-    with server_process(weights, tmp_path, request_timeout_s="60") as server:
+    with fault_server(weights, tmp_path, request_timeout_s=60) as server:
         files = [("files", (f"{i}.jpg", big, "image/jpeg")) for i in range(3)]
         started = threading.Barrier(5)
 

@@ -7,17 +7,19 @@ validation split, which is what decides whether a variant may be served.
 """
 
 import io
-import os
 import subprocess
 import sys
 from pathlib import Path
 
 import numpy as np
 import onnx
+import onnxruntime as ort
 import pytest
+from onnx import numpy_helper
 from PIL import Image
 
 from alexnet_core.session import OnnxClassifier
+from benchmarks.free_engine import default_metadata, write_free_model
 from model_export.precision import convert_fp16, main, quantize_int8, top1_agreement
 from service.model_registry import ModelRegistry
 from tests.conftest import cpu_settings
@@ -60,6 +62,36 @@ def logits(classifier: OnnxClassifier, images: list[bytes]) -> np.ndarray:
     return classifier.logits(crops(classifier, images))
 
 
+def quantisation_sigma(source: Path, int8: Path, batch: np.ndarray) -> np.ndarray:
+    """Per logit, the standard deviation of the error that int8 rounding adds, from what the int8
+    graph stores: each quantised MatMul's per-column weight scales, and the step its dynamic
+    quantisation gives the activations (the tensor's range / 255, taken from fp32's activations).
+
+    Rounding errors are uniform in [-step/2, step/2] (variance step^2 / 12): a layer adds
+    ``s_c^2 / 12 * sum_j x_j^2`` (weights) and ``step^2 / 12 * sum_j w_jc^2`` (activations) to each
+    output's variance, and passes on the previous layer's variance through ``w^2`` where the ReLU
+    is open. This is what int8 can promise; the machine's kernels do not enter it."""
+    graph = onnx.load(int8).graph
+    stored = {i.name: numpy_helper.to_array(i) for i in graph.initializer}
+    producer = {out: node for node in graph.node for out in node.output}
+    layers = []
+    for node in (n for n in graph.node if n.op_type == "MatMulInteger"):
+        scale = stored[node.input[1].removesuffix("_quantized") + "_scale"].astype(np.float64)
+        weights = (stored[node.input[1]].astype(np.float64) - stored[node.input[3]]) * scale
+        layers.append((producer[node.input[0]].input[0], weights, scale))  # (activation, w, scale)
+    reference = onnx.load(source)
+    reference.graph.output.extend(onnx.helper.make_empty_tensor_value_info(name) for name, _, _ in layers)
+    session = ort.InferenceSession(reference.SerializeToString(), providers=CPU)
+    activations = session.run([name for name, _, _ in layers], {session.get_inputs()[0].name: batch})
+    variance = np.zeros((len(batch), layers[0][1].shape[0]))
+    for (_, weights, scale), x in zip(layers, activations, strict=True):
+        x = x.reshape(len(batch), -1).astype(np.float64)
+        step = (max(float(x.max()), 0.0) - min(float(x.min()), 0.0)) / 255
+        local = scale**2 / 12 * (x**2).sum(axis=1, keepdims=True) + step**2 / 12 * (weights**2).sum(axis=0)
+        variance = local + (variance * (x > 0)) @ weights**2
+    return np.sqrt(variance)
+
+
 @pytest.fixture(scope="module")
 def source(imagenet_model_dir: Path) -> Path:
     return imagenet_model_dir / "alexnet-random.onnx"
@@ -94,24 +126,31 @@ def test_int8_agrees_with_fp32_on_real_images(source: Path, int8: Path) -> None:
     # on these 42 images). 0.85 tolerates that; a broken quantisation (wrong scales, wrong
     # channel axis) agrees at about chance, 1 in 1000. The logit check below is the tight one.
     assert top1_agreement(source, int8, images) >= 0.85
-    reference = logits(OnnxClassifier(source, CPU, warm_up=False), images[:2])
-    variant = logits(OnnxClassifier(int8, CPU, warm_up=False), images[:2])
-    # Measured: max |difference| 1.7 % of the logits' spread; 5 % leaves room for other CPUs' kernels.
-    assert np.max(np.abs(variant - reference)) <= 0.05 * reference.std()
+    fp32 = OnnxClassifier(source, CPU, warm_up=False)
+    batch = crops(fp32, images[:2])
+    errors = np.abs(OnnxClassifier(int8, CPU, warm_up=False).logits(batch) - fp32.logits(batch))
+    # In units of the error int8 rounding predicts for each of the 20 x 1000 logits: about 1 for
+    # a correct quantisation (scales, zero points, channel axis); a wrong one is far beyond it, by
+    # its own error. Judged on the RMS and the 99th percentile, not the maximum: CPUs without VNNI
+    # saturate a few int16 sums of u8 x s8 products, rare outliers that int8 does not bound.
+    relative = errors / quantisation_sigma(source, int8, batch)
+    assert np.sqrt(np.mean(relative**2)) <= 1.5, np.sqrt(np.mean(relative**2))
+    assert np.percentile(relative, 99) <= 4.0, np.percentile(relative, 99)
 
 
-def test_variants_are_not_activated_by_being_written(source: Path, tmp_path: Path) -> None:
+def test_variants_are_not_activated_by_being_written(tmp_path: Path) -> None:
+    # A model with real metadata and a tiny graph (benchmarks.free_engine): what is checked here is
+    # where the CLI writes and what the service then serves, not the quantisation itself.
     weights = tmp_path / "weights"
-    weights.mkdir()
-    os.link(source, weights / source.name)  # the 233 MiB model without copying it
-    assert main([str(weights / source.name), "--int8"]) == 0  # the CLI, default location
-    variant = weights / "alexnet-random-int8.onnx"
+    source = write_free_model(default_metadata("x"), weights / "alexnet-free.onnx")
+    assert main([str(source), "--int8"]) == 0  # the CLI, default location
+    variant = weights / "alexnet-free-int8.onnx"
     assert variant.is_file()
     assert not list(weights.glob(".*.part"))  # the atomic write left no temporary file behind
     registry = ModelRegistry(cpu_settings(weights))
     # Without ALEXNET_MODEL or an ACTIVE file the service serves the newest model: still the source.
     assert registry.available()[0].name == source.name
-    assert registry.find("alexnet-random-int8") == variant  # ... and the variant can be chosen
+    assert registry.find("alexnet-free-int8") == variant  # ... and the variant can be chosen
     assert not (weights / "ACTIVE").exists()
 
 
