@@ -131,7 +131,8 @@ def measure(
     providers = [p.strip() for p in args.providers.split(",") if p.strip()]
     if args.model is None:
         log("exporting a random-weights torchvision-layout model")
-        model = export_random_model(workdir / "weights")
+        # The crops kind: the raw-engine sections feed float crops (benchmarks.input_kinds compares kinds).
+        model = export_random_model(workdir / "weights", input_kind="crops")
     else:
         model = args.model.resolve()
     meta = read_metadata(model)

@@ -225,10 +225,10 @@ def server_process(
 
 
 def export_random_model(
-    weights_dir: Path, name: str = "alexnet-benchmark-random.onnx", input_kind: str = "crops"
+    weights_dir: Path, name: str = "alexnet-benchmark-random.onnx", input_kind: str | None = None
 ) -> Path:
-    """A 1000-class torchvision-layout model with random weights (timings do not depend on them).
-    The crops kind by default: the raw-engine sections feed float crops."""
+    """A 1000-class torchvision-layout model with random weights (timings do not depend on them),
+    of the export's default input kind unless ``input_kind`` says otherwise."""
     import warnings
 
     from model_export.export import export_onnx
@@ -236,7 +236,8 @@ def export_random_model(
 
     warnings.filterwarnings("ignore", category=FutureWarning)
     weights_dir.mkdir(parents=True, exist_ok=True)
-    export_onnx(random_weights("torchvision", seed=0), weights_dir / name, input_kind=input_kind)
+    kind = {"input_kind": input_kind} if input_kind else {}
+    export_onnx(random_weights("torchvision", seed=0), weights_dir / name, **kind)
     return weights_dir / name
 
 
