@@ -25,7 +25,7 @@ N_CROPS = 10
 
 @dataclass(frozen=True)
 class Preprocessed:
-    crops: np.ndarray  # (10, 3, crop, crop) float32
+    batch: np.ndarray  # (10, 3, crop, crop) float32
     decode_s: float
     preprocess_s: float
 

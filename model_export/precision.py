@@ -140,7 +140,7 @@ def top1_agreement(
         classes = []
         for start in range(0, len(images), batch_images):
             crops = [
-                meta.preprocess(data, max_pixels=64_000_000).crops
+                meta.preprocess(data, max_pixels=64_000_000).batch
                 for data in images[start : start + batch_images]
             ]
             classes.append(classifier.probabilities(np.concatenate(crops)).argmax(axis=1))

@@ -427,7 +427,7 @@ def ten_crop_accuracy(
             raise Cancelled
         chunk = samples[start : start + images_per_call]
         crops = np.concatenate(
-            [meta.preprocess(path.read_bytes(), max_pixels=MAX_PIXELS).crops for path, _ in chunk]
+            [meta.preprocess(path.read_bytes(), max_pixels=MAX_PIXELS).batch for path, _ in chunk]
         )
         top = np.argsort(-classifier.probabilities(crops), axis=1, kind="stable")[:, :k]
         labels = np.asarray([label for _, label in chunk])

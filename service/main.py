@@ -20,9 +20,11 @@ from starlette.routing import Match
 from swagger_ui_bundle import swagger_ui_path
 
 from alexnet_core.images import ImageInputError
+from service.admission import DecodeBudget, UploadBudget
 from service.core.config import Settings, get_settings
 from service.core.metrics import Metrics
 from service.core.middleware import BodySizeLimit, QueueFullGate, RequestMetrics
+from service.decoding import DecodePool
 from service.inference import InferenceQueue, Overloaded
 from service.model_registry import ModelRegistry
 from service.routers import health, models, predict, train
@@ -74,7 +76,9 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
         pool = ThreadPoolExecutor(settings.preprocess_threads, thread_name_prefix="preprocess")
         app.state.preprocess_pool = pool
-        await asyncio.to_thread(registry.load_at_startup)
+        decoder = DecodePool(settings.decode_workers, settings.decode_timeout_s, metrics)
+        app.state.decoder = decoder
+        await asyncio.gather(asyncio.to_thread(registry.load_at_startup), asyncio.to_thread(decoder.warm_up))
         app.state.training = TrainingManager(settings.weights_dir, settings.data_root, registry)
         inference.start()
         try:
@@ -82,6 +86,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
         finally:
             await app.state.training.shutdown()
             inference.stop()
+            decoder.stop()
             pool.shutdown(wait=True, cancel_futures=True)
 
     app = FastAPI(
@@ -106,6 +111,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     app.state.metrics = metrics
     app.state.registry = registry
     app.state.inference = inference
+    app.state.decode_budget = DecodeBudget(settings.decode_memory_bytes, metrics)
 
     app.include_router(predict.router)
     app.include_router(models.router)
@@ -172,6 +178,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
             CORSMiddleware, allow_origins=settings.cors_origins, allow_methods=["*"], allow_headers=["*"]
         )
     # Outermost last: metrics see every answer, the gate refuses before the body limit reads.
+    app.add_middleware(UploadBudget, limit=settings.upload_memory_bytes, metrics=metrics)
     app.add_middleware(BodySizeLimit, max_bytes=settings.max_upload_bytes)
     app.add_middleware(QueueFullGate, inference=inference)
     app.add_middleware(RequestMetrics, metrics=metrics)

@@ -118,7 +118,7 @@ def test_learns_digits_and_exports_a_validated_model(digits: DigitsFolder, tmp_p
     for name, paths in digits.held_out.items():
         for path in paths:
             crops = preprocess(path.read_bytes(), resize=73, crop=64, mean=meta.mean, std=meta.std,
-                               max_pixels=10**6).crops
+                               max_pixels=10**6).batch
             correct += meta.labels[int(classifier.probabilities(crops).argmax())] == name
             total += 1
     assert correct / total >= 0.7

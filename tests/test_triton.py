@@ -262,7 +262,7 @@ def test_client_preprocessing_fits_the_config(imagenet_repo: tuple[Path, Path]) 
         mean=json.loads(params["preprocess_mean"]),
         std=json.loads(params["preprocess_std"]),
         max_pixels=10**7,
-    ).crops
+    ).batch
     assert crops.shape == (CROPS_PER_IMAGE, *config.input[0].dims) and crops.dtype == np.float32
     assert crops.shape[0] <= config.max_batch_size
     logits = run_batch(repo / "alexnet" / "1" / "model.onnx", crops)

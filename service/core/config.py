@@ -1,12 +1,12 @@
 """Settings from the environment (prefix ``ALEXNET_``); every one is listed in the README."""
 
-import os
 from functools import cache
 from typing import Annotated, Literal
 
 from pydantic import BeforeValidator, Field, SecretStr, model_validator
 from pydantic_settings import NoDecode
 
+from alexnet_core.resources import memory_limit, usable_cpus
 from alexnet_core.settings import CommonSettings
 
 
@@ -32,7 +32,12 @@ class Settings(CommonSettings):
         ["CUDAExecutionProvider", "CPUExecutionProvider"],
         description="ONNX Runtime execution providers in order of preference (comma-separated)",
     )
-    intra_op_threads: int = Field(0, ge=0, description="ONNX Runtime threads per call; 0 = one per core")
+    intra_op_threads: int = Field(
+        default_factory=usable_cpus,
+        ge=0,
+        description="ONNX Runtime threads per call; default: the cores this process may use "
+        "(affinity and cgroup quota); 0 = ONNX Runtime's choice (one per physical core of the host)",
+    )
 
     # Input limits
     max_upload_mb: float = Field(20.0, gt=0, description="largest request body, checked while reading")
@@ -41,9 +46,33 @@ class Settings(CommonSettings):
 
     # Concurrency, batching, backpressure
     preprocess_threads: int = Field(
-        default_factory=lambda: min(4, os.cpu_count() or 1),
+        default_factory=usable_cpus,
         ge=1,
-        description="threads that decode and crop images (off the event loop)",
+        description="threads that weigh and crop images (off the event loop); default: the cores "
+        "this process may use (affinity and cgroup quota)",
+    )
+    decode_workers: int = Field(
+        default_factory=usable_cpus,
+        ge=1,
+        description="processes that decode images; default: the cores this process may use",
+    )
+    decode_timeout_s: float = Field(
+        5.0, gt=0, description="longest one image may take to decode; then its worker is killed (413)"
+    )
+    decode_memory_mb: float = Field(
+        default_factory=lambda: memory_limit() / 4 / 2**20,
+        gt=0,
+        description="server-wide memory for decodes in progress, each image weighed from its header; "
+        "default: a quarter of the container's memory limit (else of physical RAM)",
+    )
+    upload_memory_mb: float = Field(
+        default_factory=lambda: memory_limit() / 8 / 2**20,
+        gt=0,
+        description="server-wide memory for request bodies in progress (503 + Retry-After beyond); "
+        "default: an eighth of the container's memory limit (else of physical RAM)",
+    )
+    max_jpeg_scans: int = Field(
+        64, ge=1, description="most scans in a JPEG (each progressive scan re-reads the whole image)"
     )
     batching: bool = Field(True, description="gather concurrent requests into one inference call")
     max_batch_images: int = Field(8, ge=1, description="most images (x10 crops) in one inference call")
@@ -84,11 +113,23 @@ class Settings(CommonSettings):
     def _limits_fit(self) -> "Settings":
         if self.max_files > self.max_queue_images:
             raise ValueError("max_files must not exceed max_queue_images, or such requests never fit")
+        if self.upload_memory_mb < self.max_upload_mb:
+            raise ValueError(
+                "upload_memory_mb must be at least max_upload_mb, or the largest uploads never fit"
+            )
         return self
 
     @property
     def max_upload_bytes(self) -> int:
         return int(self.max_upload_mb * 1024 * 1024)
+
+    @property
+    def decode_memory_bytes(self) -> int:
+        return int(self.decode_memory_mb * 2**20)
+
+    @property
+    def upload_memory_bytes(self) -> int:
+        return int(self.upload_memory_mb * 2**20)
 
 
 @cache
