@@ -40,8 +40,12 @@ class DecodePool:
     def __init__(self, workers: int, timeout_s: float, metrics: Metrics) -> None:
         self.timeout_s = timeout_s
         self.metrics = metrics
-        # spawn: forking a process that runs ONNX Runtime's and uvicorn's threads is unsafe.
-        self._pool = ProcessPool(max_workers=workers, context=multiprocessing.get_context("spawn"))
+        # Workers are forked from a fork server that has imported the decoders: forking this process,
+        # which runs ONNX Runtime's and uvicorn's threads, would be unsafe, and spawning a fresh
+        # interpreter to replace each killed worker would leave the pool short for a while.
+        context = multiprocessing.get_context("forkserver")
+        context.set_forkserver_preload(["service.decoding"])
+        self._pool = ProcessPool(max_workers=workers, context=context)
         self._lock = threading.Lock()
         self._in_progress = 0
 

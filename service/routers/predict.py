@@ -13,6 +13,7 @@ from alexnet_core.metadata import ModelMetadata
 from alexnet_core.pipeline import Preprocessed, ten_crop, top_k
 from service.admission import DecodeBudget
 from service.core.config import Settings
+from service.core.metrics import Metrics
 from service.decoding import DecodePool
 from service.deps import (
     ClassifierDep,
@@ -117,7 +118,7 @@ async def disconnected(request: Request) -> None:
         pass
 
 
-async def unless_disconnected(request: Request, work: "asyncio.Task[T]") -> T:
+async def unless_disconnected(request: Request, work: "asyncio.Task[T]", metrics: Metrics) -> T:
     """``work``'s result, or ``work`` cancelled (and a 499) once the client has gone away."""
     watcher = asyncio.create_task(disconnected(request))
     try:
@@ -127,6 +128,7 @@ async def unless_disconnected(request: Request, work: "asyncio.Task[T]") -> T:
     if not work.done():
         work.cancel()
         await asyncio.gather(work, return_exceptions=True)
+        metrics.rejected.labels("disconnected").inc()
         raise HTTPException(499, "client closed the request: its work was cancelled")
     return work.result()
 
@@ -183,7 +185,7 @@ async def predict(
                     headers={"Retry-After": "1"},
                 ) from None
 
-    images, result = await unless_disconnected(request, asyncio.create_task(work()))
+    images, result = await unless_disconnected(request, asyncio.create_task(work()), metrics)
     metrics.images.inc(len(images))
     results = []
     for upload, image, probabilities in zip(uploads, images, result.probabilities, strict=True):
