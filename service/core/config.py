@@ -15,6 +15,9 @@ def _split(value: object) -> object:
 
 
 CommaList = Annotated[list[str], NoDecode]
+# 0 means "derived from this machine" so that a deployment file can pass the default through.
+AUTO_CPUS = " (CPU affinity and cgroup quota)"
+AUTO_MEMORY = " of the memory limit (cgroup memory.max, else physical RAM)"
 
 
 def _lower(value: object) -> object:
@@ -33,10 +36,9 @@ class Settings(CommonSettings):
         description="ONNX Runtime execution providers in order of preference (comma-separated)",
     )
     intra_op_threads: int = Field(
-        default_factory=usable_cpus,
+        0,
         ge=0,
-        description="ONNX Runtime threads per call; default: the cores this process may use "
-        "(affinity and cgroup quota); 0 = ONNX Runtime's choice (one per physical core of the host)",
+        description="ONNX Runtime threads per call; 0 = one per core this process may use" + AUTO_CPUS,
     )
 
     # Input limits
@@ -46,30 +48,27 @@ class Settings(CommonSettings):
 
     # Concurrency, batching, backpressure
     preprocess_threads: int = Field(
-        default_factory=usable_cpus,
-        ge=1,
-        description="threads that weigh and crop images (off the event loop); default: the cores "
-        "this process may use (affinity and cgroup quota)",
+        0,
+        ge=0,
+        description="threads that weigh and crop images (off the event loop); 0 = one per core" + AUTO_CPUS,
     )
     decode_workers: int = Field(
-        default_factory=usable_cpus,
-        ge=1,
-        description="processes that decode images; default: the cores this process may use",
+        0, ge=0, description="processes that decode images; 0 = one per core" + AUTO_CPUS
     )
     decode_timeout_s: float = Field(
         5.0, gt=0, description="longest one image may take to decode; then its worker is killed (413)"
     )
     decode_memory_mb: float = Field(
-        default_factory=lambda: memory_limit() / 4 / 2**20,
-        gt=0,
+        0,
+        ge=0,
         description="server-wide memory for decodes in progress, each image weighed from its header; "
-        "default: a quarter of the container's memory limit (else of physical RAM)",
+        "0 = a quarter" + AUTO_MEMORY,
     )
     upload_memory_mb: float = Field(
-        default_factory=lambda: memory_limit() / 8 / 2**20,
-        gt=0,
+        0,
+        ge=0,
         description="server-wide memory for request bodies in progress (503 + Retry-After beyond); "
-        "default: an eighth of the container's memory limit (else of physical RAM)",
+        "0 = an eighth" + AUTO_MEMORY,
     )
     max_jpeg_scans: int = Field(
         64, ge=1, description="most scans in a JPEG (each progressive scan re-reads the whole image)"
@@ -108,6 +107,16 @@ class Settings(CommonSettings):
             if key in data:
                 data[key] = _split(data[key])
         return data
+
+    @model_validator(mode="after")
+    def _derive_from_machine(self) -> "Settings":
+        cpus = usable_cpus()
+        self.intra_op_threads = self.intra_op_threads or cpus
+        self.preprocess_threads = self.preprocess_threads or cpus
+        self.decode_workers = self.decode_workers or cpus
+        self.decode_memory_mb = self.decode_memory_mb or memory_limit() / 4 / 2**20
+        self.upload_memory_mb = self.upload_memory_mb or memory_limit() / 8 / 2**20
+        return self
 
     @model_validator(mode="after")
     def _limits_fit(self) -> "Settings":
