@@ -2,6 +2,7 @@
 limit, else physical RAM). Defaults sized from ``os.cpu_count()`` alone over-subscribe a container
 that is given 2 of a host's 64 cores, and under-use a machine where the affinity is all that limits."""
 
+import ctypes
 import math
 import os
 from pathlib import Path
@@ -76,3 +77,21 @@ def memory_limit(root: Path = CGROUP_ROOT) -> int:
             if value == "max":
                 return ram
     return ram
+
+
+def keep_freed_memory(largest: int = 32 * 2**20, retain: int = 512 * 2**20) -> bool:
+    """Make glibc reuse freed buffers instead of returning them to the system after each image.
+
+    Every image allocates and frees the same few large buffers (decoded pixels, the 6 MB of float
+    crops, a batch). glibc serves such sizes with a fresh ``mmap`` and unmaps them on free unless an
+    adaptive threshold has risen past them, so which requests pay depends on what was freed before;
+    a fresh mapping costs a page fault per 4 KiB (and, for numpy's huge-page-advised arrays,
+    compaction) in the kernel on the next touch. Fixed thresholds (``largest`` is glibc's maximum)
+    keep them in the heap, up to ``retain`` of free memory held for reuse. Returns False where
+    glibc is not the allocator (musl, macOS): nothing changes there."""
+    try:
+        libc = ctypes.CDLL("libc.so.6")
+    except OSError:
+        return False
+    m_trim_threshold, m_mmap_threshold = -1, -3  # malloc.h
+    return bool(libc.mallopt(m_mmap_threshold, largest)) and bool(libc.mallopt(m_trim_threshold, retain))

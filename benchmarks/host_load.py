@@ -20,27 +20,44 @@ from pathlib import Path
 from alexnet_core.pipeline import preprocess
 
 
-def cpu_seconds(pid: int) -> float:
-    """User + system CPU of a process (all its threads), of its children that were reaped, and of
-    its live children (decode workers), which any of its threads may have started."""
+def descendants(pid: int) -> list[int]:
+    """The process and all processes below it (decode workers are children of a fork server)."""
+    found, stack = [], [pid]
+    while stack:
+        found.append(current := stack.pop())
+        with contextlib.suppress(OSError):
+            for task in os.listdir(f"/proc/{current}/task"):
+                with contextlib.suppress(OSError):
+                    stack += [
+                        int(p) for p in Path(f"/proc/{current}/task/{task}/children").read_text().split()
+                    ]
+    return found
+
+
+def usage(pid: int) -> tuple[float, float, int]:
+    """(user, system) CPU seconds and minor page faults of a process (all its threads), of its
+    reaped children and of its live descendants (decode workers), which any of its threads started."""
     tick = os.sysconf("SC_CLK_TCK")
-    total = 0.0
-    pids = [pid]
-    with contextlib.suppress(OSError):
-        for task in os.listdir(f"/proc/{pid}/task"):
-            with contextlib.suppress(OSError):
-                pids += [int(p) for p in Path(f"/proc/{pid}/task/{task}/children").read_text().split()]
-    for p in pids:
+    user = system = 0.0
+    faults = 0
+    for p in descendants(pid):
         try:
             fields = Path(f"/proc/{p}/stat").read_text().rsplit(")", 1)[1].split()
         except OSError:
             continue
-        total += sum(int(x) for x in fields[11:15]) / tick  # utime stime cutime cstime
-    return total
+        faults += int(fields[7]) + int(fields[8])  # minflt cminflt
+        user += (int(fields[11]) + int(fields[13])) / tick  # utime cutime
+        system += (int(fields[12]) + int(fields[14])) / tick  # stime cstime
+    return user, system, faults
+
+
+def cpu_seconds(pid: int) -> float:
+    user, system, _ = usage(pid)
+    return user + system
 
 
 def in_process(data: bytes, seconds: float) -> float:
-    """CPU seconds per image of the preprocessing alone, in this thread."""
+    """CPU seconds per image of the preprocessing alone, in this thread (user + system)."""
     kwargs = dict(resize=256, crop=224, mean=[0.485, 0.456, 0.406], std=[0.229, 0.224, 0.225])
     for _ in range(5):
         preprocess(data, max_pixels=64_000_000, **kwargs)
@@ -90,11 +107,18 @@ async def load(port: int, payload: bytes, concurrency: int, seconds: float) -> d
 def measure(pid: int, port: int, data: bytes, concurrency: int, seconds: float) -> dict[str, float]:
     payload = request_bytes(data, port)
     asyncio.run(load(port, payload, concurrency, 1.0))  # warm-up
-    cpu, wall = cpu_seconds(pid), time.monotonic()
+    before, wall = usage(pid), time.monotonic()
     counts = asyncio.run(load(port, payload, concurrency, seconds))
-    cpu, wall = cpu_seconds(pid) - cpu, time.monotonic() - wall
-    ok = counts.get(200, 0)
-    return {"images_s": ok / wall, "server_cpu_ms": 1000 * cpu / max(ok, 1), "statuses": counts}
+    after, wall = usage(pid), time.monotonic() - wall
+    user, system, faults = (b - a for a, b in zip(before, after, strict=True))
+    ok = max(counts.get(200, 0), 1)
+    return {
+        "images_s": ok / wall,
+        "server_cpu_ms": 1000 * (user + system) / ok,
+        "server_sys_ms": 1000 * system / ok,
+        "page_faults": faults / ok,
+        "statuses": counts,
+    }
 
 
 def start_server(weights: Path, port: int, cpus: str | None, env: dict[str, str]) -> subprocess.Popen:

@@ -17,14 +17,18 @@ import multiprocessing
 import threading
 import time
 from collections.abc import Callable
-from concurrent.futures import CancelledError, Future
+from concurrent.futures import Future
 
 import numpy as np
 from pebble import ProcessExpired, ProcessPool
 
 from alexnet_core.images import ImageInputError, decode
 from alexnet_core.pipeline import center_square
+from alexnet_core.resources import keep_freed_memory
 from service.core.metrics import Metrics
+
+# Imported by the fork server (preload), so every worker forked from it inherits the setting.
+keep_freed_memory()
 
 
 def decode_square(data: bytes, resize: int, max_pixels: int) -> tuple[np.ndarray, float, float]:
@@ -91,5 +95,3 @@ class DecodePool:
             ) from None
         except ProcessExpired as exc:  # the decoder crashed or ran out of memory: not the server's fault
             raise ImageInputError(422, f"image could not be decoded: the decoder died ({exc})") from None
-        except CancelledError:  # the pool is stopping
-            raise asyncio.CancelledError() from None

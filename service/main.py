@@ -20,6 +20,7 @@ from starlette.routing import Match
 from swagger_ui_bundle import swagger_ui_path
 
 from alexnet_core.images import ImageInputError
+from alexnet_core.resources import keep_freed_memory
 from service.admission import DecodeBudget, UploadBudget
 from service.core.config import Settings, get_settings
 from service.core.metrics import Metrics
@@ -74,6 +75,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
 
     @asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
+        keep_freed_memory()
         pool = ThreadPoolExecutor(settings.preprocess_threads, thread_name_prefix="preprocess")
         app.state.preprocess_pool = pool
         decoder = DecodePool(settings.decode_workers, settings.decode_timeout_s, metrics)

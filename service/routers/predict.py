@@ -123,6 +123,9 @@ async def unless_disconnected(request: Request, work: "asyncio.Task[T]", metrics
     watcher = asyncio.create_task(disconnected(request))
     try:
         await asyncio.wait({work, watcher}, return_when=asyncio.FIRST_COMPLETED)
+    except asyncio.CancelledError:  # the server is shutting down
+        work.cancel()
+        raise
     finally:
         watcher.cancel()
     if not work.done():
