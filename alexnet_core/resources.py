@@ -79,7 +79,7 @@ def memory_limit(root: Path = CGROUP_ROOT) -> int:
     return ram
 
 
-def keep_freed_memory(largest: int = 32 * 2**20, retain: int = 512 * 2**20) -> bool:
+def keep_freed_memory(largest: int = 32 * 2**20, retain: int = 64 * 2**20) -> bool:
     """Make glibc reuse freed buffers instead of returning them to the system after each image.
 
     Every image allocates and frees the same few large buffers (decoded pixels, the 6 MB of float
@@ -87,7 +87,8 @@ def keep_freed_memory(largest: int = 32 * 2**20, retain: int = 512 * 2**20) -> b
     adaptive threshold has risen past them, so which requests pay depends on what was freed before;
     a fresh mapping costs a page fault per 4 KiB (and, for numpy's huge-page-advised arrays,
     compaction) in the kernel on the next touch. Fixed thresholds (``largest`` is glibc's maximum)
-    keep them in the heap, up to ``retain`` of free memory held for reuse. Returns False where
+    keep them in the heap, up to ``retain`` of free memory held for reuse (enough for a batch of
+    ordinary images; the memory of a rare huge decode still goes back). Returns False where
     glibc is not the allocator (musl, macOS): nothing changes there."""
     try:
         libc = ctypes.CDLL("libc.so.6")
