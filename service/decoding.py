@@ -14,6 +14,7 @@ cost more to send between processes than to compute in the server.
 
 import asyncio
 import multiprocessing
+import tempfile
 import threading
 import time
 from collections.abc import Callable
@@ -40,16 +41,27 @@ def decode_square(data: bytes, resize: int, max_pixels: int) -> tuple[np.ndarray
     return square, decoded - started, time.perf_counter() - decoded
 
 
+# The fork server listens on a Unix socket under TMPDIR, whose path must fit sockaddr_un (107 bytes).
+_SOCKET_PATH_ROOM = 107 - len("/pymp-xxxxxxxx/listener-xxxxxxxx")
+
+
+def _context() -> multiprocessing.context.BaseContext:
+    """Workers are forked from a fork server that has imported the decoders: forking this process,
+    which runs ONNX Runtime's and uvicorn's threads, would be unsafe, and spawning a fresh
+    interpreter to replace each killed worker leaves the pool short for a while. Spawn where the
+    fork server cannot listen (a TMPDIR path too long for a Unix socket)."""
+    if len(tempfile.gettempdir()) > _SOCKET_PATH_ROOM:
+        return multiprocessing.get_context("spawn")
+    context = multiprocessing.get_context("forkserver")
+    context.set_forkserver_preload(["service.decoding"])
+    return context
+
+
 class DecodePool:
     def __init__(self, workers: int, timeout_s: float, metrics: Metrics) -> None:
         self.timeout_s = timeout_s
         self.metrics = metrics
-        # Workers are forked from a fork server that has imported the decoders: forking this process,
-        # which runs ONNX Runtime's and uvicorn's threads, would be unsafe, and spawning a fresh
-        # interpreter to replace each killed worker would leave the pool short for a while.
-        context = multiprocessing.get_context("forkserver")
-        context.set_forkserver_preload(["service.decoding"])
-        self._pool = ProcessPool(max_workers=workers, context=context)
+        self._pool = ProcessPool(max_workers=workers, context=_context())
         self._lock = threading.Lock()
         self._in_progress = 0
 
