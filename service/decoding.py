@@ -14,6 +14,7 @@ cost more to send between processes than to compute in the server.
 
 import asyncio
 import multiprocessing
+import signal
 import tempfile
 import threading
 import time
@@ -41,6 +42,13 @@ def decode_square(data: bytes, resize: int, max_pixels: int) -> tuple[np.ndarray
     return square, decoded - started, time.perf_counter() - decoded
 
 
+def _die_on_sigterm() -> None:
+    """In a worker: SIGTERM ends it at once. Pebble's own handler is Python code, which runs only
+    between bytecodes, so a worker inside a long decode (one C call) lived on until Pebble's
+    SIGKILL, 3 s later, for each worker in turn, while the pool dispatched nothing."""
+    signal.signal(signal.SIGTERM, signal.SIG_DFL)
+
+
 # The fork server listens on a Unix socket under TMPDIR, whose path must fit sockaddr_un (107 bytes).
 _SOCKET_PATH_ROOM = 107 - len("/pymp-xxxxxxxx/listener-xxxxxxxx")
 
@@ -61,7 +69,7 @@ class DecodePool:
     def __init__(self, workers: int, timeout_s: float, metrics: Metrics) -> None:
         self.timeout_s = timeout_s
         self.metrics = metrics
-        self._pool = ProcessPool(max_workers=workers, context=_context())
+        self._pool = ProcessPool(max_workers=workers, context=_context(), initializer=_die_on_sigterm)
         self._lock = threading.Lock()
         self._in_progress = 0
 

@@ -179,7 +179,9 @@ def test_timed_out_request_leaves_no_decode_running(free_dir: Path, png64: bytes
         assert response.status_code == 503 and "timed out" in response.json()["detail"]
         assert gauge(c, "alexnet_decodes_in_progress") == 0
         assert gauge(c, "alexnet_decode_bytes") == 0 and gauge(c, "alexnet_queue_images") == 0
-        assert c.post("/predict", files={"file": ("a.jpg", photo_jpeg())}).status_code == 200
+        # Served once the killed workers are replaced (before the fix: once both decodes had run).
+        small = photo_jpeg()
+        wait_for(lambda: c.post("/predict", files={"file": ("a.jpg", small)}).status_code == 200, steps=20)
 
 
 def test_refused_image_cancels_the_other_decodes_of_its_request(free_dir: Path, png64: bytes) -> None:
