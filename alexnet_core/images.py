@@ -7,7 +7,7 @@ the bytes is an ``ImageInputError`` carrying the HTTP status the service answers
 """
 
 import io
-import warnings
+from dataclasses import dataclass
 
 import numpy as np
 from PIL import Image, ImageOps, UnidentifiedImageError
@@ -33,6 +33,10 @@ class ImageInputError(ValueError):
         self.status_code = status_code
         self.detail = detail
 
+    def __reduce__(self) -> tuple[type["ImageInputError"], tuple[int, str]]:
+        # Raised in decode worker processes and pickled back: the default would call cls(detail).
+        return type(self), (self.status_code, self.detail)
+
 
 def sniff_format(data: bytes) -> str | None:
     """The format the leading bytes claim, so that a broken file of a known format is reported
@@ -54,10 +58,11 @@ def _open(data: bytes, max_pixels: int) -> Image.Image:
     if not data:
         raise ImageInputError(400, "empty file: the upload has no bytes")
     try:
-        with warnings.catch_warnings():
-            warnings.simplefilter("error", Image.DecompressionBombWarning)
-            image = Image.open(io.BytesIO(data), formats=FORMATS)
-    except (Image.DecompressionBombError, Image.DecompressionBombWarning) as exc:
+        # The pixel limit is ours (``_check_pixels``, from the header). Pillow's own check only
+        # warns below twice its MAX_IMAGE_PIXELS; turning that warning into an error needed
+        # ``warnings.catch_warnings``, which swaps a process-wide filter list and is not thread-safe.
+        image = Image.open(io.BytesIO(data), formats=FORMATS)
+    except Image.DecompressionBombError as exc:
         raise ImageInputError(413, f"image has too many pixels: {exc}") from None
     except UnidentifiedImageError:
         if (claimed := sniff_format(data)) is not None:
@@ -98,13 +103,10 @@ def decode(data: bytes, resize: int, max_pixels: int) -> Image.Image:
     was (JPEGs are decoded at a reduced scale when they are much larger: draft mode)."""
     image = _open(data, max_pixels)
     try:
-        if image.format == "JPEG":
-            width, height = image.size
-            shorter = min(width, height)
-            if shorter >= 2 * resize:
-                # libjpeg scales by 1/2, 1/4 or 1/8 while decoding; draft picks the smallest
-                # result that is still at least the requested size.
-                image.draft("RGB", (-(-width * resize // shorter), -(-height * resize // shorter)))
+        if image.format == "JPEG" and (target := draft_size(*image.size, resize)) is not None:
+            # libjpeg scales by 1/2, 1/4 or 1/8 while decoding; draft picks the smallest result
+            # that is still at least the requested size.
+            image.draft("RGB", target)
         image.load()  # first frame of animations; raises on truncated data
         image = ImageOps.exif_transpose(image)
         return _to_rgb(image)
@@ -114,3 +116,66 @@ def decode(data: bytes, resize: int, max_pixels: int) -> Image.Image:
         raise ImageInputError(422, f"corrupt or truncated image data: {exc}") from None
     except Exception as exc:
         raise ImageInputError(422, f"image could not be decoded: {type(exc).__name__}: {exc}") from None
+
+
+# Bytes per pixel of Pillow's storage for each mode (RGB and the like are stored 4 bytes wide).
+_STORAGE = {"1": 1, "L": 1, "P": 1, "I;16": 2, "I;16B": 2, "I;16L": 2, "I;16N": 2}
+_SOS = b"\xff\xda"  # start of scan: 0xFF in entropy-coded data is always followed by 0x00
+
+
+@dataclass(frozen=True)
+class DecodeCost:
+    """What decoding an image will take, from its header alone."""
+
+    format: str
+    width: int  # at the scale it will be decoded at (JPEG draft)
+    height: int
+    bytes: int  # peak memory of the decode and its conversion to RGB, estimated
+
+
+def draft_size(width: int, height: int, resize: int) -> tuple[int, int] | None:
+    """The size requested from JPEG draft mode, or None when the image is decoded at full size."""
+    shorter = min(width, height)
+    if shorter < 2 * resize:
+        return None
+    return -(-width * resize // shorter), -(-height * resize // shorter)
+
+
+def _draft_scale(width: int, height: int, resize: int) -> int:
+    """libjpeg's scale denominator (1, 2, 4, 8) that draft mode will pick."""
+    if (target := draft_size(width, height, resize)) is None:
+        return 1
+    scale = 1
+    while scale < 8 and width // (scale * 2) >= target[0] and height // (scale * 2) >= target[1]:
+        scale *= 2
+    return scale
+
+
+def jpeg_scans(data: bytes) -> int:
+    return data.count(_SOS)
+
+
+def decode_cost(data: bytes, resize: int, max_pixels: int, max_jpeg_scans: int) -> DecodeCost:
+    """Weigh an image before decoding it: its header's size and mode, the scale draft mode will
+    decode a JPEG at, and the buffers the decode and RGB conversion hold at their peak. Raises
+    ``ImageInputError`` for what ``decode`` would refuse from the header, and for a JPEG with more
+    scans than ``max_jpeg_scans`` (each scan of a progressive JPEG re-reads the whole image)."""
+    image = _open(data, max_pixels)
+    width, height = image.size
+    pixels = width * height
+    extra = 0
+    if image.format == "JPEG":
+        if (scans := jpeg_scans(data)) > max_jpeg_scans:
+            raise ImageInputError(
+                413, f"JPEG has {scans} scans, over the limit of {max_jpeg_scans}: too costly to decode"
+            )
+        if image.info.get("progressive") or image.info.get("progression"):
+            # A progressive decode keeps every DCT coefficient (2 bytes) of the full-size image.
+            extra = pixels * len(image.getbands()) * 2
+        scale = _draft_scale(width, height, resize)
+        width, height = -(-width // scale), -(-height // scale)
+    decoded = width * height * _STORAGE.get(image.mode, 4)
+    if image.mode.startswith("I") or image.mode == "F":
+        decoded += width * height * 12  # float32 copy and its scaled copy (``_to_rgb``)
+    # RGB result (stored 4 bytes wide), and the same again for a mode conversion or EXIF rotation.
+    return DecodeCost(image.format or "?", width, height, extra + decoded + 2 * width * height * 4)

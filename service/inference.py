@@ -46,7 +46,7 @@ class Admission:
 @dataclass
 class _Job:
     classifier: OnnxClassifier
-    crops: np.ndarray
+    batch: np.ndarray  # the model's input for this request's images
     images: int
     future: "asyncio.Future[InferenceResult]"
     loop: asyncio.AbstractEventLoop
@@ -81,6 +81,7 @@ class InferenceQueue:
         self._admitted = 0
         self._decoding = 0  # admitted images not yet handed to the batcher: the ones worth waiting for
         self._lock = threading.Lock()
+        self._buffer: np.ndarray | None = None  # the last joined batch's memory, reused by the next
         self._thread = threading.Thread(target=self._serve, name="inference", daemon=True)
 
     @property
@@ -124,12 +125,12 @@ class InferenceQueue:
                 self.metrics.queue_images.set(self._admitted)
 
     async def infer(
-        self, admission: Admission, classifier: OnnxClassifier, crops: np.ndarray
+        self, admission: Admission, classifier: OnnxClassifier, batch: np.ndarray
     ) -> InferenceResult:
         loop = asyncio.get_running_loop()
         future: asyncio.Future[InferenceResult] = loop.create_future()
         with self._lock:  # queued and no longer decoding in one step, as the batcher sees it
-            self._jobs.put(_Job(classifier, crops, admission.images, future, loop))
+            self._jobs.put(_Job(classifier, batch, admission.images, future, loop))
             self._decoding -= admission.images
             admission.decoding = False
         return await future
@@ -171,13 +172,25 @@ class InferenceQueue:
         if self._held is not None:
             self._jobs.put(self._held)
 
+    def _joined(self, parts: list[np.ndarray]) -> np.ndarray:
+        """The requests' inputs as one array, in a buffer kept between calls: a batch is up to
+        tens of MB, which a fresh allocation would map and fault in again for every call. Safe to
+        reuse: the session has returned (and its outputs are new arrays) before the next call."""
+        if len(parts) == 1:
+            return parts[0]
+        rows, tail, dtype = sum(len(p) for p in parts), parts[0].shape[1:], parts[0].dtype
+        buffer = self._buffer
+        if buffer is None or buffer.shape[1:] != tail or buffer.dtype != dtype or len(buffer) < rows:
+            buffer = self._buffer = np.empty((rows, *tail), dtype)
+        return np.concatenate(parts, out=buffer[:rows])
+
     def _run(self, batch: list[_Job]) -> None:
         classifier = batch[0].classifier
-        crops = batch[0].crops if len(batch) == 1 else np.concatenate([job.crops for job in batch])
+        inputs = self._joined([job.batch for job in batch])
         images = sum(job.images for job in batch)
         started = time.perf_counter()
         try:
-            probabilities = classifier.probabilities(crops)
+            probabilities = classifier.probabilities(inputs)
         except Exception as exc:
             log.exception("inference failed for a batch of %d images", images)
             for job in batch:

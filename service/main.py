@@ -17,12 +17,15 @@ from fastapi.staticfiles import StaticFiles
 from starlette.formparsers import MultiPartParser
 from swagger_ui_bundle import swagger_ui_path
 
+from alexnet_core.resources import keep_freed_memory
+from service.admission import DecodeBudget, UploadBudget
 from service.core import errors
 from service.core.config import Settings, from_command_line, get_settings
 from service.core.http import raise_descriptor_limit, server_config
 from service.core.metrics import Metrics
 from service.core.middleware import ApiKeyGate, BodySizeLimit, BodyTimeout, QueueFullGate, RequestMetrics
 from service.core.security import needs_key, scope_checker
+from service.decoding import DecodePool
 from service.inference import InferenceQueue
 from service.model_registry import ModelRegistry, PointerWatcher
 from service.routers import health, models, predict, train
@@ -56,9 +59,12 @@ def create_app(settings: Settings | None = None) -> FastAPI:
 
     @asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
+        keep_freed_memory()
         pool = ThreadPoolExecutor(settings.preprocess_threads, thread_name_prefix="preprocess")
         app.state.preprocess_pool = pool
-        await asyncio.to_thread(registry.load_at_startup)
+        decoder = DecodePool(settings.decode_workers, settings.decode_timeout_s, metrics)
+        app.state.decoder = decoder
+        await asyncio.gather(asyncio.to_thread(registry.load_at_startup), asyncio.to_thread(decoder.warm_up))
         watcher = PointerWatcher(registry)  # replicas sharing the weights volume follow activations
         watcher.start()
         app.state.training = TrainingManager(settings.weights_dir, settings.data_root, registry)
@@ -69,6 +75,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
             watcher.stop()
             await app.state.training.shutdown()
             inference.stop()
+            decoder.stop()
             pool.shutdown(wait=True, cancel_futures=True)
 
     app = FastAPI(
@@ -83,6 +90,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     app.state.metrics = metrics
     app.state.registry = registry
     app.state.inference = inference
+    app.state.decode_budget = DecodeBudget(settings.decode_memory_bytes, metrics)
 
     routers = (predict.router, models.router, train.router, health.router, open_inference.router)
     for router in routers:
@@ -107,6 +115,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
         )
     # Outermost last: metrics see every answer; the gates refuse before the body is read; the
     # body limits count and time what is read.
+    app.add_middleware(UploadBudget, limit=settings.upload_memory_bytes, metrics=metrics)
     app.add_middleware(BodySizeLimit, max_bytes=settings.max_upload_bytes)
     app.add_middleware(BodyTimeout, timeout_s=settings.body_timeout_s)
     app.add_middleware(QueueFullGate, inference=inference)

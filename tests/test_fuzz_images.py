@@ -189,8 +189,8 @@ def check(data: bytes, max_pixels: int, geometry: tuple[int, int]) -> int:
         assert 400 <= exc.status_code < 500 and isinstance(exc.detail, str) and exc.detail
         return exc.status_code
     record(200)
-    assert result.crops.shape == (10, 3, crop, crop) and result.crops.dtype == np.float32
-    assert np.isfinite(result.crops).all()
+    assert result.batch.shape == (10, 3, crop, crop) and result.batch.dtype == np.float32
+    assert np.isfinite(result.batch).all()
     return 200
 
 

@@ -55,7 +55,7 @@ def digits(count: int) -> list[bytes]:
 def crops(classifier: OnnxClassifier, images: list[bytes]) -> np.ndarray:
     """The service's preprocessing with the model's own sizes and normalisation."""
     meta = classifier.metadata
-    return np.concatenate([meta.preprocess(data, max_pixels=10**8).crops for data in images])
+    return np.concatenate([meta.preprocess(data, max_pixels=10**8).batch for data in images])
 
 
 def logits(classifier: OnnxClassifier, images: list[bytes]) -> np.ndarray:

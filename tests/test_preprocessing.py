@@ -136,7 +136,7 @@ def test_small_jpeg_not_drafted() -> None:
 
 def test_preprocess_shapes_and_timings() -> None:
     result = preprocess(photo_jpeg(), resize=256, crop=224, mean=MEAN, std=STD, max_pixels=10**8)
-    assert result.crops.shape == (10, 3, 224, 224) and result.decode_s > 0 and result.preprocess_s > 0
+    assert result.batch.shape == (10, 3, 224, 224) and result.decode_s > 0 and result.preprocess_s > 0
 
 
 @pytest.mark.parametrize(

@@ -1,12 +1,12 @@
 """Settings from the environment (prefix ``ALEXNET_``); every one is listed in the README."""
 
-import os
 from functools import cache
 from typing import Annotated, Literal
 
 from pydantic import BeforeValidator, Field, SecretStr, model_validator
 from pydantic_settings import CliApp, NoDecode, SettingsConfigDict
 
+from alexnet_core.resources import memory_limit, usable_cpus
 from alexnet_core.settings import CommonSettings
 
 
@@ -15,6 +15,9 @@ def _split(value: object) -> object:
 
 
 CommaList = Annotated[list[str], NoDecode]
+# 0 means "derived from this machine" so that a deployment file can pass the default through.
+AUTO_CPUS = " (CPU affinity and cgroup quota)"
+AUTO_MEMORY = " of the memory limit (cgroup memory.max, else physical RAM)"
 
 
 def _lower(value: object) -> object:
@@ -44,7 +47,11 @@ class Settings(CommonSettings):
         ["CUDAExecutionProvider", "CPUExecutionProvider"],
         description="ONNX Runtime execution providers in order of preference (comma-separated)",
     )
-    intra_op_threads: int = Field(0, ge=0, description="ONNX Runtime threads per call; 0 = one per core")
+    intra_op_threads: int = Field(
+        0,
+        ge=0,
+        description="ONNX Runtime threads per call; 0 = one per core this process may use" + AUTO_CPUS,
+    )
 
     # Input limits
     max_upload_mb: float = Field(20.0, gt=0, description="largest request body, checked while reading")
@@ -53,9 +60,30 @@ class Settings(CommonSettings):
 
     # Concurrency, batching, backpressure
     preprocess_threads: int = Field(
-        default_factory=lambda: min(4, os.cpu_count() or 1),
-        ge=1,
-        description="threads that decode and crop images (off the event loop)",
+        0,
+        ge=0,
+        description="threads that weigh and crop images (off the event loop); 0 = one per core" + AUTO_CPUS,
+    )
+    decode_workers: int = Field(
+        0, ge=0, description="processes that decode images; 0 = one per core" + AUTO_CPUS
+    )
+    decode_timeout_s: float = Field(
+        5.0, gt=0, description="longest one image may take to decode; then its worker is killed (413)"
+    )
+    decode_memory_mb: float = Field(
+        0,
+        ge=0,
+        description="server-wide memory for decodes in progress, each image weighed from its header; "
+        "0 = a quarter" + AUTO_MEMORY,
+    )
+    upload_memory_mb: float = Field(
+        0,
+        ge=0,
+        description="server-wide memory for request bodies in progress (503 + Retry-After beyond); "
+        "0 = an eighth" + AUTO_MEMORY,
+    )
+    max_jpeg_scans: int = Field(
+        64, ge=1, description="most scans in a JPEG (each progressive scan re-reads the whole image)"
     )
     batching: bool = Field(True, description="gather concurrent requests into one inference call")
     max_batch_images: int = Field(8, ge=1, description="most images (x10 crops) in one inference call")
@@ -112,14 +140,36 @@ class Settings(CommonSettings):
         return data
 
     @model_validator(mode="after")
+    def _derive_from_machine(self) -> "Settings":
+        cpus = usable_cpus()
+        self.intra_op_threads = self.intra_op_threads or cpus
+        self.preprocess_threads = self.preprocess_threads or cpus
+        self.decode_workers = self.decode_workers or cpus
+        self.decode_memory_mb = self.decode_memory_mb or memory_limit() / 4 / 2**20
+        self.upload_memory_mb = self.upload_memory_mb or memory_limit() / 8 / 2**20
+        return self
+
+    @model_validator(mode="after")
     def _limits_fit(self) -> "Settings":
         if self.max_files > self.max_queue_images:
             raise ValueError("max_files must not exceed max_queue_images, or such requests never fit")
+        if self.upload_memory_mb < self.max_upload_mb:
+            raise ValueError(
+                "upload_memory_mb must be at least max_upload_mb, or the largest uploads never fit"
+            )
         return self
 
     @property
     def max_upload_bytes(self) -> int:
         return int(self.max_upload_mb * 1024 * 1024)
+
+    @property
+    def decode_memory_bytes(self) -> int:
+        return int(self.decode_memory_mb * 2**20)
+
+    @property
+    def upload_memory_bytes(self) -> int:
+        return int(self.upload_memory_mb * 2**20)
 
 
 @cache

@@ -45,7 +45,23 @@ class Metrics:
             "alexnet_queue_images", "images admitted and not finished (decoding, queued, running)", registry=r
         )
         self.rejected = Counter(
-            "alexnet_rejected", "requests refused by backpressure", ["reason"], registry=r
+            "alexnet_rejected", "requests refused by backpressure or cost", ["reason"], registry=r
+        )
+        # Admission by cost (service.admission, service.decoding)
+        self.decodes_in_progress = Gauge(
+            "alexnet_decodes_in_progress", "images queued or decoding in the decode workers", registry=r
+        )
+        self.decode_bytes = Gauge(
+            "alexnet_decode_bytes", "estimated memory reserved by decodes in progress", registry=r
+        )
+        self.decode_budget = Gauge(
+            "alexnet_decode_budget_bytes", "server-wide decode memory budget", registry=r
+        )
+        self.upload_bytes = Gauge(
+            "alexnet_upload_bytes", "request body bytes held by requests in progress", registry=r
+        )
+        self.upload_budget = Gauge(
+            "alexnet_upload_budget_bytes", "server-wide upload memory budget", registry=r
         )
         self.images = Counter("alexnet_images", "images classified", registry=r)
         self.model_info = Gauge(

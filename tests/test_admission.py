@@ -1,0 +1,250 @@
+"""Admission by cost (issue 15, findings 1 and 2) and defaults that follow the machine (issue 11).
+
+Real servers, real HTTP, real images made here: a 64 MP 16-bit PNG (small compressed, costly to
+decode), a progressive JPEG with hundreds of scans, uploads stalled before their end. The engine
+is a model file that costs nothing to run (``tests.free_model``), so that decoding is the cost.
+Assertions are on states (status codes, /metrics gauges), polled in steps, not on durations.
+"""
+
+import io
+import os
+import shutil
+import socket
+import subprocess
+import sys
+import threading
+from collections.abc import Iterator
+from pathlib import Path
+
+import httpx
+import numpy as np
+import pytest
+from PIL import Image
+
+from alexnet_core.images import jpeg_scans
+from alexnet_core.resources import cgroup_cpu_quota, memory_limit, usable_cpus
+from tests.conftest import cpu_settings, serve
+from tests.free_model import write_free_model
+from tests.images import photo, photo_jpeg
+
+MiB = 2**20
+
+
+@pytest.fixture(scope="module")
+def free_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    weights = tmp_path_factory.mktemp("free-weights")
+    write_free_model(weights / "free.onnx")
+    return weights
+
+
+@pytest.fixture(scope="module")
+def png64() -> bytes:
+    """64 MP, 16-bit grey: about 100 KB of PNG that decodes into gigabytes of working memory."""
+    buffer = io.BytesIO()
+    Image.fromarray(np.zeros((8000, 8000), dtype=np.uint16)).save(buffer, format="PNG")
+    return buffer.getvalue()
+
+
+def many_scans_jpeg(scans: int) -> bytes:
+    """A valid progressive JPEG whose smallest scan is repeated: libjpeg decodes every one of them
+    (each a full pass over the image) and only warns about the repeated progression."""
+    buffer = io.BytesIO()
+    photo().save(buffer, format="JPEG", progressive=True, quality=90)
+    data = buffer.getvalue()
+    starts = [i for i in range(len(data) - 1) if data[i : i + 2] == b"\xff\xda"]
+    segments = [data[a:b] for a, b in zip(starts, [*starts[1:], len(data) - 2], strict=True)]
+    smallest = min(segments, key=len)
+    return data[:-2] + smallest * (scans - len(segments)) + b"\xff\xd9"
+
+
+def gauge(client: httpx.Client, name: str) -> float:
+    line = next(x for x in client.get("/metrics").text.splitlines() if x.startswith(name + " "))
+    return float(line.split()[1])
+
+
+def post(url: str, files: list[tuple[str, bytes]], results: dict[str, httpx.Response], key: str) -> None:
+    with httpx.Client(base_url=url, timeout=300) as c:
+        results[key] = c.post("/predict", files=[("files", (name, data)) for name, data in files])
+
+
+def wait_for(predicate: object, steps: int = 600) -> None:
+    """Poll (each step a /metrics round trip or a short sleep) until ``predicate()`` holds."""
+    import time
+
+    for _ in range(steps):
+        if predicate():  # type: ignore[operator]
+            return
+        time.sleep(0.05)
+    raise AssertionError("state not reached")
+
+
+# --- defaults from the cores and memory this process may use ----------------------------------
+
+
+def test_cgroup_limits_are_read(tmp_path: Path) -> None:
+    (tmp_path / "cpu.max").write_text("150000 100000\n")
+    (tmp_path / "memory.max").write_text(f"{512 * MiB}\n")
+    assert cgroup_cpu_quota(tmp_path) == 1.5
+    assert usable_cpus(tmp_path) == min(2, len(os.sched_getaffinity(0)))
+    assert memory_limit(tmp_path) == 512 * MiB
+    (tmp_path / "cpu.max").write_text("max 100000\n")
+    (tmp_path / "memory.max").write_text("max\n")
+    assert cgroup_cpu_quota(tmp_path) is None and usable_cpus(tmp_path) == len(os.sched_getaffinity(0))
+    v1 = tmp_path / "v1"
+    (v1 / "cpu").mkdir(parents=True)
+    (v1 / "cpu" / "cpu.cfs_quota_us").write_text("100000\n")
+    (v1 / "cpu" / "cpu.cfs_period_us").write_text("100000\n")
+    assert usable_cpus(v1) == 1
+
+
+@pytest.mark.skipif(shutil.which("taskset") is None, reason="needs taskset")
+def test_thread_defaults_follow_cpu_affinity() -> None:
+    """Pinned to one core, the server sizes its pools for one core, not for the host."""
+    code = (
+        "from service.core.config import Settings; s = Settings(_env_file=None); "
+        "print(s.preprocess_threads, s.decode_workers, s.intra_op_threads)"
+    )
+    env = {k: v for k, v in os.environ.items() if not k.startswith("ALEXNET_")}
+    pinned = subprocess.run(
+        ["taskset", "-c", "0", sys.executable, "-c", code],
+        capture_output=True,
+        text=True,
+        env=env,
+        check=True,
+    )
+    assert pinned.stdout.split() == ["1", "1", "1"]
+
+
+# --- cost of one image -------------------------------------------------------------------------
+
+
+def test_image_over_the_decode_budget_is_refused_from_its_header(free_dir: Path, png64: bytes) -> None:
+    with serve(cpu_settings(free_dir, decode_memory_mb=256)) as url, httpx.Client(base_url=url) as c:
+        response = c.post("/predict", files={"file": ("big.png", png64)})
+        assert response.status_code == 413, response.text
+        assert "decode budget of 256 MiB" in response.json()["detail"]
+        assert gauge(c, "alexnet_decodes_in_progress") == 0  # never sent to a worker
+        assert c.post("/predict", files={"file": ("a.jpg", photo_jpeg())}).status_code == 200
+
+
+def test_jpeg_with_too_many_scans_is_refused(free_dir: Path) -> None:
+    data = many_scans_jpeg(300)
+    assert jpeg_scans(data) == 300
+    with serve(cpu_settings(free_dir)) as url, httpx.Client(base_url=url) as c:
+        response = c.post("/predict", files={"file": ("scans.jpg", data)})
+        assert response.status_code == 413, response.text
+        assert "300 scans, over the limit of 64" in response.json()["detail"]
+
+
+def test_decode_over_its_time_cap_is_stopped(free_dir: Path, png64: bytes) -> None:
+    """A decode past the cap answers 413 and its worker is replaced: the next image is served."""
+    with serve(cpu_settings(free_dir, decode_timeout_s=0.5)) as url, httpx.Client(base_url=url) as c:
+        response = c.post("/predict", files={"file": ("big.png", png64)})
+        assert response.status_code == 413, response.text
+        assert "took over 0.5 s" in response.json()["detail"]
+        assert gauge(c, "alexnet_decodes_in_progress") == 0
+        assert gauge(c, "alexnet_decode_bytes") == 0
+        assert c.post("/predict", files={"file": ("a.jpg", photo_jpeg())}).status_code == 200
+
+
+# --- work of a request that failed, timed out or went away stops -------------------------------
+
+
+def test_budget_held_by_decodes_refuses_with_503_and_is_freed_when_they_end(
+    free_dir: Path, png64: bytes
+) -> None:
+    """While one costly image decodes, another that would not fit the budget beside it gets 503 +
+    Retry-After; once the first has finished, the budget is whole again."""
+    settings = cpu_settings(free_dir, decode_memory_mb=2000, decode_timeout_s=300, request_timeout_s=300)
+    with serve(settings) as url, httpx.Client(base_url=url, timeout=300) as c:
+        results: dict[str, httpx.Response] = {}
+        first = threading.Thread(target=post, args=(url, [("a.png", png64)], results, "first"))
+        first.start()
+        wait_for(lambda: gauge(c, "alexnet_decodes_in_progress") == 1)
+        refused = c.post("/predict", files={"file": ("b.png", png64)})
+        assert refused.status_code == 503 and refused.headers["retry-after"] == "1", refused.text
+        assert "decode budget" in refused.json()["detail"]
+        first.join()
+        assert results["first"].status_code == 200, results["first"].text
+        assert gauge(c, "alexnet_decode_bytes") == 0 and gauge(c, "alexnet_decodes_in_progress") == 0
+        assert gauge(c, "alexnet_decode_budget_bytes") == 2000 * MiB
+
+
+def test_timed_out_request_leaves_no_decode_running(free_dir: Path, png64: bytes) -> None:
+    """Issue 15 finding 1: a request that times out stops its decodes (their workers are killed),
+    so the next valid request is decoded at once instead of queueing behind them."""
+    settings = cpu_settings(free_dir, request_timeout_s=2, decode_workers=2, decode_timeout_s=300)
+    with serve(settings) as url, httpx.Client(base_url=url, timeout=300) as c:
+        response = c.post("/predict", files=[("files", ("a.png", png64)), ("files", ("b.png", png64))])
+        assert response.status_code == 503 and "timed out" in response.json()["detail"]
+        assert gauge(c, "alexnet_decodes_in_progress") == 0
+        assert gauge(c, "alexnet_decode_bytes") == 0 and gauge(c, "alexnet_queue_images") == 0
+        # Served once the killed workers are replaced (before the fix: once both decodes had run).
+        small = photo_jpeg()
+        wait_for(lambda: c.post("/predict", files={"file": ("a.jpg", small)}).status_code == 200, steps=20)
+
+
+def test_refused_image_cancels_the_other_decodes_of_its_request(free_dir: Path, png64: bytes) -> None:
+    settings = cpu_settings(free_dir, decode_timeout_s=300, request_timeout_s=300)
+    with serve(settings) as url, httpx.Client(base_url=url, timeout=300) as c:
+        files = [
+            ("files", ("a.png", png64)),
+            ("files", ("b.png", png64)),
+            ("files", ("c.txt", b"not an image")),
+        ]
+        response = c.post("/predict", files=files)
+        assert response.status_code == 415 and "'c.txt'" in response.json()["detail"]
+        assert gauge(c, "alexnet_decodes_in_progress") == 0 and gauge(c, "alexnet_decode_bytes") == 0
+
+
+def test_disconnected_client_stops_its_decodes(free_dir: Path, png64: bytes) -> None:
+    settings = cpu_settings(free_dir, decode_timeout_s=300, request_timeout_s=300)
+    with serve(settings) as url, httpx.Client(base_url=url, timeout=300) as c:
+        request = httpx.Request("POST", url + "/predict", files={"file": ("a.png", png64)})
+        body, content_type = request.read(), request.headers["content-type"]
+        port = int(url.rsplit(":", 1)[1])
+        with socket.create_connection(("127.0.0.1", port)) as sock:
+            head = f"POST /predict HTTP/1.1\r\nHost: x\r\nContent-Type: {content_type}\r\n"
+            sock.sendall(f"{head}Content-Length: {len(body)}\r\n\r\n".encode() + body)
+            wait_for(lambda: gauge(c, "alexnet_decodes_in_progress") == 1)
+        wait_for(lambda: gauge(c, "alexnet_decodes_in_progress") == 0, steps=20)  # within 1 s
+        assert gauge(c, "alexnet_decode_bytes") == 0
+        assert 'alexnet_rejected_total{reason="disconnected"} 1.0' in c.get("/metrics").text
+
+
+# --- bytes held by uploads in progress -----------------------------------------------------------
+
+
+@pytest.fixture
+def stalled_uploads() -> Iterator[list[socket.socket]]:
+    sockets: list[socket.socket] = []
+    yield sockets
+    for sock in sockets:
+        sock.close()
+
+
+def test_uploads_in_progress_are_bounded_server_wide(free_dir: Path, stalled_uploads: list) -> None:
+    """Issue 15 finding 2: uploads stalled short of their end hold their bytes; past the upload
+    budget the next request is refused with 503 + Retry-After before its body is read, and the
+    budget is freed when the stalled ones go away."""
+    settings = cpu_settings(free_dir, max_upload_mb=1, upload_memory_mb=2)
+    with serve(settings) as url, httpx.Client(base_url=url, timeout=60) as c:
+        port = int(url.rsplit(":", 1)[1])
+        for _ in range(2):
+            sock = socket.create_connection(("127.0.0.1", port))
+            stalled_uploads.append(sock)
+            sock.sendall(
+                b"POST /predict HTTP/1.1\r\nHost: x\r\nContent-Type: multipart/form-data; boundary=b\r\n"
+                + f"Content-Length: {MiB}\r\n\r\n".encode()
+                + b'--b\r\nContent-Disposition: form-data; name="file"; filename="a.jpg"\r\n\r\n'
+                + b"\xff" * 1000
+            )
+        wait_for(lambda: gauge(c, "alexnet_upload_bytes") == 2 * MiB)
+        refused = c.post("/predict", files={"file": ("a.jpg", photo_jpeg())})
+        assert refused.status_code == 503 and refused.headers["retry-after"] == "1", refused.text
+        assert "upload budget" in refused.json()["detail"]
+        assert 'alexnet_rejected_total{reason="upload_memory"} 1.0' in c.get("/metrics").text
+        for sock in stalled_uploads:
+            sock.close()
+        wait_for(lambda: gauge(c, "alexnet_upload_bytes") == 0)
+        assert c.post("/predict", files={"file": ("a.jpg", photo_jpeg())}).status_code == 200
