@@ -9,12 +9,11 @@ from typing import Annotated
 from fastapi import Depends, HTTPException, Request, status
 
 from alexnet_core.session import OnnxClassifier
-from service.admission import DecodeBudget
 from service.core.config import Settings
 from service.core.metrics import Metrics
-from service.decoding import DecodePool
 from service.inference import InferenceQueue
 from service.model_registry import ModelRegistry
+from service.preparation import Preparation
 
 
 async def get_settings(request: Request) -> Settings:
@@ -37,12 +36,8 @@ async def get_pool(request: Request) -> ThreadPoolExecutor:
     return request.app.state.preprocess_pool
 
 
-async def get_decoder(request: Request) -> DecodePool:
-    return request.app.state.decoder
-
-
-async def get_decode_budget(request: Request) -> DecodeBudget:
-    return request.app.state.decode_budget
+async def get_preparation(request: Request) -> Preparation:
+    return request.app.state.preparation
 
 
 async def get_classifier(registry: Annotated[ModelRegistry, Depends(get_registry)]) -> OnnxClassifier:
@@ -72,6 +67,5 @@ RegistryDep = Annotated[ModelRegistry, Depends(get_registry)]
 QueueDep = Annotated[InferenceQueue, Depends(get_queue)]
 MetricsDep = Annotated[Metrics, Depends(get_metrics)]
 PoolDep = Annotated[ThreadPoolExecutor, Depends(get_pool)]
-DecoderDep = Annotated[DecodePool, Depends(get_decoder)]
-DecodeBudgetDep = Annotated[DecodeBudget, Depends(get_decode_budget)]
+PreparationDep = Annotated[Preparation, Depends(get_preparation)]
 ClassifierDep = Annotated[OnnxClassifier, Depends(get_classifier)]

@@ -28,6 +28,7 @@ from service.core.security import needs_key, scope_checker
 from service.decoding import DecodePool
 from service.inference import InferenceQueue
 from service.model_registry import ModelRegistry, PointerWatcher
+from service.preparation import Preparation
 from service.routers import health, models, predict, train
 from service.routers import v2 as open_inference
 from service.training_jobs import TrainingManager
@@ -49,6 +50,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     MultiPartParser.spool_max_size = max(MultiPartParser.spool_max_size, settings.max_upload_bytes)
     metrics = Metrics()
     registry = ModelRegistry(settings)
+    decode_budget = DecodeBudget(settings.decode_memory_bytes, metrics)
     inference = InferenceQueue(
         metrics,
         batching=settings.batching,
@@ -63,7 +65,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
         pool = ThreadPoolExecutor(settings.preprocess_threads, thread_name_prefix="preprocess")
         app.state.preprocess_pool = pool
         decoder = DecodePool(settings.decode_workers, settings.decode_timeout_s, metrics)
-        app.state.decoder = decoder
+        app.state.preparation = Preparation(settings, pool, decoder, decode_budget)
         await asyncio.gather(asyncio.to_thread(registry.load_at_startup), asyncio.to_thread(decoder.warm_up))
         watcher = PointerWatcher(registry)  # replicas sharing the weights volume follow activations
         watcher.start()
@@ -90,7 +92,6 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     app.state.metrics = metrics
     app.state.registry = registry
     app.state.inference = inference
-    app.state.decode_budget = DecodeBudget(settings.decode_memory_bytes, metrics)
 
     routers = (predict.router, models.router, train.router, health.router, open_inference.router)
     for router in routers:

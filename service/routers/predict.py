@@ -1,31 +1,14 @@
 import asyncio
-import functools
-import time
-from concurrent.futures import Executor
-from typing import Annotated, TypeVar
+from typing import Annotated
 
 import numpy as np
-from fastapi import APIRouter, Depends, File, HTTPException, Query, Request, UploadFile, status
+from fastapi import APIRouter, Depends, File, HTTPException, Query, Request, status
 from pydantic import BeforeValidator
 
-from alexnet_core.images import ImageInputError, decode_cost
-from alexnet_core.metadata import ModelMetadata
-from alexnet_core.pipeline import Preprocessed, ten_crop, top_k
-from service.admission import DecodeBudget
-from service.core.config import Settings
-from service.core.metrics import Metrics
-from service.decoding import DecodePool
-from service.deps import (
-    ClassifierDep,
-    DecodeBudgetDep,
-    DecoderDep,
-    MetricsDep,
-    PoolDep,
-    QueueDep,
-    SettingsDep,
-    single_file_part,
-)
+from alexnet_core.pipeline import Preprocessed, top_k
+from service.deps import ClassifierDep, MetricsDep, PreparationDep, QueueDep, SettingsDep, single_file_part
 from service.inference import InferenceResult
+from service.preparation import unless_disconnected
 from service.schemas import (
     ErrorResponse,
     ImagePrediction,
@@ -37,7 +20,6 @@ from service.schemas import (
 )
 
 router = APIRouter(tags=["predict"])
-T = TypeVar("T")
 
 ERRORS: dict[int | str, dict[str, object]] = {
     code: {"model": ValidationErrorResponse if code == 422 else ErrorResponse, "description": text}
@@ -64,80 +46,6 @@ def top_k_predictions(
     ]
 
 
-def model_batch(meta: ModelMetadata, square: np.ndarray) -> np.ndarray:
-    """A central square -> what the model takes: itself, or the ten normalised crops."""
-    if meta.input_kind == "square":
-        return square[None]
-    return ten_crop(square, meta.input_size, meta.mean, meta.std)
-
-
-class Preparation:
-    """One request's images on their way to the batcher: weighed from their headers, reserved
-    against the decode budget, decoded in a worker, cut into the model's input. They run as one
-    task group, so the first failure cancels the others (and kills their decodes)."""
-
-    def __init__(
-        self,
-        meta: ModelMetadata,
-        settings: Settings,
-        pool: Executor,
-        decoder: DecodePool,
-        budget: DecodeBudget,
-    ) -> None:
-        self.meta, self.settings, self.pool, self.decoder, self.budget = meta, settings, pool, decoder, budget
-
-    async def one(self, upload: UploadFile) -> Preprocessed:
-        data = await upload.read()
-        loop = asyncio.get_running_loop()
-        resize, max_pixels = self.meta.resize_size, self.settings.max_pixels
-        try:
-            cost = await loop.run_in_executor(
-                self.pool, decode_cost, data, resize, max_pixels, self.settings.max_jpeg_scans
-            )
-            self.budget.reserve(cost.bytes)
-            # Reserved until the worker's task really ends, which may be after this coroutine's.
-            release = functools.partial(self.budget.release, cost.bytes)
-            square, decode_s, square_s = await self.decoder.square(data, resize, max_pixels, release)
-        except ImageInputError as exc:
-            name = f"file {upload.filename!r}: " if upload.filename else ""
-            raise ImageInputError(exc.status_code, name + exc.detail) from None
-        started = time.perf_counter()
-        batch = await loop.run_in_executor(self.pool, model_batch, self.meta, square)
-        return Preprocessed(batch, decode_s, square_s + time.perf_counter() - started)
-
-    async def all(self, uploads: list[UploadFile]) -> list[Preprocessed]:
-        try:
-            async with asyncio.TaskGroup() as group:
-                tasks = [group.create_task(self.one(upload)) for upload in uploads]
-        except BaseExceptionGroup as failed:
-            raise failed.exceptions[0] from None
-        return [task.result() for task in tasks]
-
-
-async def disconnected(request: Request) -> None:
-    """Returns when the client goes away (the body is already read: nothing else can arrive)."""
-    while (await request.receive())["type"] != "http.disconnect":
-        pass
-
-
-async def unless_disconnected(request: Request, work: "asyncio.Task[T]", metrics: Metrics) -> T:
-    """``work``'s result, or ``work`` cancelled (and a 499) once the client has gone away."""
-    watcher = asyncio.create_task(disconnected(request))
-    try:
-        await asyncio.wait({work, watcher}, return_when=asyncio.FIRST_COMPLETED)
-    except asyncio.CancelledError:  # the server is shutting down
-        work.cancel()
-        raise
-    finally:
-        watcher.cancel()
-    if not work.done():
-        work.cancel()
-        await asyncio.gather(work, return_exceptions=True)
-        metrics.rejected.labels("disconnected").inc()
-        raise HTTPException(499, "client closed the request: its work was cancelled")
-    return work.result()
-
-
 @router.post(
     "/predict",
     response_model=PredictResponse,
@@ -150,10 +58,8 @@ async def predict(
     classifier: ClassifierDep,
     settings: SettingsDep,
     inference: QueueDep,
-    pool: PoolDep,
     metrics: MetricsDep,
-    decoder: DecoderDep,
-    budget: DecodeBudgetDep,
+    preparation: PreparationDep,
     file: Annotated[ImageUpload | None, File(description="one image")] = None,
     files: Annotated[
         Annotated[list[ImageUpload], BeforeValidator(_no_empty_parts)] | None,
@@ -173,15 +79,15 @@ async def predict(
             f"too many files: {len(uploads)}, at most {settings.max_files} per request",
         )
     meta = classifier.metadata
-    preparation = Preparation(meta, settings, pool, decoder, budget)
+    data = [await upload.read() for upload in uploads]  # already in memory: no I/O
+    labels = [f"file {upload.filename!r}: " if upload.filename else "" for upload in uploads]
 
     async def work() -> tuple[list[Preprocessed], InferenceResult]:
         with inference.admit(len(uploads)) as admission:
             try:
                 async with asyncio.timeout(settings.request_timeout_s):
-                    images = await preparation.all(uploads)
-                    batch = images[0].batch if len(images) == 1 else np.concatenate([i.batch for i in images])
-                    return images, await inference.infer(admission, classifier, batch)
+                    images = await preparation.all(meta, data, labels)
+                    return images, await inference.infer(admission, classifier, preparation.batch(images))
             except TimeoutError:
                 metrics.rejected.labels("timeout").inc()
                 raise HTTPException(

@@ -18,11 +18,14 @@ from fastapi import APIRouter, Request, Response
 from fastapi.responses import JSONResponse
 
 from alexnet_core.images import ImageInputError
+from alexnet_core.metadata import ModelMetadata
 from alexnet_core.pipeline import N_CROPS, top_k
 from alexnet_core.session import OnnxClassifier
-from service.deps import MetricsDep, PoolDep, QueueDep, RegistryDep, SettingsDep
+from service.core.config import Settings
+from service.deps import MetricsDep, PoolDep, PreparationDep, QueueDep, RegistryDep, SettingsDep
 from service.inference import Overloaded
 from service.model_registry import ModelRegistry
+from service.preparation import Preparation
 from service.routers.v2_codec import (
     HEADER_LENGTH,
     InputTensor,
@@ -136,25 +139,19 @@ def model_tensor(tensor: InputTensor, classifier: OnnxClassifier, max_files: int
 
 
 async def decoded_images(
-    tensor: InputTensor, classifier: OnnxClassifier, settings: Any, pool: Any
+    tensor: InputTensor, meta: ModelMetadata, settings: Settings, preparation: Preparation
 ) -> np.ndarray:
-    """Encoded images -> the model's input, through the /predict pipeline (in the thread pool)."""
+    """Encoded images -> the model's input, through the /predict pipeline and its limits."""
     if tensor.datatype != "BYTES":
         raise bad(f"input {BYTES_INPUT!r}: datatype {tensor.datatype}, expected BYTES")
     assert isinstance(tensor.value, list)
     if not 1 <= len(tensor.value) <= settings.max_files:
         raise bad(f"input {BYTES_INPUT!r}: {len(tensor.value)} images, 1 to {settings.max_files} per request")
-    prepare = functools.partial(classifier.metadata.preprocess, max_pixels=settings.max_pixels)
-    loop = asyncio.get_running_loop()
-
-    async def one(index: int, data: bytes) -> np.ndarray:
-        try:
-            return (await loop.run_in_executor(pool, prepare, data)).crops
-        except ImageInputError as exc:
-            raise ProtocolError(exc.status_code, f"{BYTES_INPUT}[{index}]: {exc.detail}") from None
-
-    crops = await asyncio.gather(*(one(i, data) for i, data in enumerate(tensor.value)))
-    return crops[0] if len(crops) == 1 else np.concatenate(crops)
+    labels = [f"{BYTES_INPUT}[{index}]: " for index in range(len(tensor.value))]
+    try:
+        return Preparation.batch(await preparation.all(meta, tensor.value, labels))
+    except ImageInputError as exc:
+        raise ProtocolError(exc.status_code, exc.detail) from None
 
 
 def requested_outputs(
@@ -204,7 +201,7 @@ async def run_inference(
         try:
             async with asyncio.timeout(settings.request_timeout_s):
                 if tensor.name == BYTES_INPUT:
-                    batch = await decoded_images(tensor, classifier, settings, pool)
+                    batch = await decoded_images(tensor, classifier.metadata, settings, deps["preparation"])
                 result = await inference.infer(admission, classifier, batch)
         except TimeoutError:
             deps["metrics"].rejected.labels("timeout").inc()
@@ -242,9 +239,16 @@ async def infer(
     inference: QueueDep,
     pool: PoolDep,
     metrics: MetricsDep,
+    preparation: PreparationDep,
     version: str | None = None,
 ) -> Response:
-    deps = {"settings": settings, "inference": inference, "pool": pool, "metrics": metrics}
+    deps = {
+        "settings": settings,
+        "inference": inference,
+        "pool": pool,
+        "metrics": metrics,
+        "preparation": preparation,
+    }
     try:
         return await run_inference(request, name, version, registry, deps)
     except ProtocolError as exc:

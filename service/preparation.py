@@ -1,0 +1,98 @@
+"""An image's trip from uploaded bytes to the model's input, for every route that takes images
+(/predict, the Open Inference Protocol's BYTES input): weighed from its header, reserved against
+the server-wide decode budget, decoded in a killable worker process, cut into the model's input.
+A request's work is cancelled with the request (a failure, a timeout, a client gone away)."""
+
+import asyncio
+import functools
+import time
+from concurrent.futures import Executor
+from typing import TypeVar
+
+import numpy as np
+from fastapi import HTTPException, Request
+
+from alexnet_core.images import ImageInputError, decode_cost
+from alexnet_core.metadata import ModelMetadata
+from alexnet_core.pipeline import Preprocessed, ten_crop
+from service.admission import DecodeBudget
+from service.core.config import Settings
+from service.core.metrics import Metrics
+from service.decoding import DecodePool
+
+T = TypeVar("T")
+
+
+def model_batch(meta: ModelMetadata, square: np.ndarray) -> np.ndarray:
+    """A central square -> what the model takes: itself, or the ten normalised crops."""
+    if meta.input_kind == "square":
+        return square[None]
+    return ten_crop(square, meta.input_size, meta.mean, meta.std)
+
+
+class Preparation:
+    """One request's images on their way to the batcher: weighed from their headers, reserved
+    against the decode budget, decoded in a worker, cut into the model's input. They run as one
+    task group, so the first failure cancels the others (and kills their decodes)."""
+
+    def __init__(self, settings: Settings, pool: Executor, decoder: DecodePool, budget: DecodeBudget) -> None:
+        self.settings, self.pool, self.decoder, self.budget = settings, pool, decoder, budget
+
+    @staticmethod
+    def batch(images: list[Preprocessed]) -> np.ndarray:
+        """The images' inputs as one batch (no copy for a single image)."""
+        return images[0].batch if len(images) == 1 else np.concatenate([i.batch for i in images])
+
+    async def one(self, meta: ModelMetadata, data: bytes, label: str = "") -> Preprocessed:
+        """``label`` prefixes an error's detail (which file of the request it was)."""
+        loop = asyncio.get_running_loop()
+        resize, max_pixels = meta.resize_size, self.settings.max_pixels
+        try:
+            cost = await loop.run_in_executor(
+                self.pool, decode_cost, data, resize, max_pixels, self.settings.max_jpeg_scans
+            )
+            self.budget.reserve(cost.bytes)
+            # Reserved until the worker's task really ends, which may be after this coroutine's.
+            release = functools.partial(self.budget.release, cost.bytes)
+            square, decode_s, square_s = await self.decoder.square(data, resize, max_pixels, release)
+        except ImageInputError as exc:
+            raise ImageInputError(exc.status_code, label + exc.detail) from None
+        started = time.perf_counter()
+        batch = await loop.run_in_executor(self.pool, model_batch, meta, square)
+        return Preprocessed(batch, decode_s, square_s + time.perf_counter() - started)
+
+    async def all(self, meta: ModelMetadata, images: list[bytes], labels: list[str]) -> list[Preprocessed]:
+        """All of a request's images, as one task group: the first failure cancels the others."""
+        try:
+            async with asyncio.TaskGroup() as group:
+                tasks = [
+                    group.create_task(self.one(meta, data, label))
+                    for data, label in zip(images, labels, strict=True)
+                ]
+        except BaseExceptionGroup as failed:
+            raise failed.exceptions[0] from None
+        return [task.result() for task in tasks]
+
+
+async def disconnected(request: Request) -> None:
+    """Returns when the client goes away (the body is already read: nothing else can arrive)."""
+    while (await request.receive())["type"] != "http.disconnect":
+        pass
+
+
+async def unless_disconnected(request: Request, work: "asyncio.Task[T]", metrics: Metrics) -> T:
+    """``work``'s result, or ``work`` cancelled (and a 499) once the client has gone away."""
+    watcher = asyncio.create_task(disconnected(request))
+    try:
+        await asyncio.wait({work, watcher}, return_when=asyncio.FIRST_COMPLETED)
+    except asyncio.CancelledError:  # the server is shutting down
+        work.cancel()
+        raise
+    finally:
+        watcher.cancel()
+    if not work.done():
+        work.cancel()
+        await asyncio.gather(work, return_exceptions=True)
+        metrics.rejected.labels("disconnected").inc()
+        raise HTTPException(499, "client closed the request: its work was cancelled")
+    return work.result()
