@@ -61,6 +61,11 @@ def parser() -> argparse.ArgumentParser:
         help="expected SHA-256 (or its prefix) of the pretrained file",
     )
     p.add_argument(
+        "--features",
+        action="store_true",
+        help="also output fc7 after ReLU (4096-d per crop) for /embed, /gallery and /similar",
+    )
+    p.add_argument(
         "--triton",
         type=Path,
         metavar="REPO",
@@ -95,6 +100,7 @@ def main(argv: list[str] | None = None) -> int:
             input_size=args.input_size,
             resize_size=args.resize_size,
             version=version if args.output is None else None,
+            features=args.features,
         )
     except (WeightsError, ExportError) as exc:
         print(f"alexnet-export: error: {exc}", file=sys.stderr)

@@ -12,6 +12,7 @@ import torch
 
 from alexnet_core import files
 from alexnet_core.metadata import INPUT_NAME, OUTPUT_NAME, ModelMetadata
+from model_export.features import add_features_output
 from model_export.weights import LoadedWeights
 
 OPSET = 18
@@ -71,6 +72,7 @@ def export_onnx(
     resize_size: int = 256,
     version: str | None = None,
     validation: dict[str, float] | None = None,
+    features: bool = False,
 ) -> ExportResult:
     """Export, write the metadata, check parity, then move the file into place atomically: the
     service never sees a half-written or unchecked model at ``output``."""
@@ -94,6 +96,8 @@ def export_onnx(
     )
     proto = _to_model_proto(model, input_size)
     onnx.helper.set_model_props(proto, metadata.to_props())
+    if features:  # fc7 after ReLU as a second output, for /embed and /similar (model_export.features)
+        metadata = add_features_output(proto, metadata)
     diff = 0.0
 
     def write_checked(tmp: Path) -> None:
