@@ -25,7 +25,7 @@ from service.core.metrics import Metrics
 from service.core.middleware import BodySizeLimit, QueueFullGate, RequestMetrics
 from service.inference import InferenceQueue, Overloaded
 from service.model_registry import ModelRegistry
-from service.routers import gallery, health, kernels, models, predict, train
+from service.routers import gallery, health, kernels, models, page, predict, train
 from service.training_jobs import JobError, TrainingManager
 
 log = logging.getLogger("service")
@@ -111,10 +111,12 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     app.include_router(models.router)
     app.include_router(kernels.router)
     app.include_router(gallery.router)
+    app.include_router(page.router)
     app.include_router(train.router)
     app.include_router(health.router)
 
     app.mount("/static/swagger-ui", StaticFiles(directory=str(swagger_ui_path)), name="swagger-ui")
+    app.mount("/static/page", page.assets, name="page")
 
     @app.get("/docs", include_in_schema=False)
     async def swagger_ui() -> HTMLResponse:
