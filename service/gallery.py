@@ -126,10 +126,10 @@ class Gallery:
 
     def _save(self) -> None:
         """New index file, then the manifest that names it (the commit), then the old index goes."""
-        data = faiss.serialize_index(self.index).tobytes()
+        data = faiss.serialize_index(self.index)  # a uint8 array: written and hashed without a copy
         generation = self.generation + 1
         index_name = f"index-{generation}.faiss"
-        files.atomic_write(self.dir / index_name, lambda tmp: tmp.write_bytes(data))
+        files.atomic_write(self.dir / index_name, data.tofile)
         manifest = {
             "format": FORMAT,
             "model_version": self.version,
