@@ -25,7 +25,7 @@ from service.core.metrics import Metrics
 from service.core.middleware import BodySizeLimit, QueueFullGate, RequestMetrics
 from service.inference import InferenceQueue, Overloaded
 from service.model_registry import ModelRegistry
-from service.routers import gallery, health, kernels, models, page, predict, train
+from service.routers import ensemble, gallery, health, kernels, models, page, predict, train
 from service.training_jobs import JobError, TrainingManager
 
 log = logging.getLogger("service")
@@ -110,6 +110,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     app.include_router(predict.router)
     app.include_router(models.router)
     app.include_router(kernels.router)
+    app.include_router(ensemble.router)
     app.include_router(gallery.router)
     app.include_router(page.router)
     app.include_router(train.router)

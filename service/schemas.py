@@ -124,6 +124,9 @@ class ModelInfo(BaseModel):
     providers_requested: list[str]
     providers: list[str] = Field(description="what the ONNX Runtime session really runs on")
     available_versions: list[str]
+    members: list[str] = Field(
+        default_factory=list, description="for an ensemble: the versions whose softmax outputs it averages"
+    )
 
 
 class ActivateRequest(BaseModel):

@@ -33,6 +33,7 @@ def model_info(classifier: OnnxClassifier, requested: list[str], versions: list[
         providers_requested=requested,
         providers=classifier.providers,
         available_versions=versions,
+        members=meta.members,
     )
 
 
