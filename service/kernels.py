@@ -75,11 +75,17 @@ def kernel_image(weights: np.ndarray, layout: str, scale: int) -> np.ndarray:
     return grid(weights, math.ceil(math.sqrt(count)), scale)
 
 
-@functools.lru_cache(maxsize=8)
+@functools.lru_cache(maxsize=4)
+def cached_weights(path: Path, sha256: str) -> np.ndarray:
+    """conv1 of one model file, read once (the whole protobuf is parsed to reach it); keyed by the
+    file's hash, so a replaced file is read again."""
+    return first_conv_weights(path)
+
+
+@functools.lru_cache(maxsize=32)
 def kernels_png(path: Path, sha256: str, layout: str, scale: int) -> bytes:
-    """The PNG for one model file; cached by its hash (a version's file never changes, and a
-    replaced file has another hash)."""
-    picture = kernel_image(first_conv_weights(path), layout, scale)
+    """The PNG for one model file and scale, drawn once."""
+    picture = kernel_image(cached_weights(path, sha256), layout, scale)
     buffer = io.BytesIO()
     Image.fromarray(picture, mode="RGB").save(buffer, "PNG", optimize=True)
     return buffer.getvalue()

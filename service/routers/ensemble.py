@@ -55,10 +55,12 @@ def _ensemble_name(requested: str | None) -> str:
     response_model=EnsembleResponse,
     dependencies=[ApiKey],
     responses={
+        400: {"model": ErrorResponse, "description": "a body that is not JSON"},
         401: {"model": ErrorResponse},
         403: {"model": ErrorResponse},
         404: {"model": ErrorResponse, "description": "a member is not in the weights directory"},
         409: {"model": ErrorResponse, "description": "the version exists, or another build is running"},
+        413: {"model": ErrorResponse, "description": "body over the upload limit"},
         422: {
             "model": ValidationErrorResponse,
             "description": "a bad body, or members that do not fit together",

@@ -312,7 +312,15 @@ async def remove_from_gallery(request: Request, classifier: ClassifierDep, item_
 @router.get(
     "/gallery/{item_id}/thumbnail.png",
     response_class=Response,
-    responses={200: {"content": {"image/png": {}}}, **_errors(e404="no such item", e422="a malformed id")},
+    responses={
+        200: {"content": {"image/png": {}}},
+        **_errors(
+            e404="no such item",
+            e409="no features output or another model's gallery",
+            e422="a malformed id",
+            e503="corrupt gallery files",
+        ),
+    },
     summary="A gallery image, small",
 )
 async def gallery_thumbnail(request: Request, classifier: ClassifierDep, item_id: ItemId) -> Response:
