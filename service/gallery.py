@@ -96,18 +96,26 @@ class Gallery:
             if manifest.get("format") != FORMAT:
                 raise ValueError(f"format {manifest.get('format')!r}, expected {FORMAT!r}")
             items = [Item(**raw) for raw in manifest["items"]]
-            index_path = self.dir / manifest["index_file"]
+            model_sha256, dim, index_sha256 = (
+                manifest["model_sha256"],
+                manifest["dim"],
+                manifest["index_sha256"],
+            )
+            generation, next_key = int(manifest["generation"]), int(manifest["next_key"])
+            index_path = self.dir / Path(manifest["index_file"]).name  # a name in this directory only
             data = index_path.read_bytes()
-        except (OSError, ValueError, KeyError, TypeError) as exc:
-            raise GalleryError(503, f"{where} is corrupt and not served: {exc}") from None
-        if manifest["model_sha256"] != self.model_sha256 or manifest["dim"] != self.dim:
+        except (OSError, ValueError, KeyError, TypeError, AttributeError) as exc:
+            raise GalleryError(
+                503, f"{where} is corrupt and not served: {type(exc).__name__}: {exc}"
+            ) from None
+        if model_sha256 != self.model_sha256 or dim != self.dim:
             raise GalleryError(
                 409,
-                f"{where} was built with another model file (SHA-256 {manifest['model_sha256'][:12]}…, "
-                f"{manifest['dim']}-d) than the one in service ({self.model_sha256[:12]}…): its vectors "
+                f"{where} was built with another model file (SHA-256 {str(model_sha256)[:12]}…, "
+                f"{dim}-d) than the one in service ({self.model_sha256[:12]}…): its vectors "
                 "are not comparable; move the directory away to start a new gallery",
             )
-        if hashlib.sha256(data).hexdigest() != manifest["index_sha256"]:
+        if hashlib.sha256(data).hexdigest() != index_sha256:
             raise GalleryError(
                 503, f"{where}: {index_path.name} does not match its recorded SHA-256 (corrupt)"
             )
@@ -122,7 +130,7 @@ class Gallery:
             raise GalleryError(503, f"{where}: the index and the manifest list different vectors")
         self.index = index
         self.items = {i.id: i for i in items}
-        self.generation, self.next_key = manifest["generation"], manifest["next_key"]
+        self.generation, self.next_key = generation, next_key
 
     def _save(self) -> None:
         """New index file, then the manifest that names it (the commit), then the old index goes."""
@@ -250,7 +258,9 @@ class Galleries:
     def get(self, version: str, model_sha256: str, dim: int) -> Gallery:
         with self._lock:
             gallery = self._open.get((version, model_sha256))
-            if gallery is None:
+            if gallery is None or gallery.broken is not None:
+                # A broken gallery is opened again on the next request: once its directory is
+                # repaired or moved away, it serves without a restart.
                 gallery = Gallery(
                     self.directory(version, model_sha256), version, model_sha256, dim, self.max_items
                 )

@@ -170,9 +170,16 @@ def test_corrupt_index_is_reported_and_not_served(client: httpx.Client, weights:
             assert response.status_code == 503, response.text
             assert "corrupt" in response.json()["detail"]
         (directory / "manifest.json").write_text("{not json")
-    with serve(cpu_settings(weights, api_key=KEY)) as url, httpx.Client(base_url=url, timeout=60) as c:
         response = c.get("/gallery")
         assert response.status_code == 503 and "corrupt" in response.json()["detail"]
+        manifest = {"format": "alexnet-serve-gallery/1", "items": [], "index_file": index.name}
+        (directory / "manifest.json").write_text(json.dumps(manifest))
+        response = c.get("/gallery")  # keys missing: reported, not a 500
+        assert response.status_code == 503 and "KeyError" in response.json()["detail"]
+        # Moved away, a new gallery starts without a restart.
+        directory.rename(directory.with_name("broken"))
+        assert c.get("/gallery").json()["count"] == 0
+        assert add(c, "fresh", image(3)).status_code == 201
 
 
 def test_another_models_gallery_is_refused(client: httpx.Client, weights: Path) -> None:
