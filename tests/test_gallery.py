@@ -262,7 +262,6 @@ def test_hostile_requests(client: httpx.Client, weights: Path) -> None:
         (client.post("/similar", params={"k": "x"}, files={"file": ("a.png", png)}), 422),
         (client.post("/similar", files={"file": ("a.txt", b"GIF89a broken")}), 422),
         (client.delete("/gallery/..%2Fetc", headers=AUTH), 404),  # no route: the slash is decoded
-        (client.delete("/gallery/..", headers=AUTH), 404),
         (client.delete("/gallery/bad%20id", headers=AUTH), 422),
         (client.delete("/gallery/" + "a" * 65, headers=AUTH), 422),
         (client.delete("/gallery/missing", headers=AUTH), 404),
