@@ -29,8 +29,18 @@ from service.embedding import embed, model_input
 CPU = ["CPUExecutionProvider"]
 
 
-def split(root: Path, name: str) -> list[tuple[Path, int]]:
-    return [(p, int(p.parent.name)) for p in sorted((root / name).glob("*/*.png"))]
+def split(root: Path, name: str, per_class: int | None = None) -> list[tuple[Path, int]]:
+    """(file, digit) of a split, the first ``per_class`` files of each digit if given."""
+    return [
+        (p, int(d.name)) for d in sorted((root / name).iterdir()) for p in sorted(d.glob("*.png"))[:per_class]
+    ]
+
+
+def features(classifier: OnnxClassifier, images: list[tuple[Path, int]], chunk: int = 32) -> np.ndarray:
+    crops = inputs(classifier, images)
+    return np.concatenate(
+        [embed(classifier, crops[i : i + chunk]).features for i in range(0, len(crops), chunk)]
+    )
 
 
 def inputs(classifier: OnnxClassifier, images: list[tuple[Path, int]]) -> list[np.ndarray]:
@@ -56,12 +66,11 @@ def cost_ms(classifier: OnnxClassifier, crops: list[np.ndarray], batch: int = 8,
     return round(float(np.median(times)), 2)
 
 
-def neighbours(classifier: OnnxClassifier, root: Path, k: int) -> dict[str, float]:
-    gallery, queries = split(root, "train"), split(root, "val")
-    vectors = np.concatenate([embed(classifier, [x]).features for x in inputs(classifier, gallery)])
-    index = faiss.IndexFlatL2(vectors.shape[1])
-    index.add(vectors)
-    probes = np.concatenate([embed(classifier, [x]).features for x in inputs(classifier, queries)])
+def neighbours(classifier: OnnxClassifier, root: Path, k: int, per_class: int | None) -> dict[str, float]:
+    gallery, queries = split(root, "train", per_class), split(root, "val", per_class)
+    index = faiss.IndexFlatL2(4096)
+    index.add(features(classifier, gallery))
+    probes = features(classifier, queries)
     _, found = index.search(probes, k)
     gallery_labels = np.array([y for _, y in gallery])
     query_labels = np.array([y for _, y in queries])
@@ -76,6 +85,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("data", type=Path, help="the digits folder (tests/digits.py)")
     p.add_argument("checkpoints", type=Path, nargs="+")
     p.add_argument("-k", type=int, default=5)
+    p.add_argument("--per-class", type=int, help="at most this many images per digit and split (default all)")
+    p.add_argument("--no-ensemble", action="store_true", help="members and feature search only")
     p.add_argument("--input-size", type=int, default=64, help="as trained (default 64)")
     p.add_argument("--resize-size", type=int, default=73, help="as trained (default 73)")
     args = p.parse_args(argv)
@@ -87,9 +98,9 @@ def main(argv: list[str] | None = None) -> int:
             export_onnx(load_checkpoint(checkpoint), paths[-1], input_size=args.input_size,
                         resize_size=args.resize_size, features=True)  # fmt: skip
         first = OnnxClassifier(paths[0], CPU)
-        out["feature_search"] = neighbours(first, args.data, args.k)
+        out["feature_search"] = neighbours(first, args.data, args.k, args.per_class)
         members = [first] + [OnnxClassifier(x, CPU) for x in paths[1:]]
-        splits = {name: split(args.data, name) for name in ("val", "held_out")}
+        splits = {name: split(args.data, name, args.per_class) for name in ("val", "held_out")}
         crops = {name: inputs(first, images) for name, images in splits.items()}
         labels = {name: [y for _, y in images] for name, images in splits.items()}
 
@@ -101,7 +112,7 @@ def main(argv: list[str] | None = None) -> int:
         out["members"] = [
             {"checkpoint": str(c), **scores(m)} for c, m in zip(args.checkpoints, members, strict=True)
         ]
-        if len(paths) > 1:
+        if len(paths) > 1 and not args.no_ensemble:
             build_ensemble(paths, Path(tmp) / "ensemble.onnx", "ensemble")
             out["ensemble"] = scores(OnnxClassifier(Path(tmp) / "ensemble.onnx", CPU))
         out["images"] = {n: len(v) for n, v in splits.items()}

@@ -66,7 +66,7 @@ REFUSED_WHEN_VALID: dict[tuple[str, str], list[int]] = {
     ("/gallery/{item_id}", "delete"): [409],
     ("/gallery/{item_id}/thumbnail.png", "get"): [409],
     # Members must exist and fit together; the fuzzed weights directory holds one model.
-    ("/model/ensemble", "post"): [422],
+    ("/model/ensemble", "post"): [404, 422],
 }
 CLI_CONFIG = "\n".join(
     f'[[operations]]\ninclude-name = "{method.upper()} {path}"\n'

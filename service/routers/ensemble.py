@@ -3,6 +3,7 @@
 
 import asyncio
 import re
+import threading
 from datetime import UTC, datetime
 from typing import Annotated
 
@@ -19,7 +20,7 @@ from service.schemas import ErrorResponse, ValidationErrorResponse
 
 router = APIRouter(prefix="/model", tags=["model"])
 VERSION_PATTERN = r"^[A-Za-z0-9][A-Za-z0-9._-]{0,127}$"
-_building = asyncio.Lock()
+_building = threading.Lock()  # one build at a time: each holds several models in memory
 
 
 class EnsembleRequest(BaseModel):
@@ -78,20 +79,21 @@ async def ensemble(body: EnsembleRequest, registry: RegistryDep, settings: Setti
     output = settings.weights_dir / f"{version}.onnx"
     if output.exists():
         raise HTTPException(status.HTTP_409_CONFLICT, f"model {version!r} exists: choose another version")
-    if _building.locked():
+    if not _building.acquire(blocking=False):
         raise HTTPException(
             status.HTTP_409_CONFLICT, "another ensemble is being built: try again when it is done"
         )
-    async with _building:
-        try:
-            # Reading, merging and checking several 200+ MB graphs: off the event loop.
-            await asyncio.to_thread(build_ensemble, paths, output, version)
-        except EnsembleError as exc:
-            raise HTTPException(status.HTTP_422_UNPROCESSABLE_CONTENT, str(exc)) from None
-        except (WriteError, onnx.checker.ValidationError) as exc:
-            raise HTTPException(
-                status.HTTP_422_UNPROCESSABLE_CONTENT, f"cannot build the ensemble: {exc}"
-            ) from None
+    try:
+        # Reading, merging and checking several 200+ MB graphs: off the event loop.
+        await asyncio.to_thread(build_ensemble, paths, output, version)
+    except EnsembleError as exc:
+        raise HTTPException(status.HTTP_422_UNPROCESSABLE_CONTENT, str(exc)) from None
+    except (WriteError, onnx.checker.ValidationError) as exc:
+        raise HTTPException(
+            status.HTTP_422_UNPROCESSABLE_CONTENT, f"cannot build the ensemble: {exc}"
+        ) from None
+    finally:
+        _building.release()
     activated = False
     if body.activate:
         await asyncio.to_thread(registry.activate, version)
