@@ -93,6 +93,12 @@ def parser() -> argparse.ArgumentParser:
         f"(default: {DEFAULT_INPUT_KIND})",
     )
     p.add_argument(
+        "--features",
+        action="store_true",
+        help="--input crops: also output fc7 after ReLU (4096-d per crop) for /embed, /gallery and "
+        "/similar (the square kind always has it)",
+    )
+    p.add_argument(
         "--triton",
         type=Path,
         metavar="REPO",
@@ -135,6 +141,7 @@ def main(argv: list[str] | None = None) -> int:
             resize_size=args.resize_size,
             version=version if args.output is None else None,
             input_kind=args.input_kind,
+            features=args.features,
         )
     except (WeightsError, ExportError) as exc:
         print(f"alexnet-export: error: {exc}", file=sys.stderr)

@@ -14,6 +14,7 @@ import torch
 from alexnet_core import files, model_files
 from alexnet_core.metadata import INPUT_NAME, OUTPUT_NAME, ModelMetadata
 from alexnet_core.pipeline import probabilities, ten_crop
+from model_export.features import add_features_output
 from model_export.tencrop import FEATURES_NAME, PROBABILITIES_NAME, TenCropModel
 from model_export.weights import LoadedWeights
 
@@ -120,6 +121,7 @@ def export_onnx(
     version: str | None = None,
     validation: dict[str, float] | None = None,
     input_kind: InputKind = DEFAULT_INPUT_KIND,
+    features: bool = False,
 ) -> ExportResult:
     """Export, write the metadata, check parity, then move the file into place atomically: the
     service never sees a half-written or unchecked model at ``output``.
@@ -156,6 +158,8 @@ def export_onnx(
     else:
         proto = _to_model_proto(model, input_size)
     onnx.helper.set_model_props(proto, metadata.to_props())
+    if features and not square:  # fc7 after ReLU as a second output (the square kind has it)
+        metadata = add_features_output(proto, metadata)
     diff, feature_diff = 0.0, None
 
     def write_checked(tmp: Path) -> None:

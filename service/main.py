@@ -29,7 +29,7 @@ from service.decoding import DecodePool
 from service.inference import InferenceQueue
 from service.model_registry import ModelRegistry, PointerWatcher
 from service.preparation import Preparation
-from service.routers import health, models, predict, train
+from service.routers import ensemble, gallery, health, kernels, models, page, predict, train
 from service.routers import v2 as open_inference
 from service.training_jobs import TrainingManager
 
@@ -93,11 +93,22 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     app.state.registry = registry
     app.state.inference = inference
 
-    routers = (predict.router, models.router, train.router, health.router, open_inference.router)
+    routers = (
+        predict.router,
+        models.router,
+        kernels.router,
+        ensemble.router,
+        gallery.router,
+        page.router,
+        train.router,
+        health.router,
+        open_inference.router,
+    )
     for router in routers:
         app.include_router(router)
 
     app.mount("/static/swagger-ui", StaticFiles(directory=str(swagger_ui_path)), name="swagger-ui")
+    app.mount("/static/page", page.assets, name="page")
 
     @app.get("/docs", include_in_schema=False)
     async def swagger_ui() -> HTMLResponse:

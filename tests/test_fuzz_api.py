@@ -57,6 +57,16 @@ REFUSED_WHEN_VALID: dict[tuple[str, str], list[int]] = {
     ("/predict", "post"): [400, 413, 415, 422],
     ("/train", "post"): [400],
     ("/train/{job_id}/resume", "post"): [400],
+    # Feature search on a model exported without a features output (the fuzzed one): 409 at once;
+    # where it had one, `file` would still need to be an image.
+    ("/embed", "post"): [400, 409, 413, 415, 422],
+    ("/similar", "post"): [400, 409, 413, 415, 422],
+    ("/gallery", "post"): [400, 409, 413, 415, 422],
+    ("/gallery", "get"): [409],
+    ("/gallery/{item_id}", "delete"): [409],
+    ("/gallery/{item_id}/thumbnail.png", "get"): [409],
+    # Members must exist and fit together; the fuzzed weights directory holds one model.
+    ("/model/ensemble", "post"): [404, 422],
 }
 CLI_CONFIG = "\n".join(
     f'[[operations]]\ninclude-name = "{method.upper()} {path}"\n'

@@ -104,6 +104,11 @@ class Settings(CommonSettings):
         "the environment: a command line is visible to every user of the machine)",
     )
 
+    # Feature search (/embed, /gallery, /similar)
+    gallery_max_items: int = Field(
+        10_000, ge=1, description="most images in one model's gallery (16 KiB of vector each in memory)"
+    )
+
     # HTTP
     host: str = Field("127.0.0.1", description="alexnet-serve bind address")
     port: int = Field(8000, description="alexnet-serve port")

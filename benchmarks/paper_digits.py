@@ -1,0 +1,124 @@
+"""The paper's two measured claims on scikit-learn's digits, from trained checkpoints. Prints JSON.
+
+- Feature search (Figure 4): the share of an image's k nearest gallery images (Euclidean distance of
+  fc7 vectors, ten-crop mean; FAISS exact index) that share its class: gallery = the training
+  split, queries = the validation split.
+- Ensembles (the 5-CNN average): ten-crop top-1 of each member and of their ensemble (one ONNX graph)
+  on the validation and held-out splits, and the inference cost per image of each.
+
+    python tests/digits.py /tmp/digits
+    alexnet-train /tmp/digits --out runs/s0 --seed 0 --input-size 64 --resize-size 73 --no-flip ...
+    python -m benchmarks.paper_digits /tmp/digits runs/s0/checkpoint.pt runs/s1/checkpoint.pt ...
+"""
+
+import argparse
+import json
+import tempfile
+import time
+from pathlib import Path
+
+import faiss
+import numpy as np
+
+from alexnet_core.session import OnnxClassifier
+from model_export.ensemble import build_ensemble
+from model_export.export import export_onnx
+from model_export.weights import load_checkpoint
+from service.embedding import embed, model_input
+
+CPU = ["CPUExecutionProvider"]
+
+
+def split(root: Path, name: str, per_class: int | None = None) -> list[tuple[Path, int]]:
+    """(file, digit) of a split, the first ``per_class`` files of each digit if given."""
+    return [
+        (p, int(d.name)) for d in sorted((root / name).iterdir()) for p in sorted(d.glob("*.png"))[:per_class]
+    ]
+
+
+def features(classifier: OnnxClassifier, images: list[tuple[Path, int]], chunk: int = 32) -> np.ndarray:
+    crops = inputs(classifier, images)
+    return np.concatenate(
+        [embed(classifier, crops[i : i + chunk]).features for i in range(0, len(crops), chunk)]
+    )
+
+
+def inputs(classifier: OnnxClassifier, images: list[tuple[Path, int]]) -> list[np.ndarray]:
+    return [model_input(classifier, p.read_bytes(), 10**7) for p, _ in images]
+
+
+def top1(classifier: OnnxClassifier, crops: list[np.ndarray], labels: list[int]) -> float:
+    predicted = [int(classifier.probabilities(c).argmax()) for c in crops]
+    return float(
+        np.mean([int(classifier.metadata.labels[p]) == y for p, y in zip(predicted, labels, strict=True)])
+    )
+
+
+def cost_ms(classifier: OnnxClassifier, crops: list[np.ndarray], batch: int = 8, repeats: int = 5) -> float:
+    """Median inference time per image, in batches of ``batch`` images (as the batcher sends them)."""
+    chunk = np.concatenate(crops[:batch])
+    classifier.probabilities(chunk)
+    times = []
+    for _ in range(repeats):
+        t = time.perf_counter()
+        classifier.probabilities(chunk)
+        times.append((time.perf_counter() - t) * 1000 / batch)
+    return round(float(np.median(times)), 2)
+
+
+def neighbours(classifier: OnnxClassifier, root: Path, k: int, per_class: int | None) -> dict[str, float]:
+    gallery, queries = split(root, "train", per_class), split(root, "val", per_class)
+    index = faiss.IndexFlatL2(4096)
+    index.add(features(classifier, gallery))
+    probes = features(classifier, queries)
+    _, found = index.search(probes, k)
+    gallery_labels = np.array([y for _, y in gallery])
+    query_labels = np.array([y for _, y in queries])
+    same = gallery_labels[found] == query_labels[:, None]
+    return {"k": k, "share_of_k_nearest_same_class": round(float(same.mean()), 4),
+            "nearest_same_class": round(float(same[:, 0].mean()), 4),
+            "gallery": len(gallery), "queries": len(queries)}  # fmt: skip
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("data", type=Path, help="the digits folder (tests/digits.py)")
+    p.add_argument("checkpoints", type=Path, nargs="+")
+    p.add_argument("-k", type=int, default=5)
+    p.add_argument("--per-class", type=int, help="at most this many images per digit and split (default all)")
+    p.add_argument("--no-ensemble", action="store_true", help="members and feature search only")
+    p.add_argument("--input-size", type=int, default=64, help="as trained (default 64)")
+    p.add_argument("--resize-size", type=int, default=73, help="as trained (default 73)")
+    args = p.parse_args(argv)
+    out: dict[str, object] = {}
+    with tempfile.TemporaryDirectory() as tmp:
+        paths = []
+        for i, checkpoint in enumerate(args.checkpoints):
+            paths.append(Path(tmp) / f"m{i}.onnx")
+            export_onnx(load_checkpoint(checkpoint), paths[-1], input_size=args.input_size,
+                        resize_size=args.resize_size, features=True)  # fmt: skip
+        first = OnnxClassifier(paths[0], CPU)
+        out["feature_search"] = neighbours(first, args.data, args.k, args.per_class)
+        members = [first] + [OnnxClassifier(x, CPU) for x in paths[1:]]
+        splits = {name: split(args.data, name, args.per_class) for name in ("val", "held_out")}
+        crops = {name: inputs(first, images) for name, images in splits.items()}
+        labels = {name: [y for _, y in images] for name, images in splits.items()}
+
+        def scores(c: OnnxClassifier) -> dict[str, float]:
+            return {f"{n}_top1": round(top1(c, crops[n], labels[n]), 4) for n in crops} | {
+                "ms_per_image": cost_ms(c, crops["val"])
+            }
+
+        out["members"] = [
+            {"checkpoint": str(c), **scores(m)} for c, m in zip(args.checkpoints, members, strict=True)
+        ]
+        if len(paths) > 1 and not args.no_ensemble:
+            build_ensemble(paths, Path(tmp) / "ensemble.onnx", "ensemble")
+            out["ensemble"] = scores(OnnxClassifier(Path(tmp) / "ensemble.onnx", CPU))
+        out["images"] = {n: len(v) for n, v in splits.items()}
+    print(json.dumps(out, indent=2))
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

@@ -1,0 +1,164 @@
+"""The paper's ensemble (its 5-CNN average) as one model version: one ONNX graph holding the
+members side by side on one shared input, averaging their softmax outputs.
+
+Built with the ``onnx`` package only (no torch), so the service can build one too. Each member's
+nodes, edges and initializers get a prefix (``m0_``, ``m1_``, …); the members' logits each go
+through a Softmax, a Mean averages them, and a Log makes the graph's ``logits`` output. The service
+applies a softmax to ``logits`` as for any crops-kind model, and softmax(log(p)) = p because the
+mean of probabilities sums to 1: the ensemble is served, batched and ten-cropped like one model.
+One graph rather than members run one after another: one inference call per batch, and ONNX
+Runtime schedules the members' layers within it.
+
+    python -m model_export.ensemble --weights-dir weights VERSION VERSION [VERSION …] [--version NAME]
+"""
+
+import argparse
+import sys
+from datetime import UTC, datetime
+from pathlib import Path
+
+import numpy as np
+import onnx
+import onnxruntime as ort
+from onnx import TensorProto, helper
+
+from alexnet_core import files
+from alexnet_core.metadata import ModelMetadata
+from alexnet_core.pipeline import probabilities
+
+MAX_MEMBERS = 8  # ONNX protobuf files stop at 2 GiB; an AlexNet is about 230 MiB
+SAME = ("labels", "input_size", "resize_size", "mean", "std", "input_name", "input_kind")
+PARITY_TOLERANCE = 1e-5
+
+
+class EnsembleError(ValueError):
+    pass
+
+
+def read_metadata(model: onnx.ModelProto, name: str) -> ModelMetadata:
+    try:
+        return ModelMetadata.from_props({p.key: p.value for p in model.metadata_props})
+    except ValueError as exc:
+        raise EnsembleError(f"{name}: {exc}") from None
+
+
+def check_members(metas: list[ModelMetadata]) -> None:
+    if not 2 <= len(metas) <= MAX_MEMBERS:
+        raise EnsembleError(f"an ensemble takes 2 to {MAX_MEMBERS} members, not {len(metas)}")
+    versions = [m.version for m in metas]
+    if len(set(versions)) != len(versions):
+        raise EnsembleError(f"a member is listed twice: {versions}")
+    first = metas[0]
+    for meta in metas:
+        if meta.input_kind != "crops":
+            raise EnsembleError(
+                f"{meta.version} is of the {meta.input_kind} kind; members must be crops models"
+            )
+        for field in SAME:
+            if getattr(meta, field) != getattr(first, field):
+                raise EnsembleError(
+                    f"{meta.version} and {first.version} differ in {field}: one input and one label list "
+                    "must serve all members (same classes, sizes and normalisation)"
+                )
+
+
+def merge(models: list[onnx.ModelProto], metas: list[ModelMetadata]) -> onnx.ModelProto:
+    """The members' graphs on one input, their softmax outputs averaged (see the module doc)."""
+    first = metas[0]
+    nodes, initializers, softmaxes = [], [], []
+    for i, (model, meta) in enumerate(zip(models, metas, strict=True)):
+        prefix = f"m{i}_"
+        onnx.compose.add_prefix(model, prefix, rename_inputs=False, inplace=True)
+        graph = model.graph
+        nodes.extend(graph.node)
+        initializers.extend(graph.initializer)
+        softmaxes.append(f"{prefix}probabilities")
+        nodes.append(helper.make_node("Softmax", [prefix + meta.output_name], [softmaxes[-1]], axis=1))
+    nodes.append(helper.make_node("Mean", softmaxes, ["ensemble_mean"], name="ensemble_mean"))
+    nodes.append(helper.make_node("Log", ["ensemble_mean"], [first.output_name], name="ensemble_log"))
+    graph = helper.make_graph(
+        nodes,
+        "ensemble",
+        [models[0].graph.input[0]],
+        [helper.make_tensor_value_info(first.output_name, TensorProto.FLOAT, ["crops", first.num_classes])],
+        initializer=initializers,
+    )
+    merged = helper.make_model(graph, opset_imports=list(models[0].opset_import))
+    merged.ir_version = models[0].ir_version
+    return merged
+
+
+def check_parity(output: Path, members: list[Path], input_size: int) -> float:
+    """Max abs difference between the ensemble's probabilities and the mean of its members'."""
+    batch = np.random.default_rng(0).standard_normal((10, 3, input_size, input_size), dtype=np.float32)
+    cpu = ["CPUExecutionProvider"]
+    expected = np.mean(
+        [
+            probabilities(ort.InferenceSession(str(p), providers=cpu).run(None, {"images": batch})[0])
+            for p in members
+        ],
+        axis=0,
+    )
+    actual = probabilities(ort.InferenceSession(str(output), providers=cpu).run(None, {"images": batch})[0])
+    return float(np.abs(actual - expected).max())
+
+
+def build_ensemble(members: list[Path], output: Path, version: str | None = None) -> ModelMetadata:
+    """Write the ensemble of ``members`` (model files) to ``output`` atomically, checked against
+    the members run one by one before it appears."""
+    models = [onnx.load(str(p)) for p in members]
+    metas = [read_metadata(m, p.name) for m, p in zip(models, members, strict=True)]
+    check_members(metas)
+    first = metas[0]
+    metadata = first.model_copy(
+        update={
+            "version": version or output.stem,
+            "source": "ensemble",
+            "source_sha256": None,
+            "trained": all(m.trained for m in metas),
+            "exported_at": datetime.now(UTC),
+            "validation_top1": None,
+            "validation_top5": None,
+            "features_output": None,
+            "members": [m.version for m in metas],
+        }
+    )
+    merged = merge(models, metas)
+    del models
+    helper.set_model_props(merged, metadata.to_props())
+    onnx.checker.check_model(merged)
+
+    def write_checked(tmp: Path) -> None:
+        onnx.save_model(merged, str(tmp))
+        diff = check_parity(tmp, members, first.input_size)
+        if not diff <= PARITY_TOLERANCE:
+            raise EnsembleError(f"the ensemble disagrees with its members' average by {diff:.3g}")
+
+    files.atomic_write(output, write_checked)
+    return metadata
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(prog="alexnet-ensemble", description=__doc__.split("\n\n")[0])
+    p.add_argument("members", nargs="+", help="model versions (file stems) in the weights directory")
+    p.add_argument("--weights-dir", type=Path, default=Path("weights"))
+    p.add_argument("--version", help="the ensemble's version (default: ensemble-<UTC time>)")
+    args = p.parse_args(argv)
+    version = args.version or f"ensemble-{datetime.now(UTC):%Y%m%d-%H%M%S}"
+    paths = [args.weights_dir / f"{m.removesuffix('.onnx')}.onnx" for m in args.members]
+    output = args.weights_dir / f"{version}.onnx"
+    try:
+        if missing := [str(x) for x in paths if not x.is_file()]:
+            raise EnsembleError(f"no such model file: {', '.join(missing)}")
+        if output.exists():
+            raise EnsembleError(f"{output} exists")
+        meta = build_ensemble(paths, output, version)
+    except (EnsembleError, OSError, onnx.checker.ValidationError) as exc:
+        print(f"alexnet-ensemble: error: {exc}", file=sys.stderr)
+        return 1
+    print(f"wrote {output} ({output.stat().st_size / 2**20:.1f} MiB): ensemble of {', '.join(meta.members)}")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

@@ -1,0 +1,107 @@
+"""POST /model/ensemble: build an ensemble of models in the weights directory as a new version
+(model_export.ensemble, onnx only: no torch), optionally activating it."""
+
+import asyncio
+import re
+import threading
+from datetime import UTC, datetime
+from typing import Annotated
+
+import onnx
+from fastapi import APIRouter, HTTPException, status
+from pydantic import BaseModel, ConfigDict, Field, StringConstraints
+
+from alexnet_core.files import WriteError
+from model_export.ensemble import MAX_MEMBERS, EnsembleError, build_ensemble
+from service.core.security import ApiKey
+from service.deps import RegistryDep, SettingsDep
+from service.model_registry import ModelNotFound
+from service.schemas import ErrorResponse, ValidationErrorResponse
+
+router = APIRouter(prefix="/model", tags=["model"])
+VERSION_PATTERN = r"^[A-Za-z0-9][A-Za-z0-9._-]{0,127}$"
+_building = threading.Lock()  # one build at a time: each holds several models in memory
+
+
+class EnsembleRequest(BaseModel):
+    model_config = ConfigDict(
+        extra="forbid", json_schema_extra={"examples": [{"members": ["digits-s0", "digits-s1", "digits-s2"]}]}
+    )
+    members: list[Annotated[str, StringConstraints(min_length=1, max_length=255)]] = Field(
+        min_length=2,
+        max_length=MAX_MEMBERS,
+        description="model versions (file stems) in the weights directory",
+    )
+    version: str | None = Field(
+        None, pattern=VERSION_PATTERN, description="the new version's name (default: ensemble-<time>)"
+    )
+    activate: bool = Field(False, description="serve the ensemble once it is built")
+
+
+class EnsembleResponse(BaseModel):
+    version: str
+    file: str
+    members: list[str]
+    activated: bool = Field(description="in service now (else: POST /model/activate to serve it)")
+    available_versions: list[str]
+
+
+def _ensemble_name(requested: str | None) -> str:
+    return requested or f"ensemble-{datetime.now(UTC):%Y%m%d-%H%M%S-%f}"
+
+
+@router.post(
+    "/ensemble",
+    status_code=status.HTTP_201_CREATED,
+    response_model=EnsembleResponse,
+    dependencies=[ApiKey],
+    responses={
+        400: {"model": ErrorResponse, "description": "a body that is not JSON"},
+        401: {"model": ErrorResponse},
+        403: {"model": ErrorResponse},
+        404: {"model": ErrorResponse, "description": "a member is not in the weights directory"},
+        409: {"model": ErrorResponse, "description": "the version exists, or another build is running"},
+        413: {"model": ErrorResponse, "description": "body over the upload limit"},
+        422: {
+            "model": ValidationErrorResponse,
+            "description": "a bad body, or members that do not fit together",
+        },
+    },
+    summary="Build the average of several models' softmax outputs as one model version (key required)",
+)
+async def ensemble(body: EnsembleRequest, registry: RegistryDep, settings: SettingsDep) -> EnsembleResponse:
+    try:
+        paths = [registry.find(member) for member in body.members]
+    except ModelNotFound as exc:
+        raise HTTPException(status.HTTP_404_NOT_FOUND, str(exc)) from None
+    version = _ensemble_name(body.version)
+    assert re.match(VERSION_PATTERN, version)  # a plain file name: never a path from the client
+    output = settings.weights_dir / f"{version}.onnx"
+    if output.exists():
+        raise HTTPException(status.HTTP_409_CONFLICT, f"model {version!r} exists: choose another version")
+    if not _building.acquire(blocking=False):
+        raise HTTPException(
+            status.HTTP_409_CONFLICT, "another ensemble is being built: try again when it is done"
+        )
+    try:
+        # Reading, merging and checking several 200+ MB graphs: off the event loop.
+        await asyncio.to_thread(build_ensemble, paths, output, version)
+    except EnsembleError as exc:
+        raise HTTPException(status.HTTP_422_UNPROCESSABLE_CONTENT, str(exc)) from None
+    except (WriteError, onnx.checker.ValidationError) as exc:
+        raise HTTPException(
+            status.HTTP_422_UNPROCESSABLE_CONTENT, f"cannot build the ensemble: {exc}"
+        ) from None
+    finally:
+        _building.release()
+    activated = False
+    if body.activate:
+        await asyncio.to_thread(registry.activate, version)
+        activated = True
+    return EnsembleResponse(
+        version=version,
+        file=output.name,
+        members=body.members,
+        activated=activated,
+        available_versions=[p.stem for p in registry.available()],
+    )

@@ -1,0 +1,330 @@
+"""Feature search over HTTP: /embed, /gallery, /similar. The logic lives in service.gallery and
+service.embedding; these routes read uploads, call it off the event loop and shape the answers."""
+
+import asyncio
+import functools
+from collections.abc import Iterator
+from contextlib import contextmanager
+from typing import Annotated
+
+import numpy as np
+from fastapi import APIRouter, File, HTTPException, Path, Query, Request, Response, UploadFile, status
+from pydantic import BaseModel, BeforeValidator, Field
+from starlette.datastructures import UploadFile as StarletteUpload
+
+from alexnet_core.images import ImageInputError, decode
+from alexnet_core.session import OnnxClassifier
+from service.core.security import ApiKey
+from service.deps import ClassifierDep, PoolDep, QueueDep, SettingsDep
+from service.embedding import AGGREGATION, Embedded, NoFeatures, embed, feature_dim, model_input
+from service.gallery import ID_PATTERN, Galleries, Gallery, GalleryError, Item, thumbnail
+from service.routers.predict import _no_empty_parts, top_k_predictions
+from service.schemas import ErrorResponse, Prediction, ValidationErrorResponse
+
+router = APIRouter(tags=["feature search"])
+MAX_LABEL = 200
+
+
+class Embedding(BaseModel):
+    filename: str | None
+    vector: list[float] = Field(description="fc7 after ReLU, the ten-crop mean")
+
+
+class EmbedResponse(BaseModel):
+    model_version: str
+    aggregation: str = Field(AGGREGATION, description="how an image's ten crops make one vector")
+    dim: int
+    results: list[Embedding]
+
+
+class GalleryItem(BaseModel):
+    id: str
+    label: str | None
+    added_at: str
+    thumbnail_url: str
+
+
+class GalleryListing(BaseModel):
+    model_version: str
+    count: int
+    items: list[GalleryItem]
+
+
+class Neighbour(GalleryItem):
+    distance: float = Field(ge=0, description="Euclidean distance between the feature vectors")
+
+
+class SimilarResponse(BaseModel):
+    model_version: str
+    aggregation: str = AGGREGATION
+    neighbours: list[Neighbour] = Field(description="nearest first")
+    predictions: list[Prediction] = Field(description="the query's top classes, from the same inference call")
+
+
+def _errors(**codes: str) -> dict[int | str, dict[str, object]]:
+    return {
+        int(code[1:]): {
+            "model": ValidationErrorResponse if code == "e422" else ErrorResponse,
+            "description": text,
+        }
+        for code, text in codes.items()
+    }
+
+
+UPLOAD_ERRORS = {
+    "e400": "no file, an empty file, or too many files",
+    "e409": "the model in service has no features output",
+    "e413": "body or image over the limits",
+    "e415": "not an image in a supported format",
+    "e422": "corrupt image, or a bad parameter",
+    "e503": "no model loaded, queue full, timed out, or the gallery's files are corrupt",
+}
+
+
+@contextmanager
+def http_errors() -> Iterator[None]:
+    try:
+        yield
+    except GalleryError as exc:
+        raise HTTPException(exc.status_code, exc.detail) from None
+    except NoFeatures as exc:
+        raise HTTPException(status.HTTP_409_CONFLICT, str(exc)) from None
+
+
+async def galleries(request: Request) -> Galleries:
+    state = request.app.state
+    if getattr(state, "galleries", None) is None:  # no await before the assignment: no race
+        state.galleries = Galleries(state.settings.weights_dir, state.settings.gallery_max_items)
+    return state.galleries
+
+
+async def open_gallery(request: Request, classifier: OnnxClassifier) -> Gallery:
+    with http_errors():
+        dim = feature_dim(classifier)
+    store = await galleries(request)
+    return await asyncio.to_thread(store.get, classifier.version, classifier.sha256, dim)
+
+
+def _item(item: Item) -> GalleryItem:
+    return GalleryItem(
+        id=item.id,
+        label=item.label,
+        added_at=item.added_at,
+        thumbnail_url=f"/gallery/{item.id}/thumbnail.png",
+    )
+
+
+async def _embed(
+    uploads: list[StarletteUpload],
+    classifier: OnnxClassifier,
+    settings: SettingsDep,
+    inference: QueueDep,
+    pool: PoolDep,
+) -> Embedded:
+    """Decode in the preprocessing pool, then one inference call for all images, within the
+    queue's admission limit and the request timeout like /predict."""
+    if not uploads:
+        raise HTTPException(status.HTTP_400_BAD_REQUEST, "no image: send one as form field `file`")
+    if len(uploads) > settings.max_files:
+        raise HTTPException(
+            status.HTTP_400_BAD_REQUEST, f"too many files: {len(uploads)}, at most {settings.max_files}"
+        )
+    with http_errors():
+        feature_dim(classifier)  # refuse a model without features before decoding anything
+    loop = asyncio.get_running_loop()
+    prepare = functools.partial(model_input, classifier, max_pixels=settings.max_pixels)
+
+    async def prepared(upload: StarletteUpload) -> np.ndarray:
+        data = await upload.read()
+        try:
+            return await loop.run_in_executor(pool, prepare, data)
+        except ImageInputError as exc:
+            name = f"file {upload.filename!r}: " if upload.filename else ""
+            raise ImageInputError(exc.status_code, name + exc.detail) from None
+
+    with inference.admit(len(uploads)):
+        try:
+            async with asyncio.timeout(settings.request_timeout_s):
+                inputs = await asyncio.gather(*(prepared(u) for u in uploads))
+                return await asyncio.to_thread(embed, classifier, list(inputs))
+        except TimeoutError:
+            raise HTTPException(
+                status.HTTP_503_SERVICE_UNAVAILABLE,
+                f"timed out after {settings.request_timeout_s:g} s",
+                headers={"Retry-After": "1"},
+            ) from None
+
+
+@router.post(
+    "/embed",
+    response_model=EmbedResponse,
+    responses=_errors(**UPLOAD_ERRORS),
+    summary="Feature vector (fc7, 4096-d, ten-crop mean) of each image",
+)
+async def embed_images(
+    classifier: ClassifierDep,
+    settings: SettingsDep,
+    inference: QueueDep,
+    pool: PoolDep,
+    file: Annotated[UploadFile | None, File(description="one image")] = None,
+    files: Annotated[
+        Annotated[list[UploadFile], BeforeValidator(_no_empty_parts)] | None,
+        File(description="several images", json_schema_extra={"default": []}),
+    ] = None,
+) -> EmbedResponse:
+    uploads = ([file] if file is not None else []) + (files or [])
+    result = await _embed(uploads, classifier, settings, inference, pool)
+    return EmbedResponse(
+        model_version=classifier.version,
+        dim=result.features.shape[1],
+        results=[
+            Embedding(filename=u.filename, vector=v.tolist())
+            for u, v in zip(uploads, result.features, strict=True)
+        ],
+    )
+
+
+@router.post(
+    "/similar",
+    response_model=SimilarResponse,
+    responses=_errors(**{**UPLOAD_ERRORS, "e404": "the model's gallery is empty"}),
+    summary="The k gallery images nearest to an image (Euclidean distance of feature vectors)",
+)
+async def similar(
+    request: Request,
+    classifier: ClassifierDep,
+    settings: SettingsDep,
+    inference: QueueDep,
+    pool: PoolDep,
+    file: Annotated[UploadFile, File(description="the query image")],
+    k: Annotated[int, Query(ge=1, le=100, description="neighbours to return")] = 5,
+    top_k: Annotated[int, Query(ge=1, le=1000, description="classes to return")] = 5,
+) -> SimilarResponse:
+    gallery = await open_gallery(request, classifier)
+    with http_errors():
+        gallery.entries()  # a corrupt or foreign gallery is refused before any work
+    result = await _embed([file], classifier, settings, inference, pool)
+    with http_errors():
+        found = await asyncio.to_thread(gallery.search, result.features[0], k)
+    meta = classifier.metadata
+    return SimilarResponse(
+        model_version=classifier.version,
+        neighbours=[Neighbour(**_item(n.item).model_dump(), distance=n.distance) for n in found],
+        predictions=top_k_predictions(result.probabilities[0], top_k, meta.labels, meta.wnids),
+    )
+
+
+@router.get(
+    "/gallery",
+    response_model=GalleryListing,
+    responses=_errors(e409="no features output or another model's gallery", e503="corrupt gallery files"),
+    summary="The gallery of the model in service",
+)
+async def list_gallery(request: Request, classifier: ClassifierDep) -> GalleryListing:
+    gallery = await open_gallery(request, classifier)
+    with http_errors():
+        items = gallery.entries()
+    return GalleryListing(model_version=classifier.version, count=len(items), items=[_item(i) for i in items])
+
+
+ADD_BODY = {
+    "required": True,
+    "content": {
+        "multipart/form-data": {
+            "schema": {
+                "type": "object",
+                "required": ["id", "file"],
+                "properties": {
+                    "id": {"type": "string", "pattern": ID_PATTERN, "description": "the item's name"},
+                    "label": {"type": "string", "maxLength": MAX_LABEL, "description": "optional label"},
+                    "file": {"type": "string", "format": "binary", "description": "the image"},
+                },
+            }
+        }
+    },
+}
+
+
+@router.post(
+    "/gallery",
+    status_code=status.HTTP_201_CREATED,
+    response_model=GalleryItem,
+    dependencies=[ApiKey],
+    openapi_extra={"requestBody": ADD_BODY},
+    responses=_errors(**UPLOAD_ERRORS, e401="missing or wrong API key", e403="no API key configured"),
+    summary="Add an image to the gallery of the model in service (key required)",
+)
+async def add_to_gallery(
+    request: Request, classifier: ClassifierDep, settings: SettingsDep, inference: QueueDep, pool: PoolDep
+) -> GalleryItem:
+    # The form is parsed here, after the key was checked: nothing is read for an unauthorised caller.
+    form = await request.form(max_files=1, max_fields=2)
+    item_id, label, upload = form.get("id"), form.get("label"), form.get("file")
+    if not isinstance(item_id, str) or not item_id:
+        raise HTTPException(status.HTTP_422_UNPROCESSABLE_CONTENT, "form field `id` is required")
+    if not Gallery.valid_id(item_id):
+        raise HTTPException(
+            status.HTTP_422_UNPROCESSABLE_CONTENT, f"id {item_id[:80]!r} must match {ID_PATTERN}"
+        )
+    if label is not None and (not isinstance(label, str) or len(label) > MAX_LABEL):
+        raise HTTPException(
+            status.HTTP_422_UNPROCESSABLE_CONTENT, f"`label` must be text of at most {MAX_LABEL} characters"
+        )
+    if not isinstance(upload, StarletteUpload):
+        raise HTTPException(status.HTTP_400_BAD_REQUEST, "no image: send it as form field `file`")
+    gallery = await open_gallery(request, classifier)
+    with http_errors():
+        gallery.entries()
+    data = await upload.read()
+    await upload.seek(0)
+    result = await _embed([upload], classifier, settings, inference, pool)
+    meta = classifier.metadata
+    thumb = await asyncio.to_thread(lambda: thumbnail(decode(data, meta.resize_size, settings.max_pixels)))
+    with http_errors():
+        item = await asyncio.to_thread(gallery.add, item_id, label or None, result.features[0], thumb)
+    return _item(item)
+
+
+ItemId = Annotated[str, Path(pattern=ID_PATTERN, description="the item's id")]
+
+
+@router.delete(
+    "/gallery/{item_id}",
+    response_model=GalleryItem,
+    dependencies=[ApiKey],
+    responses=_errors(
+        e401="missing or wrong API key",
+        e403="no API key configured",
+        e404="no such item",
+        e409="no features output",
+        e422="a malformed id",
+        e503="corrupt gallery files",
+    ),
+    summary="Remove an image from the gallery (key required)",
+)
+async def remove_from_gallery(request: Request, classifier: ClassifierDep, item_id: ItemId) -> GalleryItem:
+    gallery = await open_gallery(request, classifier)
+    with http_errors():
+        item = await asyncio.to_thread(gallery.remove, item_id)
+    return _item(item)
+
+
+@router.get(
+    "/gallery/{item_id}/thumbnail.png",
+    response_class=Response,
+    responses={
+        200: {"content": {"image/png": {}}},
+        **_errors(
+            e404="no such item",
+            e409="no features output or another model's gallery",
+            e422="a malformed id",
+            e503="corrupt gallery files",
+        ),
+    },
+    summary="A gallery image, small",
+)
+async def gallery_thumbnail(request: Request, classifier: ClassifierDep, item_id: ItemId) -> Response:
+    gallery = await open_gallery(request, classifier)
+    with http_errors():
+        png = await asyncio.to_thread(gallery.thumbnail, item_id)
+    return Response(png, media_type="image/png")
