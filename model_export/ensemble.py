@@ -6,6 +6,8 @@ nodes, edges and initializers get a prefix (``m0_``, ``m1_``, …); the members'
 through a Softmax, a Mean averages them, and a Log makes the graph's ``logits`` output. The service
 applies a softmax to ``logits`` as for any crops-kind model, and softmax(log(p)) = p because the
 mean of probabilities sums to 1: the ensemble is served, batched and ten-cropped like one model.
+Members of the square kind (ten crops in the graph) already output ten-crop probabilities: a
+Mean of those is the ensemble's ``probabilities``.
 One graph rather than members run one after another: one inference call per batch, and ONNX
 Runtime schedules the members' layers within it.
 
@@ -22,7 +24,7 @@ import onnx
 import onnxruntime as ort
 from onnx import TensorProto, helper
 
-from alexnet_core import files
+from alexnet_core import files, model_files
 from alexnet_core.metadata import ModelMetadata
 from alexnet_core.pipeline import probabilities
 
@@ -50,10 +52,6 @@ def check_members(metas: list[ModelMetadata]) -> None:
         raise EnsembleError(f"a member is listed twice: {versions}")
     first = metas[0]
     for meta in metas:
-        if meta.input_kind != "crops":
-            raise EnsembleError(
-                f"{meta.version} is of the {meta.input_kind} kind; members must be crops models"
-            )
         for field in SAME:
             if getattr(meta, field) != getattr(first, field):
                 raise EnsembleError(
@@ -65,6 +63,7 @@ def check_members(metas: list[ModelMetadata]) -> None:
 def merge(models: list[onnx.ModelProto], metas: list[ModelMetadata]) -> onnx.ModelProto:
     """The members' graphs on one input, their softmax outputs averaged (see the module doc)."""
     first = metas[0]
+    square = first.input_kind == "square"
     nodes, initializers, softmaxes = [], [], []
     for i, (model, meta) in enumerate(zip(models, metas, strict=True)):
         prefix = f"m{i}_"
@@ -72,15 +71,22 @@ def merge(models: list[onnx.ModelProto], metas: list[ModelMetadata]) -> onnx.Mod
         graph = model.graph
         nodes.extend(graph.node)
         initializers.extend(graph.initializer)
-        softmaxes.append(f"{prefix}probabilities")
-        nodes.append(helper.make_node("Softmax", [prefix + meta.output_name], [softmaxes[-1]], axis=1))
-    nodes.append(helper.make_node("Mean", softmaxes, ["ensemble_mean"], name="ensemble_mean"))
-    nodes.append(helper.make_node("Log", ["ensemble_mean"], [first.output_name], name="ensemble_log"))
+        if square:  # already the ten-crop mean of the softmax
+            softmaxes.append(prefix + meta.output_name)
+        else:
+            softmaxes.append(f"{prefix}probabilities")
+            nodes.append(helper.make_node("Softmax", [prefix + meta.output_name], [softmaxes[-1]], axis=1))
+    if square:
+        nodes.append(helper.make_node("Mean", softmaxes, [first.output_name], name="ensemble_mean"))
+    else:
+        nodes.append(helper.make_node("Mean", softmaxes, ["ensemble_mean"], name="ensemble_mean"))
+        nodes.append(helper.make_node("Log", ["ensemble_mean"], [first.output_name], name="ensemble_log"))
+    rows = "images" if square else "crops"
     graph = helper.make_graph(
         nodes,
         "ensemble",
         [models[0].graph.input[0]],
-        [helper.make_tensor_value_info(first.output_name, TensorProto.FLOAT, ["crops", first.num_classes])],
+        [helper.make_tensor_value_info(first.output_name, TensorProto.FLOAT, [rows, first.num_classes])],
         initializer=initializers,
     )
     merged = helper.make_model(graph, opset_imports=list(models[0].opset_import))
@@ -88,19 +94,26 @@ def merge(models: list[onnx.ModelProto], metas: list[ModelMetadata]) -> onnx.Mod
     return merged
 
 
-def check_parity(output: Path, members: list[Path], input_size: int) -> float:
+def check_parity(output: Path, members: list[Path], meta: ModelMetadata) -> float:
     """Max abs difference between the ensemble's probabilities and the mean of its members'."""
-    batch = np.random.default_rng(0).standard_normal((10, 3, input_size, input_size), dtype=np.float32)
+    rng = np.random.default_rng(0)
+    if meta.input_kind == "square":
+        size = meta.resize_size
+        batch = rng.integers(0, 256, (2, size, size, 3), dtype=np.uint8)
+        # The square kind's output is already probabilities (softmax, ten-crop mean).
+        as_probabilities = lambda out: out.astype(np.float64)  # noqa: E731
+    else:
+        size = meta.input_size
+        batch = rng.standard_normal((10, 3, size, size), dtype=np.float32)
+        as_probabilities = probabilities
     cpu = ["CPUExecutionProvider"]
-    expected = np.mean(
-        [
-            probabilities(ort.InferenceSession(str(p), providers=cpu).run(None, {"images": batch})[0])
-            for p in members
-        ],
-        axis=0,
-    )
-    actual = probabilities(ort.InferenceSession(str(output), providers=cpu).run(None, {"images": batch})[0])
-    return float(np.abs(actual - expected).max())
+
+    def run(path: Path) -> np.ndarray:
+        session = ort.InferenceSession(str(path), providers=cpu)
+        return as_probabilities(session.run([meta.output_name], {meta.input_name: batch})[0])
+
+    expected = np.mean([run(p) for p in members], axis=0)
+    return float(np.abs(run(output) - expected).max())
 
 
 def build_ensemble(members: list[Path], output: Path, version: str | None = None) -> ModelMetadata:
@@ -130,11 +143,12 @@ def build_ensemble(members: list[Path], output: Path, version: str | None = None
 
     def write_checked(tmp: Path) -> None:
         onnx.save_model(merged, str(tmp))
-        diff = check_parity(tmp, members, first.input_size)
+        diff = check_parity(tmp, members, first)
         if not diff <= PARITY_TOLERANCE:
             raise EnsembleError(f"the ensemble disagrees with its members' average by {diff:.3g}")
 
     files.atomic_write(output, write_checked)
+    model_files.write_manifest(output)  # the SHA-256 the service checks before serving it
     return metadata
 
 

@@ -61,10 +61,12 @@ def test_api_builds_serves_and_rolls_back_an_ensemble(client: httpx.Client, weig
     assert body["activated"] and body["members"] == ["r1", "r2"] and "pair" in body["available_versions"]
     model = client.get("/model").json()
     assert model["version"] == "pair" and model["members"] == ["r1", "r2"] and model["source"] == "ensemble"
-    # One graph: both members' weights inside it, one input, one output.
+    # One graph: both members' weights inside it, one input, one output (members of the default,
+    # square kind output ten-crop probabilities).
     graph = onnx.load(str(weights / "pair.onnx"), load_external_data=False).graph
-    assert [i.name for i in graph.input] == ["images"] and [o.name for o in graph.output] == ["logits"]
-    assert {"m0_classifier.0.weight", "m1_classifier.0.weight"} <= {i.name for i in graph.initializer}
+    assert [i.name for i in graph.input] == ["images"] and [o.name for o in graph.output] == ["probabilities"]
+    weights_in_graph = [i.name for i in graph.initializer if i.name.endswith("classifier.0.weight")]
+    assert sorted(name[:3] for name in weights_in_graph) == ["m0_", "m1_"]
 
     image = photo_jpeg()
     pair = served_probabilities(client, "pair", image)
@@ -124,3 +126,22 @@ def test_cli(weights: Path, capsys: pytest.CaptureFixture[str]) -> None:
     props = {p.key: p.value for p in onnx.load(str(weights / "cli-pair.onnx")).metadata_props}
     assert json.loads(props["members"]) == ["r1", "r2"] and json.loads(props["version"]) == "cli-pair"
     assert not list(weights.glob("*.part")) and not list(weights.glob(".*.part"))
+
+
+@pytest.mark.parametrize("kind", ["crops", "square"])
+def test_either_model_kind_makes_an_ensemble(tmp_path: Path, kind: str) -> None:
+    """Members that take the host's crops (logits out) and members with the ten crops in their
+    graph (probabilities out) both average to their members' mean (checked while building)."""
+    from model_export.ensemble import build_ensemble
+    from model_export.export import export_onnx
+    from model_export.weights import random_weights
+
+    members = []
+    for seed in (1, 2):
+        path = tmp_path / f"{kind}{seed}.onnx"
+        weights = random_weights("torchvision", seed=seed, num_classes=5)
+        export_onnx(weights, path, input_size=64, resize_size=73, input_kind=kind)
+        members.append(path)
+    meta = build_ensemble(members, tmp_path / "pair.onnx")
+    assert meta.input_kind == kind and meta.members == [f"{kind}1", f"{kind}2"]
+    assert (tmp_path / "pair.onnx.sha256").is_file()  # served as verified, like any export
