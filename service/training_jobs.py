@@ -223,9 +223,6 @@ class TrainingManager:
         if fd is None:
             raise JobError(409, f"job {job.id} is owned by another server process")
         self._owned[job.id] = fd
-        # The served model becomes the recorded choice before this job's model can appear: else,
-        # with nothing ever activated, the next start-up would serve the newest file, this one's.
-        self.registry.pin_current()
         config = self._config(job, dataset, resume)
         files.write_text(job.run_dir / CONFIG, config.model_dump_json(indent=2))
         self.store.save(job)
@@ -233,6 +230,10 @@ class TrainingManager:
 
     async def _run(self, job: JobRecord, config: Path) -> None:
         try:
+            # The served model becomes the recorded choice before this job's model can appear: else,
+            # with nothing ever activated, the next start-up would serve the newest file, this one's.
+            # (In a thread: it waits for an activation in progress.)
+            await asyncio.to_thread(self.registry.pin_current)
             code = await self._execute(job, config)
             await asyncio.to_thread(self._finish, job, code)
         finally:
