@@ -79,6 +79,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
             inference.stop()
             decoder.stop()
             pool.shutdown(wait=True, cancel_futures=True)
+            registry.close()
 
     app = FastAPI(
         title="alexnet-serve",

@@ -114,6 +114,13 @@ class ModelRegistry:
             log.info("activated model %s", classifier.version)
             return classifier
 
+    def close(self) -> None:
+        """Release the served model's session (hundreds of MB) at shutdown, whoever still holds
+        the app object afterwards (an embedding server, a test that served several apps)."""
+        with self._activation:
+            self.current = None
+            self.not_ready_reason = "the server is shutting down"
+
     def pin_current(self) -> None:
         """Record the served model as the activated one where nothing is recorded yet. Called
         before a training job starts: a model that appears later (the job's, not to be activated)
