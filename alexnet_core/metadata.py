@@ -9,9 +9,10 @@ import json
 from datetime import datetime
 from typing import Literal
 
+import numpy as np
 from pydantic import BaseModel, Field
 
-from alexnet_core.pipeline import N_CROPS, Preprocessed, preprocess
+from alexnet_core.pipeline import N_CROPS, Preprocessed, preprocess, ten_crop
 
 FORMAT = "alexnet-serve/1"
 INPUT_NAME = "images"
@@ -56,6 +57,13 @@ class ModelMetadata(BaseModel):
     def rows_per_image(self) -> int:
         """Rows of the model's input batch one image takes: ten crops, or one square."""
         return 1 if self.input_kind == "square" else N_CROPS
+
+    def model_input(self, square: np.ndarray) -> np.ndarray:
+        """An image's central (S, S, 3) uint8 square -> this model's input rows for it: the square
+        itself for a model that crops in its graph, else its ten normalised crops."""
+        if self.input_kind == "square":
+            return square[np.newaxis]
+        return ten_crop(square, self.input_size, self.mean, self.std)
 
     def preprocess(self, data: bytes, *, max_pixels: int) -> Preprocessed:
         """Image bytes -> what this model's input takes for one image, with its own sizes and

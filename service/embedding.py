@@ -10,8 +10,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from alexnet_core.images import decode
-from alexnet_core.pipeline import N_CROPS, center_square, probabilities, ten_crop
+from alexnet_core.pipeline import N_CROPS, probabilities
 from alexnet_core.session import OnnxClassifier
 
 AGGREGATION = "ten-crop mean"
@@ -41,15 +40,6 @@ def feature_dim(classifier: OnnxClassifier) -> int:
     name = features_name(classifier)
     shape = next(o.shape for o in classifier.session.get_outputs() if o.name == name)
     return shape[-1] if isinstance(shape[-1], int) else 4096  # fc7's width where not stated
-
-
-def model_input(classifier: OnnxClassifier, data: bytes, max_pixels: int) -> np.ndarray:
-    """Bytes -> what this model kind takes for one image: ten float crops or one uint8 square."""
-    meta = classifier.metadata
-    square = center_square(decode(data, meta.resize_size, max_pixels), meta.resize_size)
-    if meta.input_kind == "square":
-        return square[np.newaxis]
-    return ten_crop(square, meta.input_size, meta.mean, meta.std)
 
 
 def embed(classifier: OnnxClassifier, inputs: list[np.ndarray]) -> Embedded:

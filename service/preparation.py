@@ -14,20 +14,13 @@ from fastapi import HTTPException, Request
 
 from alexnet_core.images import ImageInputError, decode_cost
 from alexnet_core.metadata import ModelMetadata
-from alexnet_core.pipeline import Preprocessed, ten_crop
+from alexnet_core.pipeline import Preprocessed
 from service.admission import DecodeBudget
 from service.core.config import Settings
 from service.core.metrics import Metrics
 from service.decoding import DecodePool
 
 T = TypeVar("T")
-
-
-def model_batch(meta: ModelMetadata, square: np.ndarray) -> np.ndarray:
-    """A central square -> what the model takes: itself, or the ten normalised crops."""
-    if meta.input_kind == "square":
-        return square[None]
-    return ten_crop(square, meta.input_size, meta.mean, meta.std)
 
 
 class Preparation:
@@ -58,7 +51,7 @@ class Preparation:
         except ImageInputError as exc:
             raise ImageInputError(exc.status_code, label + exc.detail) from None
         started = time.perf_counter()
-        batch = await loop.run_in_executor(self.pool, model_batch, meta, square)
+        batch = await loop.run_in_executor(self.pool, meta.model_input, square)
         return Preprocessed(batch, decode_s, square_s + time.perf_counter() - started)
 
     async def all(self, meta: ModelMetadata, images: list[bytes], labels: list[str]) -> list[Preprocessed]:

@@ -2,22 +2,21 @@
 service.embedding; these routes read uploads, call it off the event loop and shape the answers."""
 
 import asyncio
-import functools
 from collections.abc import Iterator
 from contextlib import contextmanager
 from typing import Annotated
 
-import numpy as np
 from fastapi import APIRouter, File, HTTPException, Path, Query, Request, Response, UploadFile, status
 from pydantic import BaseModel, BeforeValidator, Field
 from starlette.datastructures import UploadFile as StarletteUpload
 
-from alexnet_core.images import ImageInputError, decode
+from alexnet_core.images import decode
 from alexnet_core.session import OnnxClassifier
 from service.core.security import ApiKey
-from service.deps import ClassifierDep, PoolDep, QueueDep, SettingsDep
-from service.embedding import AGGREGATION, Embedded, NoFeatures, embed, feature_dim, model_input
+from service.deps import ClassifierDep, PreparationDep, QueueDep, SettingsDep
+from service.embedding import AGGREGATION, Embedded, NoFeatures, embed, feature_dim
 from service.gallery import ID_PATTERN, Galleries, Gallery, GalleryError, Item, thumbnail
+from service.preparation import Preparation
 from service.routers.predict import _no_empty_parts, top_k_predictions
 from service.schemas import ErrorResponse, Prediction, ValidationErrorResponse
 
@@ -119,10 +118,10 @@ async def _embed(
     classifier: OnnxClassifier,
     settings: SettingsDep,
     inference: QueueDep,
-    pool: PoolDep,
+    preparation: Preparation,
 ) -> Embedded:
-    """Decode in the preprocessing pool, then one inference call for all images, within the
-    queue's admission limit and the request timeout like /predict."""
+    """The images through /predict's pipeline (cost admission, decode workers), then one
+    inference call for both outputs, within the queue's admission limit and the request timeout."""
     if not uploads:
         raise HTTPException(status.HTTP_400_BAD_REQUEST, "no image: send one as form field `file`")
     if len(uploads) > settings.max_files:
@@ -131,22 +130,13 @@ async def _embed(
         )
     with http_errors():
         feature_dim(classifier)  # refuse a model without features before decoding anything
-    loop = asyncio.get_running_loop()
-    prepare = functools.partial(model_input, classifier, max_pixels=settings.max_pixels)
-
-    async def prepared(upload: StarletteUpload) -> np.ndarray:
-        data = await upload.read()
-        try:
-            return await loop.run_in_executor(pool, prepare, data)
-        except ImageInputError as exc:
-            name = f"file {upload.filename!r}: " if upload.filename else ""
-            raise ImageInputError(exc.status_code, name + exc.detail) from None
-
+    data = [await upload.read() for upload in uploads]  # already in memory: no I/O
+    labels = [f"file {upload.filename!r}: " if upload.filename else "" for upload in uploads]
     with inference.admit(len(uploads)):
         try:
             async with asyncio.timeout(settings.request_timeout_s):
-                inputs = await asyncio.gather(*(prepared(u) for u in uploads))
-                return await asyncio.to_thread(embed, classifier, list(inputs))
+                images = await preparation.all(classifier.metadata, data, labels)
+                return await asyncio.to_thread(embed, classifier, [image.batch for image in images])
         except TimeoutError:
             raise HTTPException(
                 status.HTTP_503_SERVICE_UNAVAILABLE,
@@ -165,7 +155,7 @@ async def embed_images(
     classifier: ClassifierDep,
     settings: SettingsDep,
     inference: QueueDep,
-    pool: PoolDep,
+    preparation: PreparationDep,
     file: Annotated[UploadFile | None, File(description="one image")] = None,
     files: Annotated[
         Annotated[list[UploadFile], BeforeValidator(_no_empty_parts)] | None,
@@ -173,7 +163,7 @@ async def embed_images(
     ] = None,
 ) -> EmbedResponse:
     uploads = ([file] if file is not None else []) + (files or [])
-    result = await _embed(uploads, classifier, settings, inference, pool)
+    result = await _embed(uploads, classifier, settings, inference, preparation)
     return EmbedResponse(
         model_version=classifier.version,
         dim=result.features.shape[1],
@@ -195,7 +185,7 @@ async def similar(
     classifier: ClassifierDep,
     settings: SettingsDep,
     inference: QueueDep,
-    pool: PoolDep,
+    preparation: PreparationDep,
     file: Annotated[UploadFile, File(description="the query image")],
     k: Annotated[int, Query(ge=1, le=100, description="neighbours to return")] = 5,
     top_k: Annotated[int, Query(ge=1, le=1000, description="classes to return")] = 5,
@@ -203,7 +193,7 @@ async def similar(
     gallery = await open_gallery(request, classifier)
     with http_errors():
         gallery.entries()  # a corrupt or foreign gallery is refused before any work
-    result = await _embed([file], classifier, settings, inference, pool)
+    result = await _embed([file], classifier, settings, inference, preparation)
     with http_errors():
         found = await asyncio.to_thread(gallery.search, result.features[0], k)
     meta = classifier.metadata
@@ -255,7 +245,11 @@ ADD_BODY = {
     summary="Add an image to the gallery of the model in service (key required)",
 )
 async def add_to_gallery(
-    request: Request, classifier: ClassifierDep, settings: SettingsDep, inference: QueueDep, pool: PoolDep
+    request: Request,
+    classifier: ClassifierDep,
+    settings: SettingsDep,
+    inference: QueueDep,
+    preparation: PreparationDep,
 ) -> GalleryItem:
     # The form is parsed here, after the key was checked: nothing is read for an unauthorised caller.
     form = await request.form(max_files=1, max_fields=2)
@@ -277,7 +271,7 @@ async def add_to_gallery(
         gallery.entries()
     data = await upload.read()
     await upload.seek(0)
-    result = await _embed([upload], classifier, settings, inference, pool)
+    result = await _embed([upload], classifier, settings, inference, preparation)
     meta = classifier.metadata
     thumb = await asyncio.to_thread(lambda: thumbnail(decode(data, meta.resize_size, settings.max_pixels)))
     with http_errors():
