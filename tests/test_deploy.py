@@ -185,7 +185,7 @@ def test_compose_defaults_are_the_settings_defaults(
     compose: list[str], no_alexnet_env: pytest.MonkeyPatch
 ) -> None:
     """The values compose passes when .env sets nothing parse as Settings and equal the service's
-    own defaults, apart from the container wiring and the CPU-dependent thread count."""
+    own defaults, apart from the container wiring."""
     defaults = Settings(_env_file=None)
     for key, value in resolved(compose, [COMPOSE])["services"]["api"]["environment"].items():
         no_alexnet_env.setenv(key, value)
@@ -194,8 +194,6 @@ def test_compose_defaults_are_the_settings_defaults(
     expected = defaults.model_dump()
     actual = from_compose.model_dump()
     expected.update(host="0.0.0.0", weights_dir=Path("/weights"), data_root=Path("/data"))
-    # Default min(4, CPUs): the container gets 4 whatever the machine running the tests has.
-    expected["preprocess_threads"] = 4
     # Unset (None) in Settings, empty in compose: both mean "none" to the service.
     assert defaults.model is None and from_compose.model == ""
     assert defaults.api_key is None and from_compose.api_key is not None
