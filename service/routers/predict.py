@@ -10,27 +10,25 @@ from service.deps import ClassifierDep, MetricsDep, PreparationDep, QueueDep, Se
 from service.inference import InferenceResult
 from service.preparation import unless_disconnected
 from service.schemas import (
-    ErrorResponse,
     ImagePrediction,
     ImageUpload,
     Prediction,
     PredictResponse,
     Timings,
-    ValidationErrorResponse,
+    error_responses,
 )
 
 router = APIRouter(tags=["predict"])
 
-ERRORS: dict[int | str, dict[str, object]] = {
-    code: {"model": ValidationErrorResponse if code == 422 else ErrorResponse, "description": text}
-    for code, text in {
+ERRORS = error_responses(
+    {
         400: "no file, an empty file, or too many files",
         413: "body over the upload limit, or an image over the pixel, scan, decode memory or time limit",
         415: "not an image in a supported format (JPEG, PNG, GIF, WebP, BMP, TIFF)",
         422: "truncated or corrupt image, or a bad parameter",
         503: "no model loaded, queue, decode or upload budget full, or timed out (see Retry-After)",
-    }.items()
-}
+    }
+)
 
 
 def _no_empty_parts(value: object) -> object:
