@@ -32,6 +32,7 @@ import numpy as np
 from PIL import Image
 
 from alexnet_core import files
+from alexnet_core.errors import StatusError
 
 FORMAT = "alexnet-serve-gallery/1"
 ID_PATTERN = r"^[A-Za-z0-9][A-Za-z0-9._-]{0,63}$"
@@ -39,11 +40,8 @@ THUMB_SIDE = 96
 _SAFE_DIR = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,127}$")
 
 
-class GalleryError(Exception):
-    def __init__(self, status_code: int, detail: str) -> None:
-        super().__init__(detail)
-        self.status_code = status_code
-        self.detail = detail
+class GalleryError(StatusError):
+    pass
 
 
 @dataclass(frozen=True)
