@@ -188,12 +188,17 @@ class Gallery:
                 raise
             return item
 
+    def _item(self, item_id: str) -> Item:
+        """An item of the gallery of the model in service (call with the lock held)."""
+        self._check_served()
+        item = self.items.get(item_id)
+        if item is None:
+            raise GalleryError(404, f"no gallery item {item_id!r} for model {self.version!r}")
+        return item
+
     def remove(self, item_id: str) -> Item:
         with self._lock:
-            self._check_served()
-            item = self.items.get(item_id)
-            if item is None:
-                raise GalleryError(404, f"no gallery item {item_id!r} for model {self.version!r}")
+            item = self._item(item_id)
             vector = self.index.reconstruct(item.key)
             self.index.remove_ids(np.array([item.key], dtype=np.int64))
             del self.items[item_id]
@@ -226,11 +231,7 @@ class Gallery:
 
     def thumbnail(self, item_id: str) -> bytes:
         with self._lock:
-            self._check_served()
-            item = self.items.get(item_id)
-            if item is None:
-                raise GalleryError(404, f"no gallery item {item_id!r} for model {self.version!r}")
-            path = self.thumb_path(item)
+            path = self.thumb_path(self._item(item_id))
         try:
             return path.read_bytes()
         except OSError:
