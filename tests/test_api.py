@@ -2,10 +2,8 @@
 
 import json
 import shutil
-import struct
 import subprocess
 import sys
-import zlib
 from pathlib import Path
 
 import httpx
@@ -16,6 +14,7 @@ from PIL import Image
 
 from alexnet_core.images import decode
 from alexnet_core.pipeline import center_square
+from benchmarks.mix import gif_claiming, png_claiming
 from tests.conftest import cpu_settings, serve
 from tests.images import encode, photo, photo_jpeg
 
@@ -90,30 +89,6 @@ def test_exif_rotated_photo_predicts_like_upright(client: httpx.Client) -> None:
         "predictions"
     ]
     assert a == b
-
-
-def png_claiming(width: int, height: int) -> bytes:
-    """A tiny PNG whose header claims width x height pixels (a decompression bomb's shape)."""
-
-    def chunk(kind: bytes, payload: bytes) -> bytes:
-        return (
-            struct.pack(">I", len(payload)) + kind + payload + struct.pack(">I", zlib.crc32(kind + payload))
-        )
-
-    header = struct.pack(">IIBBBBB", width, height, 8, 2, 0, 0, 0)
-    idat = zlib.compress(b"\x00" * 1024)
-    return b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", header) + chunk(b"IDAT", idat) + chunk(b"IEND", b"")
-
-
-def gif_claiming(width: int, height: int) -> bytes:
-    return (
-        b"GIF89a"
-        + struct.pack("<HH", width, height)
-        + b"\x00\x00\x00"
-        + b",\x00\x00\x00\x00"
-        + struct.pack("<HH", width, height)
-        + b"\x00\x02\x02D\x01\x00;"
-    )
 
 
 BAD_UPLOADS = {
