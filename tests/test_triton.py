@@ -116,6 +116,21 @@ def check_repository(
     return config
 
 
+def client_preprocess(data: bytes, config: Any, square_only: bool = False) -> np.ndarray:
+    """What a client following the config's preprocessing parameters sends for one image (the
+    service's own preprocessing)."""
+    params = {key: value.string_value for key, value in config.parameters.items()}
+    return preprocess(
+        data,
+        resize=int(params["preprocess_resize_size"]),
+        crop=int(params["preprocess_crop_size"]),
+        mean=json.loads(params["preprocess_mean"]),
+        std=json.loads(params["preprocess_std"]),
+        max_pixels=10**7,
+        square_only=square_only,
+    ).batch
+
+
 def run_batch(path: Path, batch: np.ndarray) -> np.ndarray:
     session = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
     return session.run(["logits"], {"images": batch})[0]
@@ -149,19 +164,11 @@ def test_client_preprocessing_fits_the_config(imagenet_repo: tuple[Path, Path]) 
     produces one request of ten crops that the config accepts and the model answers."""
     repo, _ = imagenet_repo
     config = parse_config(repo / "alexnet" / "config.pbtxt")
-    params = {key: value.string_value for key, value in config.parameters.items()}
     buffer = io.BytesIO()
     Image.fromarray(np.random.default_rng(1).integers(0, 256, (300, 400, 3), dtype=np.uint8)).save(
         buffer, "JPEG"
     )
-    crops = preprocess(
-        buffer.getvalue(),
-        resize=int(params["preprocess_resize_size"]),
-        crop=int(params["preprocess_crop_size"]),
-        mean=json.loads(params["preprocess_mean"]),
-        std=json.loads(params["preprocess_std"]),
-        max_pixels=10**7,
-    ).batch
+    crops = client_preprocess(buffer.getvalue(), config)
     assert crops.shape == (CROPS_PER_IMAGE, *config.input[0].dims) and crops.dtype == np.float32
     assert crops.shape[0] <= config.max_batch_size
     logits = run_batch(repo / "alexnet" / "1" / "model.onnx", crops)
@@ -202,17 +209,8 @@ def test_cli_square_repository_takes_uint8_squares(tmp_path: Path, capsys: pytes
     config = check_repository(repo, output, max_batch_size=32, kind=kind)
     assert list(config.input[0].dims) == [137, 137, 3]
     assert list(config.dynamic_batching.preferred_batch_size) == [16, 32]
-    params = {key: value.string_value for key, value in config.parameters.items()}
     # A client following the parameters: the service's own central square, nothing else.
-    square = preprocess(
-        photo_jpeg(),
-        resize=int(params["preprocess_resize_size"]),
-        crop=int(params["preprocess_crop_size"]),
-        mean=json.loads(params["preprocess_mean"]),
-        std=json.loads(params["preprocess_std"]),
-        max_pixels=10**7,
-        square_only=True,
-    ).batch
+    square = client_preprocess(photo_jpeg(), config, square_only=True)
     assert square.shape == (1, *config.input[0].dims) and square.dtype == np.uint8
     session = ort.InferenceSession(
         str(repo / "alexnet" / "1" / "model.onnx"), providers=["CPUExecutionProvider"]
