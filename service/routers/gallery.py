@@ -9,7 +9,7 @@ from typing import Annotated
 
 import numpy as np
 from fastapi import APIRouter, File, HTTPException, Path, Query, Request, Response, UploadFile, status
-from pydantic import BaseModel, BeforeValidator, Field
+from pydantic import BaseModel, Field
 from starlette.datastructures import UploadFile as StarletteUpload
 
 from alexnet_core.images import ImageInputError, decode
@@ -18,7 +18,7 @@ from service.core.security import ApiKey
 from service.deps import ClassifierDep, PoolDep, QueueDep, SettingsDep
 from service.embedding import AGGREGATION, Embedded, NoFeatures, embed, feature_dim, model_input
 from service.gallery import ID_PATTERN, Galleries, Gallery, GalleryError, Item, thumbnail
-from service.routers.predict import _no_empty_parts, top_k_predictions
+from service.routers.predict import OneImage, SeveralImages, top_k_predictions
 from service.schemas import Prediction, error_responses
 
 router = APIRouter(tags=["feature search"])
@@ -163,11 +163,8 @@ async def embed_images(
     settings: SettingsDep,
     inference: QueueDep,
     pool: PoolDep,
-    file: Annotated[UploadFile | None, File(description="one image")] = None,
-    files: Annotated[
-        Annotated[list[UploadFile], BeforeValidator(_no_empty_parts)] | None,
-        File(description="several images", json_schema_extra={"default": []}),
-    ] = None,
+    file: OneImage = None,
+    files: SeveralImages = None,
 ) -> EmbedResponse:
     uploads = ([file] if file is not None else []) + (files or [])
     result = await _embed(uploads, classifier, settings, inference, pool)

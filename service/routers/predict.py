@@ -36,6 +36,15 @@ def _no_empty_parts(value: object) -> object:
     return [part for part in value if part != ""] if isinstance(value, list) else value
 
 
+# The upload fields of the routes that take images: one as `file`, several as `files`.
+OneImage = Annotated[ImageUpload | None, File(description="one image")]
+SeveralImages = Annotated[
+    Annotated[list[ImageUpload], BeforeValidator(_no_empty_parts)] | None,
+    # default []: Swagger UI starts with no item (else it sends its "string" placeholder)
+    File(description="several images", json_schema_extra={"default": []}),
+]
+
+
 def top_k_predictions(
     probabilities: np.ndarray, k: int, labels: list[str], wnids: list[str | None]
 ) -> list[Prediction]:
@@ -58,12 +67,8 @@ async def predict(
     inference: QueueDep,
     metrics: MetricsDep,
     preparation: PreparationDep,
-    file: Annotated[ImageUpload | None, File(description="one image")] = None,
-    files: Annotated[
-        Annotated[list[ImageUpload], BeforeValidator(_no_empty_parts)] | None,
-        # default []: Swagger UI starts with no item (else it sends its "string" placeholder)
-        File(description="several images", json_schema_extra={"default": []}),
-    ] = None,
+    file: OneImage = None,
+    files: SeveralImages = None,
     top_k: Annotated[int, Query(ge=1, le=1000, description="classes to return per image")] = 5,
 ) -> PredictResponse:
     uploads = ([file] if file is not None else []) + (files or [])
