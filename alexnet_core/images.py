@@ -12,6 +12,8 @@ from dataclasses import dataclass
 import numpy as np
 from PIL import Image, ImageOps, UnidentifiedImageError
 
+from alexnet_core.errors import StatusError
+
 # Formats read from the bytes' signature; the file name and declared content type are ignored.
 FORMATS = ("JPEG", "PNG", "GIF", "WEBP", "BMP", "TIFF")
 SIGNATURES = {
@@ -25,17 +27,9 @@ SIGNATURES = {
 }
 
 
-class ImageInputError(ValueError):
-    """A problem with the uploaded bytes, reported to the client as ``status_code``."""
-
-    def __init__(self, status_code: int, detail: str) -> None:
-        super().__init__(detail)
-        self.status_code = status_code
-        self.detail = detail
-
-    def __reduce__(self) -> tuple[type["ImageInputError"], tuple[int, str]]:
-        # Raised in decode worker processes and pickled back: the default would call cls(detail).
-        return type(self), (self.status_code, self.detail)
+class ImageInputError(StatusError, ValueError):
+    """A problem with the uploaded bytes, reported to the client as ``status_code`` (raised in
+    decode worker processes too, and pickled back)."""
 
 
 def sniff_format(data: bytes) -> str | None:

@@ -85,6 +85,15 @@ def ten_crop(square: np.ndarray, crop: int, mean: list[float], std: list[float])
     return out
 
 
+def decode_square(data: bytes, resize: int, max_pixels: int) -> tuple[np.ndarray, float, float]:
+    """bytes -> central square, with the decode's and the resize's seconds."""
+    started = time.perf_counter()
+    image = decode(data, resize, max_pixels)
+    decoded = time.perf_counter()
+    square = center_square(image, resize)
+    return square, decoded - started, time.perf_counter() - decoded
+
+
 def preprocess(
     data: bytes,
     *,
@@ -98,11 +107,9 @@ def preprocess(
     """bytes -> ten normalised crops (or, ``square_only``, the (1, S, S, 3) uint8 square for a model
     that crops in its graph), timing the decode and the rest apart."""
     started = time.perf_counter()
-    image = decode(data, resize, max_pixels)
-    decoded = time.perf_counter()
-    square = center_square(image, resize)
+    square, decode_s, _ = decode_square(data, resize, max_pixels)
     batch = square[None] if square_only else ten_crop(square, crop, mean, std)
-    return Preprocessed(batch, decoded - started, time.perf_counter() - decoded)
+    return Preprocessed(batch, decode_s, time.perf_counter() - started - decode_s)
 
 
 def probabilities(logits: np.ndarray, crops_per_image: int = N_CROPS) -> np.ndarray:

@@ -121,29 +121,15 @@ def _throughput(report: Report, ratios: dict[str, float | None], targets: list[T
                         min(engine_cpu) / point.server_cpu_ms_per_image, 3
                     )
                 name = f"e2e/raw throughput >= 0.90 ({mode}, {image}, conc {concurrency})"
-                targets.append(Target(target=name, value=ratio, limit=0.90, met=(ratio or 0) >= 0.90))
+                targets.append(Target.at_least(name, ratio, 0.90))
 
 
 def _overload_targets(overload: Overload, targets: list[Target]) -> None:
     worst, limit_ms = overload.max_latency_ms_any, overload.timeout_s * 1000
-    targets.append(
-        Target(
-            target="overload: no request longer than the timeout",
-            value=worst,
-            limit=limit_ms,
-            met=worst is not None and worst <= limit_ms,
-        )
-    )
+    targets.append(Target.at_most("overload: no request longer than the timeout", worst, limit_ms))
     fast = overload.rejected_queue_full.p99_ms
     if fast is not None:
-        targets.append(
-            Target(
-                target="overload: queue-full 503s answered fast (p99 <= 100 ms)",
-                value=fast,
-                limit=100,
-                met=fast <= 100,
-            )
-        )
+        targets.append(Target.at_most("overload: queue-full 503s answered fast (p99 <= 100 ms)", fast, 100))
     recovery = overload.recovery
     base = recovery.baseline_p50_ms or float(np.median([m for m in recovery.next_ms if m is not None]))
     targets.append(
@@ -171,14 +157,7 @@ def ratios_and_targets(report: Report) -> tuple[dict[str, float | None], list[Ta
             ratios[f"ort_speedup_over_torch_{row.crops}"] = row.ort_speedup
     ratio_12mp = rnd(pre["large"].total_ms / ten, 3) or 0.0
     ratios["preprocess_12mp_over_10crop_inference"] = ratio_12mp
-    targets.append(
-        Target(
-            target="12 MP preprocessing <= 0.25 x 10-crop inference",
-            value=ratio_12mp,
-            limit=0.25,
-            met=ratio_12mp <= 0.25,
-        )
-    )
+    targets.append(Target.at_most("12 MP preprocessing <= 0.25 x 10-crop inference", ratio_12mp, 0.25))
     batching_on = report.e2e.get("batching_on")
     for image in ("small", "large"):
         point = batching_on.point(image, 1) if batching_on else None

@@ -13,6 +13,7 @@ from pathlib import Path
 import numpy as np
 
 from alexnet_core.session import OnnxClassifier
+from benchmarks.inference import median_ms
 from model_export.ensemble import build_ensemble
 from model_export.export import export_onnx
 from model_export.weights import random_weights
@@ -23,13 +24,7 @@ SIZE, RESIZE, CLASSES, BATCH = 64, 73, 10, 8
 def ms_per_image(path: Path, repeats: int) -> float:
     classifier = OnnxClassifier(path, ["CPUExecutionProvider"])
     batch = np.random.default_rng(0).standard_normal((BATCH * 10, 3, SIZE, SIZE), dtype=np.float32)
-    classifier.probabilities(batch)
-    times = []
-    for _ in range(repeats):
-        started = time.perf_counter()
-        classifier.probabilities(batch)
-        times.append((time.perf_counter() - started) * 1000 / BATCH)
-    return round(float(np.median(times)), 2)
+    return median_ms(lambda: classifier.probabilities(batch), repeats, per=BATCH)
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -42,7 +37,7 @@ def main(argv: list[str] | None = None) -> int:
     for seed, path in zip((1, 2, 3), members, strict=True):
         if not path.exists():
             weights = random_weights("paper", seed=seed, num_classes=CLASSES)
-            export_onnx(weights, path, input_size=SIZE, resize_size=RESIZE)
+            export_onnx(weights, path, input_size=SIZE, resize_size=RESIZE, input_kind="crops")
     ensemble = args.dir / "ensemble.onnx"
     started = time.perf_counter()
     if not ensemble.exists():

@@ -22,7 +22,6 @@ import json
 import os
 import platform
 import shutil
-import socket
 import statistics
 import subprocess
 import sys
@@ -39,8 +38,9 @@ import httpx
 import numpy as np
 
 from alexnet_core.session import OnnxClassifier
+from benchmarks.report import write_report
+from benchmarks.server import server_process
 
-REPO_ROOT = Path(__file__).resolve().parent.parent
 Json = dict[str, Any]
 
 
@@ -129,63 +129,17 @@ def bench_engine(path: Path, providers: list[str], batches: tuple[int, ...], bud
     return out
 
 
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 @contextmanager
 def server(model: Path, providers: list[str]) -> Iterator[tuple[str, Json]]:
-    """``alexnet-serve`` in a subprocess until /ready. A small local helper: the overhead
-    benchmark's shared start-and-wait helper in benchmarks/ should replace it once merged."""
-    port = free_port()
-    with tempfile.TemporaryDirectory(prefix="gpu-check-server-") as workdir:
-        env = {k: v for k, v in os.environ.items() if not k.startswith("ALEXNET_")}
-        env |= {
-            "ALEXNET_WEIGHTS_DIR": str(model.parent),
-            "ALEXNET_MODEL": model.stem,
-            "ALEXNET_PROVIDERS": ",".join(providers),
-            "ALEXNET_PORT": str(port),
-            "ALEXNET_HOST": "127.0.0.1",
-            "ALEXNET_LOG_LEVEL": "warning",
-            "ALEXNET_DATA_ROOT": workdir,
-            "PYTHONPATH": os.pathsep.join(filter(None, [str(REPO_ROOT), os.environ.get("PYTHONPATH")])),
-        }
-        log_path = Path(workdir) / "server.log"
-        with log_path.open("wb") as server_log:
-            proc = subprocess.Popen(
-                [sys.executable, "-c", "from service.main import run\nrun()\n"],
-                env=env,
-                cwd=workdir,
-                stdout=server_log,
-                stderr=server_log,
-            )
-        url = f"http://127.0.0.1:{port}"
-        try:
-            yield url, wait_ready(proc, url, log_path)
-        finally:
-            proc.terminate()
-            try:
-                proc.wait(timeout=30)
-            except subprocess.TimeoutExpired:
-                proc.kill()
-                proc.wait(timeout=10)
-
-
-def wait_ready(proc: subprocess.Popen[bytes], url: str, log_path: Path) -> Json:
-    deadline = time.monotonic() + 180
-    with httpx.Client(timeout=5) as client:
-        while time.monotonic() < deadline and proc.poll() is None:
-            try:
-                response = client.get(f"{url}/ready")
-                if response.status_code == 200:
-                    return response.json()
-            except httpx.HTTPError:
-                pass
-            time.sleep(0.2)
-    tail = log_path.read_text(errors="replace")[-3000:]
-    raise RuntimeError(f"alexnet-serve did not become ready (exit code {proc.poll()}):\n{tail}")
+    """``alexnet-serve`` in a subprocess (benchmarks/server.py) on these providers, until /ready:
+    its URL and its /ready answer."""
+    settings = {
+        "ALEXNET_WEIGHTS_DIR": str(model.parent),
+        "ALEXNET_MODEL": model.stem,
+        "ALEXNET_PROVIDERS": ",".join(providers),
+    }
+    with server_process(settings) as process:
+        yield process.url, process.ready
 
 
 def load_point(url: str, body: bytes, concurrency: int, requests: int) -> Json:
@@ -279,10 +233,7 @@ def main(argv: list[str] | None = None) -> int:
             name: bench_http(models[name], providers, concurrencies, requests) for name in http_models
         }
     report["seconds"] = round(time.perf_counter() - started, 1)
-    text = json.dumps(report, indent=2)
-    print(text)
-    if args.out:
-        args.out.write_text(text + "\n")
+    write_report(json.dumps(report, indent=2), args.out)
     return 0
 
 

@@ -38,6 +38,7 @@ from PIL import Image
 from benchmarks.cpu import log
 from benchmarks.images import big_jpeg, encoded, photo
 from benchmarks.mix import Kind, Load, Outcome, multipart
+from benchmarks.report import write_report
 from benchmarks.server import ServerProcess, env_name, export_random_model, model_settings, server_process
 
 MAX_PIXELS = 64_000_000  # the service's default
@@ -336,11 +337,7 @@ def main(argv: list[str] | None = None) -> int:
     if report["next_request"]["status"] != 200 or report["next_request"]["seconds"] > 1.0:
         failures.append(f"the next valid request after the attack: {report['next_request']}")
     report["failures"] = failures
-    encoded_report = json.dumps(report, indent=2)
-    print(encoded_report)
-    if args.out is not None:
-        args.out.parent.mkdir(parents=True, exist_ok=True)
-        args.out.write_text(encoded_report + "\n")
+    write_report(json.dumps(report, indent=2), args.out)
     log("OK" if not failures else "FAILED: " + "; ".join(failures))
     return 0 if not failures else 1
 

@@ -36,6 +36,18 @@ def time_calls(
     return times
 
 
+def median_ms(fn: Callable[[], object], repeats: int, per: int = 1) -> float:
+    """Median time of ``fn`` over ``repeats`` calls after one warm-up call, in ms per ``per`` items
+    (rounded to 0.01 ms)."""
+    fn()
+    times = []
+    for _ in range(repeats):
+        started = time.perf_counter()
+        fn()
+        times.append((time.perf_counter() - started) * 1000 / per)
+    return round(float(np.median(times)), 2)
+
+
 def call_stats(times: list[float], crops: int) -> dict[str, Any]:
     median = float(np.median(times))
     images = crops / N_CROPS

@@ -27,6 +27,7 @@ from PIL import Image
 from alexnet_core.images import decode
 from alexnet_core.pipeline import center_square, ten_crop
 from alexnet_core.session import OnnxClassifier
+from benchmarks.report import write_report
 
 KINDS = ("crops", "square")
 
@@ -146,10 +147,7 @@ def main(argv: list[str] | None = None) -> int:
             "host_work_after_decode": host_work(meta.input_size, meta.mean, meta.std, args.rounds),
             "inference": inference(models, args.rounds),
         }
-    text = json.dumps(report, indent=2)
-    print(text)
-    if args.out:
-        args.out.write_text(text + "\n")
+    write_report(json.dumps(report, indent=2), args.out)
     return 0
 
 

@@ -22,6 +22,8 @@ MAX_FILES = 16  # the service's default
 
 
 def png_claiming(width: int, height: int) -> bytes:
+    """A tiny PNG whose header claims width x height pixels (a decompression bomb's shape)."""
+
     def chunk(kind: bytes, payload: bytes) -> bytes:
         crc = struct.pack(">I", zlib.crc32(kind + payload))
         return struct.pack(">I", len(payload)) + kind + payload + crc

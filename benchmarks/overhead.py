@@ -42,7 +42,7 @@ from benchmarks.free_engine import default_metadata, write_free_model
 from benchmarks.images import big_jpeg, encoded, photo
 from benchmarks.inference import MAX_PIXELS, read_metadata
 from benchmarks.load import Upload, load_point, warm_up
-from benchmarks.report import Target, rnd
+from benchmarks.report import Target, rnd, write_report
 from benchmarks.server import REPO_ROOT, model_settings, server_process
 
 CONCURRENCIES = (1, 4, 16, 64)
@@ -220,23 +220,10 @@ def targets(images: dict[str, ImageResult]) -> list[Target]:
     out = []
     for name, result in images.items():
         value = result.efficiency["all"].get(16)
-        out.append(
-            Target(
-                target=f"efficiency A/B >= 0.85 at concurrency 16 ({name})",
-                value=value,
-                limit=0.85,
-                met=(value or 0) >= 0.85,
-            )
-        )
+        out.append(Target.at_least(f"efficiency A/B >= 0.85 at concurrency 16 ({name})", value, 0.85))
         scaling = result.scaling_server_best
-        out.append(
-            Target(
-                target=f"server throughput scales from 1 core to all >= 1.8x ({name}, best concurrency)",
-                value=scaling,
-                limit=1.8,
-                met=(scaling or 0) >= 1.8,
-            )
-        )
+        what = f"server throughput scales from 1 core to all >= 1.8x ({name}, best concurrency)"
+        out.append(Target.at_least(what, scaling, 1.8))
     return out
 
 
@@ -298,13 +285,9 @@ def main(argv: list[str] | None = None) -> int:
         images=results,
         targets=targets(results),
     )
-    encoded_report = report.model_dump_json(indent=2)
-    print(encoded_report)
+    write_report(report.model_dump_json(indent=2), args.out)
     for t in report.targets:
         log(f"[{'met' if t.met else 'MISSED'}] {t.target}: {t.value} vs {t.limit}")
-    if args.out is not None:
-        args.out.parent.mkdir(parents=True, exist_ok=True)
-        args.out.write_text(encoded_report + "\n")
     return 0
 
 

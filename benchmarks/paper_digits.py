@@ -14,13 +14,13 @@
 import argparse
 import json
 import tempfile
-import time
 from pathlib import Path
 
 import faiss
 import numpy as np
 
 from alexnet_core.session import OnnxClassifier
+from benchmarks.inference import median_ms
 from model_export.ensemble import build_ensemble
 from model_export.export import export_onnx
 from model_export.weights import load_checkpoint
@@ -57,13 +57,7 @@ def top1(classifier: OnnxClassifier, crops: list[np.ndarray], labels: list[int])
 def cost_ms(classifier: OnnxClassifier, crops: list[np.ndarray], batch: int = 8, repeats: int = 5) -> float:
     """Median inference time per image, in batches of ``batch`` images (as the batcher sends them)."""
     chunk = np.concatenate(crops[:batch])
-    classifier.probabilities(chunk)
-    times = []
-    for _ in range(repeats):
-        t = time.perf_counter()
-        classifier.probabilities(chunk)
-        times.append((time.perf_counter() - t) * 1000 / batch)
-    return round(float(np.median(times)), 2)
+    return median_ms(lambda: classifier.probabilities(chunk), repeats, per=batch)
 
 
 def neighbours(classifier: OnnxClassifier, root: Path, k: int, per_class: int | None) -> dict[str, float]:

@@ -1,6 +1,7 @@
 """The benchmark's results as typed models (written as JSON, read back by tests) and as text tables."""
 
 import math
+from pathlib import Path
 from typing import Any
 
 from pydantic import BaseModel, Field
@@ -172,6 +173,14 @@ class Target(BaseModel):
     limit: float
     met: bool
 
+    @classmethod
+    def at_least(cls, target: str, value: float | None, limit: float) -> "Target":
+        return cls(target=target, value=value, limit=limit, met=(value or 0) >= limit)
+
+    @classmethod
+    def at_most(cls, target: str, value: float | None, limit: float) -> "Target":
+        return cls(target=target, value=value, limit=limit, met=value is not None and value <= limit)
+
 
 class Report(BaseModel):
     meta: dict[str, Any]  # provenance: machine, versions, command, plan (free-form, never computed on)
@@ -198,6 +207,14 @@ class Report(BaseModel):
 
 
 # --------------------------------------------------------------------------- text
+
+
+def write_report(text: str, out: Path | None) -> None:
+    """A report's JSON on stdout, and into ``out`` (its folder made) when given."""
+    print(text)
+    if out is not None:
+        out.parent.mkdir(parents=True, exist_ok=True)
+        out.write_text(text + "\n")
 
 
 def table(rows: list[list[object]], header: list[str]) -> str:

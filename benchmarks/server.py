@@ -131,30 +131,31 @@ class ServerProcess:
         return out
 
 
-def _wait(server: ServerProcess, path: str, timeout_s: float) -> None:
+def wait_for_200(
+    proc: subprocess.Popen[bytes], url: str, log_path: Path, timeout_s: float, what: str = "alexnet-serve"
+) -> httpx.Response:
+    """Poll ``url`` until it answers 200 while ``proc`` runs; else RuntimeError with the log's tail."""
     deadline = time.monotonic() + timeout_s
     with httpx.Client(timeout=5) as client:
-        while time.monotonic() < deadline and server.alive():
+        while time.monotonic() < deadline and proc.poll() is None:
             try:
-                response = client.get(f"{server.url}{path}")
+                response = client.get(url)
                 if response.status_code == 200:
-                    server.ready = response.json()
-                    return
+                    return response
             except httpx.HTTPError:
                 pass
             time.sleep(0.1)
-    raise RuntimeError(
-        f"alexnet-serve did not answer {path} with 200 (exit code {server.proc.poll()}):\n"
-        + server.output(3000)
-    )
+    tail = log_path.read_text(errors="replace")[-3000:]
+    raise RuntimeError(f"{what} did not answer {url} with 200 (exit code {proc.poll()}):\n{tail}")
 
 
-def _stop(proc: subprocess.Popen[bytes], graceful: bool) -> None:
+def stop_process(proc: subprocess.Popen[bytes], graceful: bool = True, timeout_s: float = 60) -> None:
+    """SIGTERM and up to ``timeout_s`` to exit (``graceful``), then SIGKILL."""
     if proc.poll() is None:
         if graceful:
             proc.terminate()  # uvicorn shuts down gracefully on SIGTERM
             try:
-                proc.wait(timeout=60)
+                proc.wait(timeout=timeout_s)
                 return
             except subprocess.TimeoutExpired:
                 pass
@@ -217,11 +218,11 @@ def server_process(
             )
         server = ServerProcess(proc, f"http://127.0.0.1:{port}", port, workdir, log_path, tmpdir)
         try:
-            _wait(server, wait_for, timeout_s)
+            server.ready = wait_for_200(proc, f"{server.url}{wait_for}", log_path, timeout_s).json()
             server.start_s = time.perf_counter() - started
             yield server
         finally:
-            _stop(proc, graceful)
+            stop_process(proc, graceful)
 
 
 def export_random_model(

@@ -40,6 +40,7 @@ import httpx
 import numpy as np
 
 from benchmarks.mix import MAX_FILES, MAX_UPLOAD_MB, Load, Outcome, request_kinds
+from benchmarks.report import write_report
 from benchmarks.server import ProcessStats, ServerProcess, export_random_model, model_settings, server_process
 
 RSS_GROWTH_LIMIT = 0.10
@@ -303,10 +304,7 @@ def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     report = run(args)
     print(human(report))
-    print(json.dumps(report, indent=2))
-    if args.out is not None:
-        args.out.parent.mkdir(parents=True, exist_ok=True)
-        args.out.write_text(json.dumps(report, indent=2) + "\n")
+    write_report(json.dumps(report, indent=2), args.out)
     return 0 if report["ok"] else 1
 
 

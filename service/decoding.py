@@ -24,22 +24,13 @@ from concurrent.futures import Future
 import numpy as np
 from pebble import ProcessExpired, ProcessPool
 
-from alexnet_core.images import ImageInputError, decode
-from alexnet_core.pipeline import center_square
+from alexnet_core.images import ImageInputError
+from alexnet_core.pipeline import decode_square  # run in the workers
 from alexnet_core.resources import keep_freed_memory
 from service.core.metrics import Metrics
 
 # Imported by the fork server (preload), so every worker forked from it inherits the setting.
 keep_freed_memory()
-
-
-def decode_square(data: bytes, resize: int, max_pixels: int) -> tuple[np.ndarray, float, float]:
-    """In a worker: bytes -> central square, with the decode's and the resize's seconds."""
-    started = time.perf_counter()
-    image = decode(data, resize, max_pixels)
-    decoded = time.perf_counter()
-    square = center_square(image, resize)
-    return square, decoded - started, time.perf_counter() - decoded
 
 
 def _die_on_sigterm() -> None:

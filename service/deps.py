@@ -3,8 +3,9 @@
 They are ``async def`` because they never block: FastAPI runs a plain ``def`` dependency in a
 worker thread, which for these attribute lookups would cost a thread hand-off each per request."""
 
+from collections.abc import Callable, Coroutine
 from concurrent.futures import ThreadPoolExecutor
-from typing import Annotated
+from typing import Annotated, Any
 
 from fastapi import Depends, HTTPException, Request, status
 
@@ -16,28 +17,22 @@ from service.model_registry import ModelRegistry
 from service.preparation import Preparation
 
 
-async def get_settings(request: Request) -> Settings:
-    return request.app.state.settings
+def _app_state(name: str) -> Callable[[Request], Coroutine[Any, Any, Any]]:
+    """A dependency that returns ``app.state.<name>`` (typed where it is used, by ``Annotated``)."""
+
+    async def dependency(request: Request) -> Any:
+        return getattr(request.app.state, name)
+
+    dependency.__name__ = f"get_{name}"
+    return dependency
 
 
-async def get_registry(request: Request) -> ModelRegistry:
-    return request.app.state.registry
-
-
-async def get_queue(request: Request) -> InferenceQueue:
-    return request.app.state.inference
-
-
-async def get_metrics(request: Request) -> Metrics:
-    return request.app.state.metrics
-
-
-async def get_pool(request: Request) -> ThreadPoolExecutor:
-    return request.app.state.preprocess_pool
-
-
-async def get_preparation(request: Request) -> Preparation:
-    return request.app.state.preparation
+get_settings = _app_state("settings")
+get_registry = _app_state("registry")
+get_queue = _app_state("inference")
+get_metrics = _app_state("metrics")
+get_pool = _app_state("preprocess_pool")
+get_preparation = _app_state("preparation")
 
 
 async def get_classifier(registry: Annotated[ModelRegistry, Depends(get_registry)]) -> OnnxClassifier:

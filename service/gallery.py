@@ -32,6 +32,7 @@ import numpy as np
 from PIL import Image
 
 from alexnet_core import files
+from alexnet_core.errors import StatusError
 
 FORMAT = "alexnet-serve-gallery/1"
 ID_PATTERN = r"^[A-Za-z0-9][A-Za-z0-9._-]{0,63}$"
@@ -39,11 +40,8 @@ THUMB_SIDE = 96
 _SAFE_DIR = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,127}$")
 
 
-class GalleryError(Exception):
-    def __init__(self, status_code: int, detail: str) -> None:
-        super().__init__(detail)
-        self.status_code = status_code
-        self.detail = detail
+class GalleryError(StatusError):
+    pass
 
 
 @dataclass(frozen=True)
@@ -190,12 +188,17 @@ class Gallery:
                 raise
             return item
 
+    def _item(self, item_id: str) -> Item:
+        """An item of the gallery of the model in service (call with the lock held)."""
+        self._check_served()
+        item = self.items.get(item_id)
+        if item is None:
+            raise GalleryError(404, f"no gallery item {item_id!r} for model {self.version!r}")
+        return item
+
     def remove(self, item_id: str) -> Item:
         with self._lock:
-            self._check_served()
-            item = self.items.get(item_id)
-            if item is None:
-                raise GalleryError(404, f"no gallery item {item_id!r} for model {self.version!r}")
+            item = self._item(item_id)
             vector = self.index.reconstruct(item.key)
             self.index.remove_ids(np.array([item.key], dtype=np.int64))
             del self.items[item_id]
@@ -228,11 +231,7 @@ class Gallery:
 
     def thumbnail(self, item_id: str) -> bytes:
         with self._lock:
-            self._check_served()
-            item = self.items.get(item_id)
-            if item is None:
-                raise GalleryError(404, f"no gallery item {item_id!r} for model {self.version!r}")
-            path = self.thumb_path(item)
+            path = self.thumb_path(self._item(item_id))
         try:
             return path.read_bytes()
         except OSError:

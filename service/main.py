@@ -40,6 +40,53 @@ paper's ten 224x224 crops (corners, centre, mirrors), and the ten softmax output
 """
 
 
+ROUTERS = (
+    predict.router,
+    models.router,
+    kernels.router,
+    ensemble.router,
+    gallery.router,
+    page.router,
+    train.router,
+    health.router,
+    open_inference.router,
+)
+
+
+def _add_routes(app: FastAPI) -> None:
+    """The API routers, the page's assets and Swagger UI from local assets."""
+    for router in ROUTERS:
+        app.include_router(router)
+    app.mount("/static/swagger-ui", StaticFiles(directory=str(swagger_ui_path)), name="swagger-ui")
+    app.mount("/static/page", page.assets, name="page")
+
+    @app.get("/docs", include_in_schema=False)
+    async def swagger_ui() -> HTMLResponse:
+        return get_swagger_ui_html(
+            openapi_url=app.openapi_url or "/openapi.json",
+            title="alexnet-serve - Swagger UI",
+            swagger_js_url="/static/swagger-ui/swagger-ui-bundle.js",
+            swagger_css_url="/static/swagger-ui/swagger-ui.css",
+            swagger_favicon_url="/static/swagger-ui/favicon-32x32.png",
+        )
+
+
+def _add_middleware(app: FastAPI, settings: Settings, metrics: Metrics, inference: InferenceQueue) -> None:
+    if settings.cors_origins:
+        app.add_middleware(
+            CORSMiddleware, allow_origins=settings.cors_origins, allow_methods=["*"], allow_headers=["*"]
+        )
+    # Outermost last: metrics see every answer; the gates refuse before the body is read; the
+    # body limits count and time what is read.
+    app.add_middleware(UploadBudget, limit=settings.upload_memory_bytes, metrics=metrics)
+    app.add_middleware(BodySizeLimit, max_bytes=settings.max_upload_bytes)
+    app.add_middleware(BodyTimeout, timeout_s=settings.body_timeout_s)
+    app.add_middleware(QueueFullGate, inference=inference)
+    keyed = [route for router in ROUTERS for route in router.routes if needs_key(route)]
+    app.add_middleware(ApiKeyGate, routes=keyed, check=scope_checker(settings))
+    app.add_middleware(RequestMetrics, metrics=metrics)
+
+
 def create_app(settings: Settings | None = None) -> FastAPI:
     settings = settings or get_settings()
     # Starlette spools an upload over `spool_max_size` (1 MiB) to a temporary file, which the
@@ -94,47 +141,9 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     app.state.registry = registry
     app.state.inference = inference
 
-    routers = (
-        predict.router,
-        models.router,
-        kernels.router,
-        ensemble.router,
-        gallery.router,
-        page.router,
-        train.router,
-        health.router,
-        open_inference.router,
-    )
-    for router in routers:
-        app.include_router(router)
-
-    app.mount("/static/swagger-ui", StaticFiles(directory=str(swagger_ui_path)), name="swagger-ui")
-    app.mount("/static/page", page.assets, name="page")
-
-    @app.get("/docs", include_in_schema=False)
-    async def swagger_ui() -> HTMLResponse:
-        return get_swagger_ui_html(
-            openapi_url=app.openapi_url or "/openapi.json",
-            title="alexnet-serve - Swagger UI",
-            swagger_js_url="/static/swagger-ui/swagger-ui-bundle.js",
-            swagger_css_url="/static/swagger-ui/swagger-ui.css",
-            swagger_favicon_url="/static/swagger-ui/favicon-32x32.png",
-        )
-
+    _add_routes(app)
     errors.install(app)
-    if settings.cors_origins:
-        app.add_middleware(
-            CORSMiddleware, allow_origins=settings.cors_origins, allow_methods=["*"], allow_headers=["*"]
-        )
-    # Outermost last: metrics see every answer; the gates refuse before the body is read; the
-    # body limits count and time what is read.
-    app.add_middleware(UploadBudget, limit=settings.upload_memory_bytes, metrics=metrics)
-    app.add_middleware(BodySizeLimit, max_bytes=settings.max_upload_bytes)
-    app.add_middleware(BodyTimeout, timeout_s=settings.body_timeout_s)
-    app.add_middleware(QueueFullGate, inference=inference)
-    keyed = [route for router in routers for route in router.routes if needs_key(route)]
-    app.add_middleware(ApiKeyGate, routes=keyed, check=scope_checker(settings))
-    app.add_middleware(RequestMetrics, metrics=metrics)
+    _add_middleware(app, settings, metrics, inference)
     return app
 
 

@@ -38,6 +38,22 @@ class ValidationErrorResponse(ErrorResponse):
     errors: list[ValidationIssue] = Field(default_factory=list)
 
 
+Responses = dict[int | str, dict[str, Any]]
+# Error answers shared by several routes, for `error_responses`.
+KEYED: dict[int, str | None] = {401: None, 403: None}  # the API key gate's refusals
+BODY: dict[int, str | None] = {400: "a body that is not JSON", 413: "body over the upload limit"}
+
+
+def error_responses(codes: dict[int, str | None]) -> Responses:
+    """A route's documented errors (FastAPI ``responses``): each code answers ``ErrorResponse``
+    (422: ``ValidationErrorResponse``, the app's validation shape), described where a text is given."""
+    return {
+        code: {"model": ValidationErrorResponse if code == 422 else ErrorResponse}
+        | ({"description": text} if text is not None else {})
+        for code, text in codes.items()
+    }
+
+
 class Prediction(BaseModel):
     index: int = Field(description="class index in the model's output")
     wnid: str | None = Field(description="WordNet ID (ImageNet classes)")

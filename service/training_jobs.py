@@ -29,6 +29,7 @@ from pathlib import Path
 from typing import Any
 
 from alexnet_core import files
+from alexnet_core.errors import StatusError
 from alexnet_core.training import (
     CHECKPOINT,
     CONFIG,
@@ -54,11 +55,8 @@ ACTIVE_STATES = (JobState.queued, JobState.running)
 OWNER_LOCK = "owner.lock"
 
 
-class JobError(Exception):
-    def __init__(self, status_code: int, detail: str) -> None:
-        super().__init__(detail)
-        self.status_code = status_code
-        self.detail = detail
+class JobError(StatusError):
+    pass
 
 
 def read_metrics(run_dir: Path) -> list[dict[str, Any]]:

@@ -1,21 +1,12 @@
 """Real image bytes for tests: scikit-learn's shipped photos, and made-to-order files."""
 
-import io
-
 import numpy as np
 from PIL import Image
-from sklearn.datasets import load_sample_image
 
+from benchmarks.images import encoded as encode
+from benchmarks.images import photo
 
-def photo(name: str = "china.jpg") -> Image.Image:
-    """A real 640x427 photograph shipped with scikit-learn (china.jpg or flower.jpg)."""
-    return Image.fromarray(load_sample_image(name))
-
-
-def encode(image: Image.Image, fmt: str = "JPEG", **params: object) -> bytes:
-    buffer = io.BytesIO()
-    image.save(buffer, format=fmt, **params)
-    return buffer.getvalue()
+__all__ = ["big_photo_jpeg", "encode", "photo", "photo_jpeg"]
 
 
 def photo_jpeg(name: str = "china.jpg", quality: int = 90) -> bytes:

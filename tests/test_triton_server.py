@@ -17,7 +17,6 @@ without it.
 import os
 import shutil
 import subprocess
-import time
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -30,6 +29,7 @@ import pytest
 from alexnet_core.images import decode
 from alexnet_core.pipeline import center_square
 from alexnet_core.session import OnnxClassifier
+from benchmarks.server import stop_process, wait_for_200
 from model_export.triton import write_triton_repository
 from tests.conftest import cpu_settings, free_port, serve
 from tests.images import photo_jpeg
@@ -110,25 +110,10 @@ def triton(
         process = subprocess.Popen(command, env=environ, stdout=out, stderr=subprocess.STDOUT)
     url = f"127.0.0.1:{port}"
     try:
-        for _ in range(600):  # polled every 0.2 s
-            if process.poll() is not None:
-                pytest.fail(f"tritonserver exited:\n{log.read_text()[-4000:]}")
-            try:
-                if httpx.get(f"http://{url}/v2/health/ready", timeout=5).status_code == 200:
-                    break
-            except httpx.HTTPError:
-                pass
-            time.sleep(0.2)
-        else:
-            pytest.fail(f"tritonserver never ready:\n{log.read_text()[-4000:]}")
+        wait_for_200(process, f"http://{url}/v2/health/ready", log, timeout_s=180, what="tritonserver")
         yield url, classifier, work / "repo"
     finally:
-        process.terminate()
-        try:
-            process.wait(timeout=60)
-        except subprocess.TimeoutExpired:
-            process.kill()
-            process.wait()
+        stop_process(process)
 
 
 def model_input(metadata: dict[str, Any], classifier: OnnxClassifier, image: bytes) -> np.ndarray:

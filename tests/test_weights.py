@@ -67,23 +67,21 @@ def test_download_good_file(
     assert [p.name for p in tmp_path.iterdir()] == [PRETRAINED_FILE]
 
 
-def test_download_wrong_hash_leaves_nothing(
-    tmp_path: Path, file_server: type[_Handler], official_like: tuple[bytes, str]
-) -> None:
-    file_server.payload = official_like[0]
-    with pytest.raises(WeightsError, match="checksum mismatch"):
-        download(file_server.url, tmp_path / PRETRAINED_FILE, "00000000")  # type: ignore[attr-defined]
-    assert list(tmp_path.iterdir()) == []
-
-
-def test_download_truncated_leaves_nothing(
-    tmp_path: Path, file_server: type[_Handler], official_like: tuple[bytes, str]
+@pytest.mark.parametrize(
+    ("truncated", "error"),
+    [(False, "checksum mismatch"), (True, r"truncated|failed")],
+    ids=["wrong-hash", "truncated"],
+)
+def test_a_failed_download_leaves_nothing(
+    tmp_path: Path, file_server: type[_Handler], official_like: tuple[bytes, str], truncated: bool, error: str
 ) -> None:
     data, sha = official_like
     file_server.payload = data
-    file_server.truncate_to = len(data) // 3
-    with pytest.raises(WeightsError, match=r"truncated|failed"):
-        download(file_server.url, tmp_path / PRETRAINED_FILE, sha[:8])  # type: ignore[attr-defined]
+    if truncated:  # the right hash, a third of the file
+        file_server.truncate_to = len(data) // 3
+    expected = sha[:8] if truncated else "00000000"
+    with pytest.raises(WeightsError, match=error):
+        download(file_server.url, tmp_path / PRETRAINED_FILE, expected)  # type: ignore[attr-defined]
     assert list(tmp_path.iterdir()) == []
 
 

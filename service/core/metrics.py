@@ -16,53 +16,38 @@ class Metrics:
         self.requests = Counter(
             "alexnet_requests", "HTTP requests by route and status", ["method", "route", "status"], registry=r
         )
-        self.request_seconds = Histogram(
-            "alexnet_request_seconds", "HTTP request latency", ["route"], buckets=LATENCY_BUCKETS, registry=r
-        )
-        self.in_flight = Gauge("alexnet_requests_in_flight", "HTTP requests being handled", registry=r)
-        self.decode_seconds = Histogram(
-            "alexnet_decode_seconds", "image decode time per image", buckets=LATENCY_BUCKETS, registry=r
-        )
-        self.preprocess_seconds = Histogram(
-            "alexnet_preprocess_seconds",
-            "resize and ten-crop time per image",
-            buckets=LATENCY_BUCKETS,
-            registry=r,
-        )
-        self.inference_seconds = Histogram(
-            "alexnet_inference_seconds",
-            "ONNX Runtime time per inference call",
-            buckets=LATENCY_BUCKETS,
-            registry=r,
-        )
+
+        def seconds(name: str, documentation: str, labels: tuple[str, ...] = ()) -> Histogram:
+            return Histogram(name, documentation, labels, buckets=LATENCY_BUCKETS, registry=r)
+
+        def gauge(name: str, documentation: str) -> Gauge:
+            return Gauge(name, documentation, registry=r)
+
+        self.request_seconds = seconds("alexnet_request_seconds", "HTTP request latency", ("route",))
+        self.in_flight = gauge("alexnet_requests_in_flight", "HTTP requests being handled")
+        self.decode_seconds = seconds("alexnet_decode_seconds", "image decode time per image")
+        self.preprocess_seconds = seconds("alexnet_preprocess_seconds", "resize and ten-crop time per image")
+        self.inference_seconds = seconds("alexnet_inference_seconds", "ONNX Runtime time per inference call")
         self.batch_images = Histogram(
             "alexnet_inference_batch_images",
             "images (x10 crops) per inference call",
             buckets=BATCH_BUCKETS,
             registry=r,
         )
-        self.queue_images = Gauge(
-            "alexnet_queue_images", "images admitted and not finished (decoding, queued, running)", registry=r
+        self.queue_images = gauge(
+            "alexnet_queue_images", "images admitted and not finished (decoding, queued, running)"
         )
         self.rejected = Counter(
             "alexnet_rejected", "requests refused by backpressure or cost", ["reason"], registry=r
         )
         # Admission by cost (service.admission, service.decoding)
-        self.decodes_in_progress = Gauge(
-            "alexnet_decodes_in_progress", "images queued or decoding in the decode workers", registry=r
+        self.decodes_in_progress = gauge(
+            "alexnet_decodes_in_progress", "images queued or decoding in the decode workers"
         )
-        self.decode_bytes = Gauge(
-            "alexnet_decode_bytes", "estimated memory reserved by decodes in progress", registry=r
-        )
-        self.decode_budget = Gauge(
-            "alexnet_decode_budget_bytes", "server-wide decode memory budget", registry=r
-        )
-        self.upload_bytes = Gauge(
-            "alexnet_upload_bytes", "request body bytes held by requests in progress", registry=r
-        )
-        self.upload_budget = Gauge(
-            "alexnet_upload_budget_bytes", "server-wide upload memory budget", registry=r
-        )
+        self.decode_bytes = gauge("alexnet_decode_bytes", "estimated memory reserved by decodes in progress")
+        self.decode_budget = gauge("alexnet_decode_budget_bytes", "server-wide decode memory budget")
+        self.upload_bytes = gauge("alexnet_upload_bytes", "request body bytes held by requests in progress")
+        self.upload_budget = gauge("alexnet_upload_budget_bytes", "server-wide upload memory budget")
         self.images = Counter("alexnet_images", "images classified", registry=r)
         self.model_info = Gauge(
             "alexnet_model_info", "the model in service (value 1)", ["version", "providers"], registry=r

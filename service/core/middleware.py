@@ -23,6 +23,22 @@ ROUTE_KEY = "alexnet.route"
 CLOSE = {"Connection": "close"}
 
 
+class _HttpOnly:
+    """Base of the middleware that act on HTTP requests only: other scopes (lifespan) pass through."""
+
+    def __init__(self, app: ASGIApp) -> None:
+        self.app = app
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] != "http":
+            await self.app(scope, receive, send)
+        else:
+            await self.http(scope, receive, send)
+
+    async def http(self, scope: Scope, receive: Receive, send: Send) -> None:
+        raise NotImplementedError
+
+
 class _ReceiveGuard:
     """Wraps ``receive`` so that a middleware can answer while the app is still reading the
     body: the app then sees a disconnected client, and whatever it sends later is dropped."""
@@ -44,18 +60,15 @@ class _ReceiveGuard:
             await self.send(message)
 
 
-class BodySizeLimit:
+class BodySizeLimit(_HttpOnly):
     """413 for a body over ``max_bytes``: at once from Content-Length, else counted while it
     streams in, so an unbounded (chunked) upload is cut off instead of buffered."""
 
     def __init__(self, app: ASGIApp, max_bytes: int) -> None:
-        self.app = app
+        super().__init__(app)
         self.max_bytes = max_bytes
 
-    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
-        if scope["type"] != "http":
-            await self.app(scope, receive, send)
-            return
+    async def http(self, scope: Scope, receive: Receive, send: Send) -> None:
         limit = self.max_bytes
         # The Open Inference Protocol's error shape on its routes (tritonclient reads `error`).
         key = "error" if scope["path"].startswith("/v2/") else "detail"
@@ -83,19 +96,16 @@ class BodySizeLimit:
         await self.app(scope, limited_receive, guard.guarded_send)
 
 
-class BodyTimeout:
+class BodyTimeout(_HttpOnly):
     """408 for a body that is not complete ``timeout_s`` after the request began: an upload that
     stalls (or trickles) would otherwise hold its connection and buffers for as long as the client
     likes. uvicorn has no body timeout of its own (its keep-alive timeout runs between requests)."""
 
     def __init__(self, app: ASGIApp, timeout_s: float) -> None:
-        self.app = app
+        super().__init__(app)
         self.timeout_s = timeout_s
 
-    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
-        if scope["type"] != "http":
-            await self.app(scope, receive, send)
-            return
+    async def http(self, scope: Scope, receive: Receive, send: Send) -> None:
         guard = _ReceiveGuard(scope, receive, send)
         deadline = asyncio.get_running_loop().time() + self.timeout_s
         body_done = False
@@ -168,17 +178,14 @@ class QueueFullGate:
         await self.app(scope, receive, send)
 
 
-class RequestMetrics:
+class RequestMetrics(_HttpOnly):
     """Requests by route template and status, latency, and requests in flight."""
 
     def __init__(self, app: ASGIApp, metrics: Metrics) -> None:
-        self.app = app
+        super().__init__(app)
         self.metrics = metrics
 
-    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
-        if scope["type"] != "http":
-            await self.app(scope, receive, send)
-            return
+    async def http(self, scope: Scope, receive: Receive, send: Send) -> None:
         status = 500
         started = time.perf_counter()
 

@@ -16,7 +16,7 @@ from model_export.ensemble import MAX_MEMBERS, EnsembleError, build_ensemble
 from service.core.security import ApiKey
 from service.deps import RegistryDep, SettingsDep
 from service.model_registry import ModelNotFound
-from service.schemas import ErrorResponse, ValidationErrorResponse
+from service.schemas import BODY, KEYED, error_responses
 
 router = APIRouter(prefix="/model", tags=["model"])
 VERSION_PATTERN = r"^[A-Za-z0-9][A-Za-z0-9._-]{0,127}$"
@@ -55,18 +55,15 @@ def _ensemble_name(requested: str | None) -> str:
     status_code=status.HTTP_201_CREATED,
     response_model=EnsembleResponse,
     dependencies=[ApiKey],
-    responses={
-        400: {"model": ErrorResponse, "description": "a body that is not JSON"},
-        401: {"model": ErrorResponse},
-        403: {"model": ErrorResponse},
-        404: {"model": ErrorResponse, "description": "a member is not in the weights directory"},
-        409: {"model": ErrorResponse, "description": "the version exists, or another build is running"},
-        413: {"model": ErrorResponse, "description": "body over the upload limit"},
-        422: {
-            "model": ValidationErrorResponse,
-            "description": "a bad body, or members that do not fit together",
-        },
-    },
+    responses=error_responses(
+        BODY
+        | KEYED
+        | {
+            404: "a member is not in the weights directory",
+            409: "the version exists, or another build is running",
+            422: "a bad body, or members that do not fit together",
+        }
+    ),
     summary="Build the average of several models' softmax outputs as one model version (key required)",
 )
 async def ensemble(body: EnsembleRequest, registry: RegistryDep, settings: SettingsDep) -> EnsembleResponse:

@@ -7,7 +7,7 @@ from contextlib import contextmanager
 from typing import Annotated
 
 from fastapi import APIRouter, File, HTTPException, Path, Query, Request, Response, UploadFile, status
-from pydantic import BaseModel, BeforeValidator, Field
+from pydantic import BaseModel, Field
 from starlette.datastructures import UploadFile as StarletteUpload
 
 from alexnet_core.images import decode
@@ -17,8 +17,8 @@ from service.deps import ClassifierDep, PreparationDep, QueueDep, SettingsDep
 from service.embedding import AGGREGATION, Embedded, NoFeatures, embed, feature_dim
 from service.gallery import ID_PATTERN, Galleries, Gallery, GalleryError, Item, thumbnail
 from service.preparation import Preparation
-from service.routers.predict import _no_empty_parts, top_k_predictions
-from service.schemas import ErrorResponse, Prediction, ValidationErrorResponse
+from service.routers.predict import OneImage, SeveralImages, top_k_predictions
+from service.schemas import Prediction, error_responses
 
 router = APIRouter(tags=["feature search"])
 MAX_LABEL = 200
@@ -60,23 +60,20 @@ class SimilarResponse(BaseModel):
     predictions: list[Prediction] = Field(description="the query's top classes, from the same inference call")
 
 
-def _errors(**codes: str) -> dict[int | str, dict[str, object]]:
-    return {
-        int(code[1:]): {
-            "model": ValidationErrorResponse if code == "e422" else ErrorResponse,
-            "description": text,
-        }
-        for code, text in codes.items()
-    }
-
-
-UPLOAD_ERRORS = {
-    "e400": "no file, an empty file, or too many files",
-    "e409": "the model in service has no features output",
-    "e413": "body or image over the limits",
-    "e415": "not an image in a supported format",
-    "e422": "corrupt image, or a bad parameter",
-    "e503": "no model loaded, queue full, timed out, or the gallery's files are corrupt",
+UPLOAD_ERRORS: dict[int, str | None] = {
+    400: "no file, an empty file, or too many files",
+    409: "the model in service has no features output",
+    413: "body or image over the limits",
+    415: "not an image in a supported format",
+    422: "corrupt image, or a bad parameter",
+    503: "no model loaded, queue full, timed out, or the gallery's files are corrupt",
+}
+KEY_ERRORS: dict[int, str | None] = {401: "missing or wrong API key", 403: "no API key configured"}
+ITEM_ERRORS: dict[int, str | None] = {
+    404: "no such item",
+    409: "no features output or another model's gallery",
+    422: "a malformed id",
+    503: "corrupt gallery files",
 }
 
 
@@ -148,7 +145,7 @@ async def _embed(
 @router.post(
     "/embed",
     response_model=EmbedResponse,
-    responses=_errors(**UPLOAD_ERRORS),
+    responses=error_responses(UPLOAD_ERRORS),
     summary="Feature vector (fc7, 4096-d, ten-crop mean) of each image",
 )
 async def embed_images(
@@ -156,11 +153,8 @@ async def embed_images(
     settings: SettingsDep,
     inference: QueueDep,
     preparation: PreparationDep,
-    file: Annotated[UploadFile | None, File(description="one image")] = None,
-    files: Annotated[
-        Annotated[list[UploadFile], BeforeValidator(_no_empty_parts)] | None,
-        File(description="several images", json_schema_extra={"default": []}),
-    ] = None,
+    file: OneImage = None,
+    files: SeveralImages = None,
 ) -> EmbedResponse:
     uploads = ([file] if file is not None else []) + (files or [])
     result = await _embed(uploads, classifier, settings, inference, preparation)
@@ -177,7 +171,7 @@ async def embed_images(
 @router.post(
     "/similar",
     response_model=SimilarResponse,
-    responses=_errors(**{**UPLOAD_ERRORS, "e404": "the model's gallery is empty"}),
+    responses=error_responses(UPLOAD_ERRORS | {404: "the model's gallery is empty"}),
     summary="The k gallery images nearest to an image (Euclidean distance of feature vectors)",
 )
 async def similar(
@@ -207,7 +201,7 @@ async def similar(
 @router.get(
     "/gallery",
     response_model=GalleryListing,
-    responses=_errors(e409="no features output or another model's gallery", e503="corrupt gallery files"),
+    responses=error_responses({409: ITEM_ERRORS[409], 503: ITEM_ERRORS[503]}),
     summary="The gallery of the model in service",
 )
 async def list_gallery(request: Request, classifier: ClassifierDep) -> GalleryListing:
@@ -241,7 +235,7 @@ ADD_BODY = {
     response_model=GalleryItem,
     dependencies=[ApiKey],
     openapi_extra={"requestBody": ADD_BODY},
-    responses=_errors(**UPLOAD_ERRORS, e401="missing or wrong API key", e403="no API key configured"),
+    responses=error_responses(UPLOAD_ERRORS | KEY_ERRORS),
     summary="Add an image to the gallery of the model in service (key required)",
 )
 async def add_to_gallery(
@@ -286,14 +280,7 @@ ItemId = Annotated[str, Path(pattern=ID_PATTERN, description="the item's id")]
     "/gallery/{item_id}",
     response_model=GalleryItem,
     dependencies=[ApiKey],
-    responses=_errors(
-        e401="missing or wrong API key",
-        e403="no API key configured",
-        e404="no such item",
-        e409="no features output",
-        e422="a malformed id",
-        e503="corrupt gallery files",
-    ),
+    responses=error_responses(KEY_ERRORS | ITEM_ERRORS | {409: "no features output"}),
     summary="Remove an image from the gallery (key required)",
 )
 async def remove_from_gallery(request: Request, classifier: ClassifierDep, item_id: ItemId) -> GalleryItem:
@@ -308,12 +295,7 @@ async def remove_from_gallery(request: Request, classifier: ClassifierDep, item_
     response_class=Response,
     responses={
         200: {"content": {"image/png": {}}},
-        **_errors(
-            e404="no such item",
-            e409="no features output or another model's gallery",
-            e422="a malformed id",
-            e503="corrupt gallery files",
-        ),
+        **error_responses(ITEM_ERRORS),
     },
     summary="A gallery image, small",
 )

@@ -5,7 +5,7 @@ from fastapi import APIRouter, HTTPException, Query, Response, status
 
 from service.deps import ClassifierDep
 from service.kernels import KernelError, kernels_png
-from service.schemas import ErrorResponse, ValidationErrorResponse
+from service.schemas import error_responses
 
 router = APIRouter(tags=["model"])
 
@@ -15,8 +15,7 @@ router = APIRouter(tags=["model"])
     response_class=Response,
     responses={
         200: {"content": {"image/png": {}}, "description": "the first layer's kernels as a grid"},
-        422: {"model": ValidationErrorResponse, "description": "a bad `scale`, or no RGB conv1 to draw"},
-        503: {"model": ErrorResponse, "description": "no model loaded"},
+        **error_responses({422: "a bad `scale`, or no RGB conv1 to draw", 503: "no model loaded"}),
     },
     summary="The first layer's kernels (the paper's Figure 3), from the model in service",
 )

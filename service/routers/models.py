@@ -7,7 +7,7 @@ from service.core.config import Settings
 from service.core.security import ApiKey
 from service.deps import ClassifierDep, RegistryDep, SettingsDep
 from service.model_registry import ModelNotFound, ModelRegistry
-from service.schemas import ActivateRequest, ErrorResponse, ModelInfo, ValidationErrorResponse
+from service.schemas import BODY, KEYED, ActivateRequest, ModelInfo, error_responses
 
 router = APIRouter(prefix="/model", tags=["model"])
 
@@ -25,7 +25,7 @@ def model_info(classifier: OnnxClassifier, registry: ModelRegistry, settings: Se
 
 
 @router.get(
-    "", response_model=ModelInfo, responses={503: {"model": ErrorResponse}}, summary="The model in service"
+    "", response_model=ModelInfo, responses=error_responses({503: None}), summary="The model in service"
 )
 async def get_model(classifier: ClassifierDep, registry: RegistryDep, settings: SettingsDep) -> ModelInfo:
     # Listing reads each file's metadata header (cached per file version): off the event loop.
@@ -36,14 +36,7 @@ async def get_model(classifier: ClassifierDep, registry: RegistryDep, settings: 
     "/activate",
     response_model=ModelInfo,
     dependencies=[ApiKey],
-    responses={
-        400: {"model": ErrorResponse, "description": "a body that is not JSON"},
-        401: {"model": ErrorResponse},
-        403: {"model": ErrorResponse},
-        404: {"model": ErrorResponse},
-        413: {"model": ErrorResponse, "description": "body over the upload limit"},
-        422: {"model": ValidationErrorResponse, "description": "invalid body, or the model cannot be loaded"},
-    },
+    responses=error_responses(BODY | KEYED | {404: None, 422: "invalid body, or the model cannot be loaded"}),
     summary="Serve another model from the weights directory (switch or roll back)",
 )
 async def activate(body: ActivateRequest, registry: RegistryDep, settings: SettingsDep) -> ModelInfo:

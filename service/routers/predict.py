@@ -10,32 +10,39 @@ from service.deps import ClassifierDep, MetricsDep, PreparationDep, QueueDep, Se
 from service.inference import InferenceResult
 from service.preparation import unless_disconnected
 from service.schemas import (
-    ErrorResponse,
     ImagePrediction,
     ImageUpload,
     Prediction,
     PredictResponse,
     Timings,
-    ValidationErrorResponse,
+    error_responses,
 )
 
 router = APIRouter(tags=["predict"])
 
-ERRORS: dict[int | str, dict[str, object]] = {
-    code: {"model": ValidationErrorResponse if code == 422 else ErrorResponse, "description": text}
-    for code, text in {
+ERRORS = error_responses(
+    {
         400: "no file, an empty file, or too many files",
         413: "body over the upload limit, or an image over the pixel, scan, decode memory or time limit",
         415: "not an image in a supported format (JPEG, PNG, GIF, WebP, BMP, TIFF)",
         422: "truncated or corrupt image, or a bad parameter",
         503: "no model loaded, queue, decode or upload budget full, or timed out (see Retry-After)",
-    }.items()
-}
+    }
+)
 
 
 def _no_empty_parts(value: object) -> object:
     # Swagger UI's "Try it out" sends an empty `files` text field when only `file` is set.
     return [part for part in value if part != ""] if isinstance(value, list) else value
+
+
+# The upload fields of the routes that take images: one as `file`, several as `files`.
+OneImage = Annotated[ImageUpload | None, File(description="one image")]
+SeveralImages = Annotated[
+    Annotated[list[ImageUpload], BeforeValidator(_no_empty_parts)] | None,
+    # default []: Swagger UI starts with no item (else it sends its "string" placeholder)
+    File(description="several images", json_schema_extra={"default": []}),
+]
 
 
 def top_k_predictions(
@@ -60,12 +67,8 @@ async def predict(
     inference: QueueDep,
     metrics: MetricsDep,
     preparation: PreparationDep,
-    file: Annotated[ImageUpload | None, File(description="one image")] = None,
-    files: Annotated[
-        Annotated[list[ImageUpload], BeforeValidator(_no_empty_parts)] | None,
-        # default []: Swagger UI starts with no item (else it sends its "string" placeholder)
-        File(description="several images", json_schema_extra={"default": []}),
-    ] = None,
+    file: OneImage = None,
+    files: SeveralImages = None,
     top_k: Annotated[int, Query(ge=1, le=1000, description="classes to return per image")] = 5,
 ) -> PredictResponse:
     uploads = ([file] if file is not None else []) + (files or [])

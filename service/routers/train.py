@@ -6,13 +6,7 @@ from fastapi.responses import FileResponse
 
 from alexnet_core.training import CURVES, EpochEvent, Event, StepEvent, job_progress, read_events
 from service.core.security import ApiKey
-from service.schemas import (
-    ErrorResponse,
-    TrainingJob,
-    TrainingMetrics,
-    TrainRequest,
-    ValidationErrorResponse,
-)
+from service.schemas import BODY, KEYED, TrainingJob, TrainingMetrics, TrainRequest, error_responses
 from service.training_jobs import JobRecord, TrainingManager
 
 router = APIRouter(prefix="/train", tags=["train"])
@@ -20,13 +14,13 @@ router = APIRouter(prefix="/train", tags=["train"])
 JobId = Annotated[str, Path(pattern=r"^[0-9a-f]{12}$", description="job id")]
 # The app's validation handler answers {"detail": str, "errors": [...]}; without this FastAPI
 # documents its own default shape ({"detail": [...]}) for every route with a parameter.
-INVALID: dict[int | str, dict[str, Any]] = {422: {"model": ValidationErrorResponse}}
-AUTH_ERRORS: dict[int | str, dict[str, Any]] = {
-    401: {"model": ErrorResponse},
-    403: {"model": ErrorResponse},
-    404: {"model": ErrorResponse},
-    409: {"model": ErrorResponse},
-    **INVALID,
+NOT_FOUND = error_responses({404: None, 422: None})
+AUTH_ERRORS = error_responses({**KEYED, 404: None, 409: None, 422: None})
+# What starting, cancelling and resuming a job share: 202, the job's view, the API key.
+JOB_ACTION: dict[str, Any] = {
+    "status_code": status.HTTP_202_ACCEPTED,
+    "response_model": TrainingJob,
+    "dependencies": [ApiKey],
 }
 
 
@@ -54,15 +48,9 @@ async def view(job: JobRecord) -> TrainingJob:
 
 @router.post(
     "",
-    status_code=status.HTTP_202_ACCEPTED,
-    response_model=TrainingJob,
-    dependencies=[ApiKey],
-    responses={
-        **AUTH_ERRORS,
-        400: {"model": ErrorResponse, "description": "dataset refused or not found; body not JSON"},
-        413: {"model": ErrorResponse, "description": "body over the upload limit"},
-        501: {"model": ErrorResponse},
-    },
+    **JOB_ACTION,
+    responses=AUTH_ERRORS
+    | error_responses({400: "dataset refused or not found; body not JSON", 413: BODY[413], 501: None}),
     summary="Start a training job (one at a time; 409 while one runs)",
 )
 async def start_training(body: TrainRequest, manager: ManagerDep, response: Response) -> TrainingJob:
@@ -80,7 +68,7 @@ async def list_jobs(manager: ManagerDep) -> list[TrainingJob]:
 @router.get(
     "/{job_id}",
     response_model=TrainingJob,
-    responses={404: {"model": ErrorResponse}, **INVALID},
+    responses=NOT_FOUND,
     summary="State and progress of a job",
 )
 async def get_job(job_id: JobId, manager: ManagerDep) -> TrainingJob:
@@ -90,7 +78,7 @@ async def get_job(job_id: JobId, manager: ManagerDep) -> TrainingJob:
 @router.get(
     "/{job_id}/metrics",
     response_model=TrainingMetrics,
-    responses={404: {"model": ErrorResponse}, **INVALID},
+    responses=NOT_FOUND,
     summary="Loss and accuracy history of a job",
 )
 async def job_metrics(job_id: JobId, manager: ManagerDep) -> TrainingMetrics:
@@ -110,7 +98,7 @@ async def job_metrics(job_id: JobId, manager: ManagerDep) -> TrainingMetrics:
 @router.get(
     "/{job_id}/curves.png",
     response_class=FileResponse,
-    responses={404: {"model": ErrorResponse}, **INVALID},
+    responses=NOT_FOUND,
     summary="Loss and accuracy curves (PNG)",
 )
 async def job_curves(job_id: JobId, manager: ManagerDep) -> FileResponse:
@@ -123,9 +111,7 @@ async def job_curves(job_id: JobId, manager: ManagerDep) -> FileResponse:
 
 @router.delete(
     "/{job_id}",
-    status_code=status.HTTP_202_ACCEPTED,
-    response_model=TrainingJob,
-    dependencies=[ApiKey],
+    **JOB_ACTION,
     responses=AUTH_ERRORS,
     summary="Cancel a running job (stops within one batch, keeps its last checkpoint)",
 )
@@ -135,14 +121,8 @@ async def cancel_job(job_id: JobId, manager: ManagerDep) -> TrainingJob:
 
 @router.post(
     "/{job_id}/resume",
-    status_code=status.HTTP_202_ACCEPTED,
-    response_model=TrainingJob,
-    dependencies=[ApiKey],
-    responses={
-        **AUTH_ERRORS,
-        400: {"model": ErrorResponse, "description": "its dataset is no longer under the data root"},
-        501: {"model": ErrorResponse},
-    },
+    **JOB_ACTION,
+    responses=AUTH_ERRORS | error_responses({400: "its dataset is no longer under the data root", 501: None}),
     summary="Resume a stopped job from its last checkpoint",
 )
 async def resume_job(job_id: JobId, manager: ManagerDep) -> TrainingJob:
