@@ -11,13 +11,12 @@ import asyncio
 import contextlib
 import json
 import os
-import subprocess
-import sys
 import tempfile
 import time
 from pathlib import Path
 
 from alexnet_core.pipeline import preprocess
+from benchmarks.server import server_process
 
 
 def descendants(pid: int) -> list[int]:
@@ -121,38 +120,12 @@ def measure(pid: int, port: int, data: bytes, concurrency: int, seconds: float) 
     }
 
 
-def start_server(weights: Path, port: int, cpus: str | None, env: dict[str, str]) -> subprocess.Popen:
-    command = [
-        sys.executable,
-        *(os.environ.get("HOST_LOAD_SERVER", "-c\x00from service.main import run; run()").split("\x00")),
-    ]
-    if cpus:
-        command = ["taskset", "-c", cpus, *command]
-    environment = {
-        **os.environ,
-        "ALEXNET_WEIGHTS_DIR": str(weights),
-        "ALEXNET_PROVIDERS": "CPUExecutionProvider",
-        "ALEXNET_PORT": str(port),
-        "ALEXNET_LOG_LEVEL": "warning",
-        **env,
-    }
-    server = subprocess.Popen(command, env=environment)
-    for _ in range(600):
-        try:
-            asyncio.run(asyncio.wait_for(asyncio.open_connection("127.0.0.1", port), 1))
-            return server
-        except OSError:
-            time.sleep(0.1)
-    raise RuntimeError("server did not start")
-
-
 def main() -> None:
     parser = argparse.ArgumentParser()
     parser.add_argument("--image", type=Path, required=True)
     parser.add_argument("--concurrency", type=int, default=16)
     parser.add_argument("--seconds", type=float, default=10)
     parser.add_argument("--cpus", help="taskset list for the server, e.g. 0 or 0,1")
-    parser.add_argument("--port", type=int, default=8765)
     parser.add_argument("--env", action="append", default=[], help="KEY=VALUE for the server")
     parser.add_argument("--no-in-process", action="store_true", help="skip the in-process baseline")
     args = parser.parse_args()
@@ -161,13 +134,13 @@ def main() -> None:
     data = args.image.read_bytes()
     with tempfile.TemporaryDirectory() as weights:
         write_free_model(Path(weights) / "free.onnx")
-        env = dict(item.split("=", 1) for item in args.env)
-        server = start_server(Path(weights), args.port, args.cpus, env)
-        try:
-            result = measure(server.pid, args.port, data, args.concurrency, args.seconds)
-        finally:
-            server.terminate()
-            server.wait()
+        pairs = dict(item.split("=", 1) for item in args.env)
+        settings = {k: v for k, v in pairs.items() if k.startswith("ALEXNET_")}
+        settings["ALEXNET_WEIGHTS_DIR"] = weights
+        env = {k: v for k, v in pairs.items() if not k.startswith("ALEXNET_")}
+        cpus = {int(c) for c in args.cpus.split(",")} if args.cpus else None
+        with server_process(settings, cpus=cpus, env=env, wait_for="/health") as server:
+            result = measure(server.proc.pid, server.port, data, args.concurrency, args.seconds)
     if not args.no_in_process:
         result["in_process_cpu_ms"] = 1000 * in_process(data, min(args.seconds, 5))
         result["efficiency"] = result["in_process_cpu_ms"] / result["server_cpu_ms"]

@@ -200,18 +200,17 @@ def gauges(server: ServerProcess) -> dict[str, float]:
     }
 
 
-def budget_mb(metrics: dict[str, float], settings: dict[str, str]) -> float | None:
-    for name, value in metrics.items():
-        if "budget" in name and "memory" in name:
-            return value / 2**20 if "bytes" in name else value
-    for name, value in settings.items():
-        if "MEMORY_BUDGET" in name:
-            return float(value)
-    return None
+def budget_mb(metrics: dict[str, float], idle_rss_mb: float | None) -> float | None:
+    """What the server may hold: its idle footprint (model, runtime) plus the server-wide budgets
+    it exposes for work in progress (``alexnet_decode_budget_bytes``, ``alexnet_upload_budget_bytes``)."""
+    budgets = [value / 2**20 for name, value in metrics.items() if name.endswith("_budget_bytes")]
+    if not budgets or idle_rss_mb is None:
+        return None
+    return idle_rss_mb + sum(budgets)
 
 
 def decodes_running(metrics: dict[str, float]) -> float | None:
-    values = [v for k, v in metrics.items() if "decod" in k and ("in_flight" in k or "running" in k)]
+    values = [v for k, v in metrics.items() if "decodes_in_progress" in k]
     return sum(values) if values else None
 
 
@@ -253,6 +252,7 @@ def attack(args: argparse.Namespace, server: ServerProcess, settings: dict[str, 
     helpers.append(
         threading.Thread(target=idle_connections, args=(server.port, args.idle, stop, closed), daemon=True)
     )
+    idle_rss = server.rss_mb()
     sampler = Sampler(server)
     sampler.start()
     log(
@@ -278,13 +278,14 @@ def attack(args: argparse.Namespace, server: ServerProcess, settings: dict[str, 
     after = gauges(server) if alive else {}
     sampler.stop.set()
     sampler.join(timeout=10)
-    budget = budget_mb(sampler.last or after, settings)
+    budget = budget_mb(sampler.last or after, idle_rss)
     peak = max(sampler.rss, default=None)
     return summary(
         load.outcomes,
         wall_s=round(wall, 1),
         server_alive=alive,
         rss_peak_mb=peak,
+        idle_rss_mb=idle_rss,
         memory_budget_mb=budget,
         rss_peak_over_budget=round(peak / budget, 3) if peak and budget else None,
         stalled_uploads={"count": len(held), "held_s_max": round(max(held, default=0), 1)},
