@@ -10,7 +10,7 @@ from concurrent.futures import Executor
 from typing import TypeVar
 
 import numpy as np
-from fastapi import HTTPException, Request
+from fastapi import HTTPException, Request, UploadFile, status
 
 from alexnet_core.images import ImageInputError, decode_cost
 from alexnet_core.metadata import ModelMetadata
@@ -21,6 +21,22 @@ from service.core.metrics import Metrics
 from service.decoding import DecodePool
 
 T = TypeVar("T")
+
+
+async def read_uploads(uploads: list[UploadFile], max_files: int) -> tuple[list[bytes], list[str]]:
+    """A request's uploaded images (1 to ``max_files``, else 400) as bytes, and the prefix that
+    names each one in an error. The uploads are already in memory: reading them is no I/O."""
+    if not uploads:
+        raise HTTPException(
+            status.HTTP_400_BAD_REQUEST, "no image: send one as form field `file` or several as `files`"
+        )
+    if len(uploads) > max_files:
+        raise HTTPException(
+            status.HTTP_400_BAD_REQUEST, f"too many files: {len(uploads)}, at most {max_files} per request"
+        )
+    data = [await upload.read() for upload in uploads]
+    labels = [f"file {upload.filename!r}: " if upload.filename else "" for upload in uploads]
+    return data, labels
 
 
 class Preparation:

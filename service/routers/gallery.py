@@ -16,7 +16,7 @@ from service.core.security import ApiKey
 from service.deps import ClassifierDep, PreparationDep, QueueDep, SettingsDep
 from service.embedding import AGGREGATION, Embedded, NoFeatures, embed, feature_dim
 from service.gallery import ID_PATTERN, Galleries, Gallery, GalleryError, Item, thumbnail
-from service.preparation import Preparation
+from service.preparation import Preparation, read_uploads
 from service.routers.predict import OneImage, SeveralImages, top_k_predictions
 from service.schemas import Prediction, error_responses
 
@@ -119,16 +119,9 @@ async def _embed(
 ) -> Embedded:
     """The images through /predict's pipeline (cost admission, decode workers), then one
     inference call for both outputs, within the queue's admission limit and the request timeout."""
-    if not uploads:
-        raise HTTPException(status.HTTP_400_BAD_REQUEST, "no image: send one as form field `file`")
-    if len(uploads) > settings.max_files:
-        raise HTTPException(
-            status.HTTP_400_BAD_REQUEST, f"too many files: {len(uploads)}, at most {settings.max_files}"
-        )
+    data, labels = await read_uploads(uploads, settings.max_files)
     with http_errors():
         feature_dim(classifier)  # refuse a model without features before decoding anything
-    data = [await upload.read() for upload in uploads]  # already in memory: no I/O
-    labels = [f"file {upload.filename!r}: " if upload.filename else "" for upload in uploads]
     with inference.admit(len(uploads)):
         try:
             async with asyncio.timeout(settings.request_timeout_s):

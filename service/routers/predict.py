@@ -8,7 +8,7 @@ from pydantic import BeforeValidator
 from alexnet_core.pipeline import Preprocessed, top_k
 from service.deps import ClassifierDep, MetricsDep, PreparationDep, QueueDep, SettingsDep, single_file_part
 from service.inference import InferenceResult
-from service.preparation import unless_disconnected
+from service.preparation import read_uploads, unless_disconnected
 from service.schemas import (
     ImagePrediction,
     ImageUpload,
@@ -72,18 +72,8 @@ async def predict(
     top_k: Annotated[int, Query(ge=1, le=1000, description="classes to return per image")] = 5,
 ) -> PredictResponse:
     uploads = ([file] if file is not None else []) + (files or [])
-    if not uploads:
-        raise HTTPException(
-            status.HTTP_400_BAD_REQUEST, "no image: send one as form field `file` or several as `files`"
-        )
-    if len(uploads) > settings.max_files:
-        raise HTTPException(
-            status.HTTP_400_BAD_REQUEST,
-            f"too many files: {len(uploads)}, at most {settings.max_files} per request",
-        )
+    data, labels = await read_uploads(uploads, settings.max_files)
     meta = classifier.metadata
-    data = [await upload.read() for upload in uploads]  # already in memory: no I/O
-    labels = [f"file {upload.filename!r}: " if upload.filename else "" for upload in uploads]
 
     async def work() -> tuple[list[Preprocessed], InferenceResult]:
         with inference.admit(len(uploads)) as admission:
