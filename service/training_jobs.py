@@ -110,6 +110,7 @@ class TrainingManager:
         self._tasks: dict[str, asyncio.Task[None]] = {}
         self._processes: dict[str, asyncio.subprocess.Process] = {}
         self._owned: dict[str, int] = {}  # job id -> descriptor holding its owner lock
+        self._cancelled: set[str] = set()  # cancelled while queued: their trainer must not start
         self._shutting_down = False
         self._settle_orphans()
 
@@ -237,10 +238,13 @@ class TrainingManager:
         finally:
             self._processes.pop(job.id, None)
             self._tasks.pop(job.id, None)
+            self._cancelled.discard(job.id)
             with contextlib.suppress(KeyError, OSError):
                 os.close(self._owned.pop(job.id))
 
     async def _execute(self, job: JobRecord, config: Path) -> int:
+        if job.id in self._cancelled:  # cancelled before its trainer started: nothing to stop
+            return ExitCode.CANCELLED
         with (job.run_dir / "train.log").open("ab") as log_file:
             process = await asyncio.create_subprocess_exec(
                 sys.executable, "-m", "model_export.train", "--config", str(config),
@@ -251,6 +255,8 @@ class TrainingManager:
                 env={k: v for k, v in os.environ.items() if k != "ALEXNET_API_KEY"},
             )  # fmt: skip
         self._processes[job.id] = process
+        if job.id in self._cancelled:  # cancelled while the trainer was being started
+            process.send_signal(signal.SIGTERM)
         job.state, job.pid, job.started_at = JobState.running, process.pid, job.started_at or time.time()
         self.store.save(job)
         return await process.wait()
@@ -288,14 +294,17 @@ class TrainingManager:
             raise JobError(
                 409, f"job {job_id} is run by another server on this weights directory; cancel it there"
             )
-        if job.state not in ACTIVE_STATES or process is None:
+        if job.state not in ACTIVE_STATES:
             raise JobError(409, f"job {job_id} is {job.state.value}, not running")
-        process.send_signal(signal.SIGTERM)
+        self._cancelled.add(job_id)  # a queued job: its trainer is not started (or stopped at once)
+        if process is not None:
+            process.send_signal(signal.SIGTERM)
         return job
 
     async def shutdown(self) -> None:
         """Stop running trainers (each keeps its last checkpoint); their jobs become resumable."""
         self._shutting_down = True
+        self._cancelled.update(self._tasks)  # queued ones must not start a trainer now
         for process in list(self._processes.values()):
             process.send_signal(signal.SIGTERM)
         for task in list(self._tasks.values()):

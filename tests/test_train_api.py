@@ -102,8 +102,10 @@ def test_cancel_keeps_last_checkpoint_and_resume(api: httpx.Client) -> None:
 
     resumed = api.post(f"/train/{job['id']}/resume", headers=KEY)
     assert resumed.status_code == 202 and resumed.json()["state"] in ("queued", "running")
-    api.delete(f"/train/{job['id']}", headers=KEY)
-    wait_for(api, job["id"], {"cancelled", "failed", "succeeded"}, timeout=120)
+    # At once, while the job may still be queued (trainer not started): that cancels it too.
+    assert api.delete(f"/train/{job['id']}", headers=KEY).status_code == 202
+    final = wait_for(api, job["id"], {"cancelled", "failed", "succeeded"}, timeout=120)
+    assert final["state"] == "cancelled", final
 
 
 def test_restart_keeps_history_and_resumes(tmp_path: Path, digits_root: tuple[Path, DigitsFolder]) -> None:
