@@ -128,6 +128,7 @@ def test_cli(weights: Path, capsys: pytest.CaptureFixture[str]) -> None:
     assert not list(weights.glob("*.part")) and not list(weights.glob(".*.part"))
 
 
+@pytest.mark.long
 @pytest.mark.parametrize("kind", ["crops", "square"])
 def test_either_model_kind_makes_an_ensemble(tmp_path: Path, kind: str) -> None:
     """Members that take the host's crops (logits out) and members with the ten crops in their

@@ -82,6 +82,7 @@ def trainer_pid(weights: Path, job_id: str) -> int:
 # --------------------------------------------------------------------------- (a) trainer killed
 
 
+@pytest.mark.long
 def test_trainer_killed_mid_epoch_fails_the_job_keeps_its_checkpoint(
     imagenet_model_dir: Path, data_root: Path, tmp_path: Path
 ) -> None:
@@ -118,6 +119,7 @@ def test_trainer_killed_mid_epoch_fails_the_job_keeps_its_checkpoint(
 # --------------------------------------------------------------------------- (b) server killed
 
 
+@pytest.mark.long
 def test_server_killed_mid_training_restart_interrupts_and_resumes(data_root: Path, tmp_path: Path) -> None:
     weights = tmp_path / "weights"
     with (
@@ -266,6 +268,7 @@ def one_epoch_run(data_root: Path, tmp_path_factory: pytest.TempPathFactory) -> 
     return out
 
 
+@pytest.mark.long
 def test_disk_full_while_checkpointing_keeps_the_previous_checkpoint(
     one_epoch_run: Path, data_root: Path, tmp_path: Path
 ) -> None:

@@ -66,6 +66,7 @@ class Hammer:
         return sum(1 for status, v in self.answers if status == 200 and v == version)
 
 
+@pytest.mark.long
 def test_activation_on_one_replica_reaches_the_other(shared_weights: Path, tmp_path: Path) -> None:
     with (
         replica(shared_weights, tmp_path / "a") as a,

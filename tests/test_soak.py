@@ -8,9 +8,12 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
+
 REPO = Path(__file__).resolve().parent.parent
 
 
+@pytest.mark.long
 def test_soak_smoke(imagenet_model_dir: Path, tmp_path: Path) -> None:
     out = tmp_path / "soak.json"
     command = [

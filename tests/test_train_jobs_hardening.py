@@ -55,6 +55,7 @@ def wait_for(api: httpx.Client, job_id: str, done: Any, what: str, timeout: floa
 # --------------------------------------------------------------------------- 5: two servers
 
 
+@pytest.mark.long
 def test_a_second_server_leaves_the_first_ones_job_alone(tmp_path: Path, data_root: Path) -> None:
     settings = cpu_settings(tmp_path / "weights", data_root=data_root, api_key="test-key")
     with serve(settings) as url_a, httpx.Client(base_url=url_a, timeout=60) as a:
@@ -82,6 +83,7 @@ def test_a_second_server_leaves_the_first_ones_job_alone(tmp_path: Path, data_ro
 # --------------------------------------------------------------------------- 6: activate false
 
 
+@pytest.mark.long
 def test_a_job_not_to_be_activated_is_not_served_after_a_restart(
     tmp_path: Path, data_root: Path, imagenet_model_dir: Path
 ) -> None:
@@ -212,6 +214,7 @@ def seed_job(weights: Path, job_id: str, run_dir: Path, state: JobState = JobSta
         store.close()
 
 
+@pytest.mark.long
 def test_jobs_found_running_at_start_up_are_settled_by_what_their_run_left(
     tmp_path: Path, data_root: Path, finished_run: tuple[Path, Path]
 ) -> None:

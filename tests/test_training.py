@@ -60,6 +60,7 @@ def leftovers(folder: Path) -> list[Path]:
 # --- end to end ----------------------------------------------------------------------------------
 
 
+@pytest.mark.long
 def test_learns_digits_and_exports_a_validated_model(digits: DigitsFolder, tmp_path: Path) -> None:
     run, weights_dir = tmp_path / "run", tmp_path / "weights"
     # Digits are not mirror-symmetric, so flips only slow learning down: off here, as a user would.
@@ -141,6 +142,7 @@ def test_divergence_stops_with_a_clear_error(
     assert not (run / "checkpoint.pt").exists()
 
 
+@pytest.mark.long
 def test_resume_continues_the_epoch_count(digits: DigitsFolder, tmp_path: Path) -> None:
     run, straight = tmp_path / "run", tmp_path / "straight"
     common = [str(digits.root), *SMALL, "--limit-train-batches", "2", "--log-every", "1", "--no-export"]
@@ -165,6 +167,7 @@ def test_resume_continues_the_epoch_count(digits: DigitsFolder, tmp_path: Path) 
         torch.testing.assert_close(resumed["model"][key], value, rtol=0, atol=0, msg=key)
 
 
+@pytest.mark.long
 def test_sigterm_cancels_within_a_batch_and_keeps_the_checkpoint(
     digits: DigitsFolder, tmp_path: Path
 ) -> None:
@@ -199,6 +202,7 @@ def test_sigterm_cancels_within_a_batch_and_keeps_the_checkpoint(
     assert leftovers(run) == []
 
 
+@pytest.mark.long
 def test_two_process_data_parallel_run(digits: DigitsFolder, tmp_path: Path) -> None:
     run = tmp_path / "run"
     env = {k: v for k, v in os.environ.items() if k not in ("RANK", "WORLD_SIZE", "LOCAL_RANK")}
