@@ -2,9 +2,9 @@
 service.embedding; these routes read uploads, call it off the event loop and shape the answers."""
 
 import asyncio
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
-from typing import Annotated
+from typing import Annotated, TypeVar
 
 from fastapi import APIRouter, File, HTTPException, Path, Query, Request, Response, UploadFile, status
 from pydantic import BaseModel, Field
@@ -17,10 +17,11 @@ from service.deps import ClassifierDep, PreparationDep, QueueDep, SettingsDep
 from service.embedding import AGGREGATION, Embedded, NoFeatures, embed, feature_dim
 from service.gallery import ID_PATTERN, Galleries, Gallery, GalleryError, Item, thumbnail
 from service.preparation import Preparation, read_uploads
-from service.routers.predict import OneImage, SeveralImages, top_k_predictions
+from service.routers.predict import Uploads, top_k_predictions
 from service.schemas import Prediction, error_responses
 
 router = APIRouter(tags=["feature search"])
+T = TypeVar("T")
 MAX_LABEL = 200
 
 
@@ -101,6 +102,13 @@ async def open_gallery(request: Request, classifier: OnnxClassifier) -> Gallery:
     return await asyncio.to_thread(store.get, classifier.version, classifier.sha256, dim)
 
 
+async def in_gallery(request: Request, classifier: OnnxClassifier, action: Callable[[Gallery], T]) -> T:
+    """``action`` on the model's gallery, off the event loop, its errors as HTTP errors."""
+    gallery = await open_gallery(request, classifier)
+    with http_errors():
+        return await asyncio.to_thread(action, gallery)
+
+
 def _item(item: Item) -> GalleryItem:
     return GalleryItem(
         id=item.id,
@@ -122,17 +130,9 @@ async def _embed(
     data, labels = await read_uploads(uploads, settings.max_files)
     with http_errors():
         feature_dim(classifier)  # refuse a model without features before decoding anything
-    with inference.admit(len(uploads)):
-        try:
-            async with asyncio.timeout(settings.request_timeout_s):
-                images = await preparation.all(classifier.metadata, data, labels)
-                return await asyncio.to_thread(embed, classifier, [image.batch for image in images])
-        except TimeoutError:
-            raise HTTPException(
-                status.HTTP_503_SERVICE_UNAVAILABLE,
-                f"timed out after {settings.request_timeout_s:g} s",
-                headers={"Retry-After": "1"},
-            ) from None
+    async with inference.admit_within(len(uploads), settings.request_timeout_s):
+        images = await preparation.all(classifier.metadata, data, labels)
+        return await asyncio.to_thread(embed, classifier, [image.batch for image in images])
 
 
 @router.post(
@@ -146,10 +146,8 @@ async def embed_images(
     settings: SettingsDep,
     inference: QueueDep,
     preparation: PreparationDep,
-    file: OneImage = None,
-    files: SeveralImages = None,
+    uploads: Uploads,
 ) -> EmbedResponse:
-    uploads = ([file] if file is not None else []) + (files or [])
     result = await _embed(uploads, classifier, settings, inference, preparation)
     return EmbedResponse(
         model_version=classifier.version,
@@ -277,10 +275,7 @@ ItemId = Annotated[str, Path(pattern=ID_PATTERN, description="the item's id")]
     summary="Remove an image from the gallery (key required)",
 )
 async def remove_from_gallery(request: Request, classifier: ClassifierDep, item_id: ItemId) -> GalleryItem:
-    gallery = await open_gallery(request, classifier)
-    with http_errors():
-        item = await asyncio.to_thread(gallery.remove, item_id)
-    return _item(item)
+    return _item(await in_gallery(request, classifier, lambda gallery: gallery.remove(item_id)))
 
 
 @router.get(
@@ -293,7 +288,5 @@ async def remove_from_gallery(request: Request, classifier: ClassifierDep, item_
     summary="A gallery image, small",
 )
 async def gallery_thumbnail(request: Request, classifier: ClassifierDep, item_id: ItemId) -> Response:
-    gallery = await open_gallery(request, classifier)
-    with http_errors():
-        png = await asyncio.to_thread(gallery.thumbnail, item_id)
+    png = await in_gallery(request, classifier, lambda gallery: gallery.thumbnail(item_id))
     return Response(png, media_type="image/png")
