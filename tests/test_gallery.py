@@ -2,7 +2,6 @@
 with its features output (fc7 after ReLU), checked against torch; the gallery's files on disk
 (atomic, restart-proof, bound to one model file, corruption reported); hostile inputs answered 4xx."""
 
-import base64
 import json
 import shutil
 from collections.abc import Iterator
@@ -17,7 +16,7 @@ from PIL import Image
 
 from alexnet_core.pipeline import center_square, ten_crop
 from tests.conftest import cpu_settings, serve
-from tests.images import encode, photo, photo_jpeg
+from tests.images import base64_input, encode, photo, photo_jpeg
 
 KEY = "gallery-test-key"
 AUTH = {"Authorization": f"Bearer {KEY}"}
@@ -197,19 +196,12 @@ def test_another_models_gallery_is_refused(client: httpx.Client, weights: Path) 
 def test_embed_and_v2_time_out_as_predict_does(weights: Path) -> None:
     """/embed and /v2 inference run under /predict's time limit and answer as it does: a 503 with
     Retry-After and the same reason, counted as a timeout."""
-    data = base64.b64encode(image(1)).decode()
-    spec = {
-        "name": "image_bytes",
-        "datatype": "BYTES",
-        "shape": [1],
-        "parameters": {"content_type": "base64"},
-    }
     with (
         serve(cpu_settings(weights, request_timeout_s=0.001)) as url,
         httpx.Client(base_url=url, timeout=60) as c,
     ):
         embedded = c.post("/embed", files={"file": ("a.png", image(1))})
-        inferred = c.post("/v2/models/alexnet/infer", json={"inputs": [spec | {"data": [data]}]})
+        inferred = c.post("/v2/models/alexnet/infer", json={"inputs": [base64_input([image(1)])]})
         for response, reason in ((embedded, embedded.json()["detail"]), (inferred, inferred.json()["error"])):
             assert response.status_code == 503 and response.headers["retry-after"] == "1", response.text
             assert reason == "timed out after 0.001 s waiting for inference: server overloaded"
