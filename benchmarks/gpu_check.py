@@ -38,7 +38,7 @@ import httpx
 import numpy as np
 
 from alexnet_core.session import OnnxClassifier
-from benchmarks.report import write_report
+from benchmarks.report import add_out_option, write_report
 from benchmarks.server import server_process
 
 Json = dict[str, Any]
@@ -205,7 +205,7 @@ def main(argv: list[str] | None = None) -> int:
         help="ONNX Runtime providers in order of preference (default: CUDA, then CPU)",
     )
     p.add_argument("--requests", type=int, help="requests per concurrency level (default 200, quick 16)")
-    p.add_argument("--out", type=Path, help="also write the JSON to this file")
+    add_out_option(p)
     args = p.parse_args(argv)
     providers = [name.strip() for name in args.providers.split(",") if name.strip()]
     batches = (1, 8) if args.quick else (1, 8, 32)
