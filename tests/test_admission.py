@@ -7,6 +7,7 @@ Assertions are on states (status codes, /metrics gauges), polled in steps, not o
 """
 
 import io
+import json
 import os
 import shutil
 import socket
@@ -248,3 +249,38 @@ def test_uploads_in_progress_are_bounded_server_wide(free_dir: Path, stalled_upl
             sock.close()
         wait_for(lambda: gauge(c, "alexnet_upload_bytes") == 0)
         assert c.post("/predict", files={"file": ("a.jpg", photo_jpeg())}).status_code == 200
+
+
+def test_a_chunked_upload_past_the_upload_budget_is_cut_off(free_dir: Path, stalled_uploads: list) -> None:
+    """A body with no Content-Length reserves its bytes as they arrive: once they do not fit the
+    upload budget beside the uploads in progress, it is answered 503 + Retry-After mid-stream, its
+    connection closed, and nothing stays reserved for it."""
+    settings = cpu_settings(free_dir, max_upload_mb=1, upload_memory_mb=2)
+    with serve(settings) as url, httpx.Client(base_url=url, timeout=60) as c:
+        port = int(url.rsplit(":", 1)[1])
+        for _ in range(2):  # together they hold the whole budget
+            sock = socket.create_connection(("127.0.0.1", port))
+            stalled_uploads.append(sock)
+            sock.sendall(
+                b"POST /predict HTTP/1.1\r\nHost: x\r\nContent-Type: multipart/form-data; boundary=b\r\n"
+                + f"Content-Length: {MiB}\r\n\r\n".encode()
+                + b'--b\r\nContent-Disposition: form-data; name="file"; filename="a.jpg"\r\n\r\n'
+            )
+        wait_for(lambda: gauge(c, "alexnet_upload_bytes") == 2 * MiB)
+        part = (
+            b'--b\r\nContent-Disposition: form-data; name="file"; filename="b.jpg"\r\n\r\n' + b"\xff" * 4096
+        )
+        with socket.create_connection(("127.0.0.1", port), timeout=60) as sock:
+            sock.sendall(
+                b"POST /predict HTTP/1.1\r\nHost: x\r\nContent-Type: multipart/form-data; boundary=b\r\n"
+                b"Transfer-Encoding: chunked\r\n\r\n" + f"{len(part):x}\r\n".encode() + part + b"\r\n"
+            )
+            answer = b""
+            while chunk := sock.recv(65536):  # the server closes the connection after its answer
+                answer += chunk
+        head, _, body = answer.partition(b"\r\n\r\n")
+        assert head.startswith(b"HTTP/1.1 503"), head
+        assert b"retry-after: 1" in head.lower() and b"connection: close" in head.lower()
+        assert "upload budget" in json.loads(body)["detail"]
+        assert 'alexnet_rejected_total{reason="upload_memory"} 1.0' in c.get("/metrics").text
+        assert gauge(c, "alexnet_upload_bytes") == 2 * MiB  # the stalled ones' only
