@@ -41,11 +41,12 @@ ENV DEBIAN_FRONTEND=noninteractive \
 # Unpinned apt packages (DL3008): the base image tag fixes the Ubuntu release, and the archive
 # drops old patch versions, so exact pins would only break later rebuilds.
 # The extra CA certificates first, one file each: installing ca-certificates rebuilds the bundle
-# from /usr/share/ca-certificates and /usr/local/share/ca-certificates only.
+# from /usr/share/ca-certificates and /usr/local/share/ca-certificates only. The folder is made
+# even when there are none: the runtime stage copies it from here.
 # hadolint ignore=DL3008
-RUN if [ -n "$EXTRA_CA_CERTS" ]; then \
-        mkdir -p /usr/local/share/ca-certificates \
-        && echo "$EXTRA_CA_CERTS" > /tmp/extra-ca.pem \
+RUN mkdir -p /usr/local/share/ca-certificates \
+    && if [ -n "$EXTRA_CA_CERTS" ]; then \
+        echo "$EXTRA_CA_CERTS" > /tmp/extra-ca.pem \
         && awk '/BEGIN CERTIFICATE/ { n++ } n { print > ("/usr/local/share/ca-certificates/extra-" n ".crt") }' /tmp/extra-ca.pem \
         && rm /tmp/extra-ca.pem; \
     fi \
@@ -81,17 +82,11 @@ LABEL org.opencontainers.image.title="alexnet-serve" \
 
 # Only the interpreter: no pip, venv module or compilers in the final image. A fixed UID/GID so
 # that bind-mounted weights/data directories can be chowned to it on the host (chown 10001).
-# ca-certificates (with the extra CA certificates, as in the builder): the export job downloads the
-# pretrained weights over HTTPS.
-ARG EXTRA_CA_CERTS
+# ca-certificates (with the builder's extra CA certificates, copied in before the install that
+# rebuilds the bundle from them): the export job downloads the pretrained weights over HTTPS.
+COPY --from=builder /usr/local/share/ca-certificates/ /usr/local/share/ca-certificates/
 # hadolint ignore=DL3008
-RUN if [ -n "$EXTRA_CA_CERTS" ]; then \
-        mkdir -p /usr/local/share/ca-certificates \
-        && echo "$EXTRA_CA_CERTS" > /tmp/extra-ca.pem \
-        && awk '/BEGIN CERTIFICATE/ { n++ } n { print > ("/usr/local/share/ca-certificates/extra-" n ".crt") }' /tmp/extra-ca.pem \
-        && rm /tmp/extra-ca.pem; \
-    fi \
-    && apt-get update \
+RUN apt-get update \
     && apt-get install -y --no-install-recommends ca-certificates python3 \
     && rm -rf /var/lib/apt/lists/* \
     && groupadd --system --gid 10001 app \

@@ -12,7 +12,7 @@ from typing import Literal
 import numpy as np
 from pydantic import BaseModel, Field
 
-from alexnet_core.pipeline import N_CROPS, Preprocessed, preprocess, ten_crop
+from alexnet_core.pipeline import N_CROPS, Preprocessed, input_rows, preprocess
 
 FORMAT = "alexnet-serve/1"
 INPUT_NAME = "images"
@@ -61,9 +61,9 @@ class ModelMetadata(BaseModel):
     def model_input(self, square: np.ndarray) -> np.ndarray:
         """An image's central (S, S, 3) uint8 square -> this model's input rows for it: the square
         itself for a model that crops in its graph, else its ten normalised crops."""
-        if self.input_kind == "square":
-            return square[np.newaxis]
-        return ten_crop(square, self.input_size, self.mean, self.std)
+        return input_rows(
+            square, self.input_size, self.mean, self.std, square_only=self.input_kind == "square"
+        )
 
     def preprocess(self, data: bytes, *, max_pixels: int) -> Preprocessed:
         """Image bytes -> what this model's input takes for one image, with its own sizes and

@@ -85,6 +85,14 @@ def ten_crop(square: np.ndarray, crop: int, mean: list[float], std: list[float])
     return out
 
 
+def input_rows(
+    square: np.ndarray, crop: int, mean: list[float], std: list[float], *, square_only: bool
+) -> np.ndarray:
+    """An image's central (S, S, 3) uint8 square -> a model's input rows for it: the square itself
+    (1, S, S, 3) for a model that crops in its graph (``square_only``), else its ten normalised crops."""
+    return square[np.newaxis] if square_only else ten_crop(square, crop, mean, std)
+
+
 def decode_square(data: bytes, resize: int, max_pixels: int) -> tuple[np.ndarray, float, float]:
     """bytes -> central square, with the decode's and the resize's seconds."""
     started = time.perf_counter()
@@ -108,7 +116,7 @@ def preprocess(
     that crops in its graph), timing the decode and the rest apart."""
     started = time.perf_counter()
     square, decode_s, _ = decode_square(data, resize, max_pixels)
-    batch = square[None] if square_only else ten_crop(square, crop, mean, std)
+    batch = input_rows(square, crop, mean, std, square_only=square_only)
     return Preprocessed(batch, decode_s, time.perf_counter() - started - decode_s)
 
 

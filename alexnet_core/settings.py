@@ -1,6 +1,7 @@
 """Settings every stage reads from the environment (prefix ``ALEXNET_``): the server, the export and
 training CLIs agree on where models and datasets live. ``service.core.config.Settings`` extends it."""
 
+import argparse
 from pathlib import Path
 
 from pydantic import Field
@@ -12,3 +13,13 @@ class CommonSettings(BaseSettings):
 
     weights_dir: Path = Field(Path("weights"), description="models (*.onnx), downloads, training runs")
     data_root: Path = Field(Path("data"), description="root that /train dataset paths are relative to")
+
+
+def add_weights_dir(parser: argparse.ArgumentParser, what: str) -> None:
+    """The CLIs' ``--weights-dir`` option, ``what`` its help: by default where the server looks."""
+    parser.add_argument(
+        "--weights-dir",
+        type=Path,
+        default=CommonSettings().weights_dir,
+        help=f"{what} (default: ALEXNET_WEIGHTS_DIR, else weights)",
+    )

@@ -38,7 +38,7 @@ from benchmarks.images import sample_images
 from benchmarks.inference import Engine, bench_precision, bench_preprocess, bench_torch, read_metadata
 from benchmarks.load import Upload
 from benchmarks.plan import Plan
-from benchmarks.report import Report, human, rnd
+from benchmarks.report import Report, add_out_option, human, rnd
 from benchmarks.server import REPO_ROOT, export_random_model
 
 DEFAULT_OUT = REPO_ROOT / "benchmarks" / "results" / "cpu-2core.json"
@@ -66,9 +66,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument(
         "--duration", type=float, help="seconds per HTTP measurement point at most (default 30, quick 8)"
     )
-    p.add_argument(
-        "--out", type=Path, help=f"write the JSON report here (e.g. {DEFAULT_OUT.relative_to(REPO_ROOT)})"
-    )
+    add_out_option(p, DEFAULT_OUT.relative_to(REPO_ROOT))
     p.add_argument("--json", action="store_true", help="JSON report on stdout (the table goes to stderr)")
     p.add_argument("--quick", action="store_true", help="fewer repetitions: about 1-2 minutes")
     p.add_argument("--tune", action="store_true", help="also compare server settings (adds a few minutes)")

@@ -26,19 +26,19 @@ import statistics
 import subprocess
 import sys
 import tempfile
-import threading
 import time
+from collections import Counter
 from collections.abc import Iterator
 from contextlib import contextmanager
 from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
-import httpx
 import numpy as np
 
 from alexnet_core.session import OnnxClassifier
-from benchmarks.report import write_report
+from benchmarks.load import Upload, run_load
+from benchmarks.report import add_out_option, write_report
 from benchmarks.server import server_process
 
 Json = dict[str, Any]
@@ -142,38 +142,17 @@ def server(model: Path, providers: list[str]) -> Iterator[tuple[str, Json]]:
         yield process.url, process.ready
 
 
-def load_point(url: str, body: bytes, concurrency: int, requests: int) -> Json:
-    """``requests`` POST /predict spread over ``concurrency`` clients, each one connection."""
-    latencies: list[float] = []
-    statuses: dict[int, int] = {}
-    lock = threading.Lock()
-    per_client = [requests // concurrency + (i < requests % concurrency) for i in range(concurrency)]
-
-    def client_loop(count: int) -> None:
-        with httpx.Client(base_url=url, timeout=120) as client:
-            for _ in range(count):
-                t = time.perf_counter()
-                status = client.post(
-                    "/predict", files={"file": ("photo.jpg", body, "image/jpeg")}
-                ).status_code
-                with lock:
-                    statuses[status] = statuses.get(status, 0) + 1
-                    if status == 200:
-                        latencies.append(time.perf_counter() - t)
-
-    threads = [threading.Thread(target=client_loop, args=(n,)) for n in per_client if n]
-    started = time.perf_counter()
-    for thread in threads:
-        thread.start()
-    for thread in threads:
-        thread.join()
-    wall = time.perf_counter() - started
-    ms = sorted(x * 1000 for x in latencies)
+def load_point(url: str, upload: Upload, concurrency: int, requests: int) -> Json:
+    """``requests`` POST /predict from ``concurrency`` closed-loop clients (the shared load
+    generator), bounded by the count only: an hour is no bound for a point."""
+    outcomes, wall = run_load(url, upload, concurrency, max_requests=requests, duration_s=3600)
+    statuses = Counter(str(o.status) for o in outcomes)
+    ms = sorted(o.seconds * 1000 for o in outcomes if o.status == 200)
     return {
         "concurrency": concurrency,
         "requests": requests,
-        "statuses": {str(k): v for k, v in sorted(statuses.items())},
-        "images_per_s": round(len(latencies) / wall, 1),
+        "statuses": dict(sorted(statuses.items())),
+        "images_per_s": round(len(ms) / wall, 1),
         "p50_ms": round(ms[len(ms) // 2], 1) if ms else None,
         "p95_ms": round(ms[min(len(ms) - 1, int(len(ms) * 0.95))], 1) if ms else None,
     }
@@ -182,12 +161,12 @@ def load_point(url: str, body: bytes, concurrency: int, requests: int) -> Json:
 def bench_http(model: Path, providers: list[str], concurrencies: tuple[int, ...], requests: int) -> Json:
     from tests.images import photo_jpeg
 
-    body = photo_jpeg("china.jpg")
+    upload = Upload.of(photo_jpeg("china.jpg"), "photo.jpg")
     with server(model, providers) as (url, ready):
-        load_point(url, body, max(concurrencies), max(concurrencies))  # warm every batch size
+        load_point(url, upload, max(concurrencies), max(concurrencies))  # warm every batch size
         points = []
         for concurrency in concurrencies:
-            points.append(load_point(url, body, concurrency, max(requests, 2 * concurrency)))
+            points.append(load_point(url, upload, concurrency, max(requests, 2 * concurrency)))
             log(f"http {model.stem} concurrency {concurrency}: {points[-1]['images_per_s']} images/s")
     return {
         "server_providers": ready.get("providers"),
@@ -205,7 +184,7 @@ def main(argv: list[str] | None = None) -> int:
         help="ONNX Runtime providers in order of preference (default: CUDA, then CPU)",
     )
     p.add_argument("--requests", type=int, help="requests per concurrency level (default 200, quick 16)")
-    p.add_argument("--out", type=Path, help="also write the JSON to this file")
+    add_out_option(p)
     args = p.parse_args(argv)
     providers = [name.strip() for name in args.providers.split(",") if name.strip()]
     batches = (1, 8) if args.quick else (1, 8, 32)

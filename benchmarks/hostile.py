@@ -38,7 +38,7 @@ from PIL import Image
 from benchmarks.cpu import log
 from benchmarks.images import big_jpeg, encoded, photo
 from benchmarks.mix import Kind, Load, Outcome, multipart
-from benchmarks.report import write_report
+from benchmarks.report import add_out_option, write_report
 from benchmarks.server import ServerProcess, env_name, export_random_model, model_settings, server_process
 
 MAX_PIXELS = 64_000_000  # the service's default
@@ -312,7 +312,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     )
     p.add_argument("--model", type=Path, help="ONNX model to serve (default: export one with random weights)")
     p.add_argument("--setting", action="append", default=[], metavar="ALEXNET_X=V", help="a server setting")
-    p.add_argument("--out", type=Path, help="also write the JSON report here")
+    add_out_option(p)
     args = p.parse_args(argv)
     if args.minutes <= 0 or args.concurrency < 2 or not 0 <= args.stalled < args.concurrency:
         p.error("--minutes must be > 0, --concurrency >= 2 and 0 <= --stalled < --concurrency")

@@ -27,7 +27,7 @@ from PIL import Image
 from alexnet_core.images import decode
 from alexnet_core.pipeline import center_square, ten_crop
 from alexnet_core.session import OnnxClassifier
-from benchmarks.report import write_report
+from benchmarks.report import add_out_option, write_report
 
 KINDS = ("crops", "square")
 
@@ -135,7 +135,7 @@ def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(prog="python -m benchmarks.input_kinds", description=__doc__.split("\n")[0])
     p.add_argument("--rounds", type=int, default=7, help="interleaved rounds (default 7)")
     p.add_argument("--threads", type=int, default=0, help="ORT intra-op threads (default 0: all cores)")
-    p.add_argument("--out", type=Path, help="also write the JSON here")
+    add_out_option(p)
     args = p.parse_args(argv)
     with tempfile.TemporaryDirectory() as tmp:
         paths = export_pair(Path(tmp))

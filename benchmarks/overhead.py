@@ -42,7 +42,7 @@ from benchmarks.free_engine import default_metadata, write_free_model
 from benchmarks.images import big_jpeg, encoded, photo
 from benchmarks.inference import MAX_PIXELS, read_metadata
 from benchmarks.load import Upload, load_point, warm_up
-from benchmarks.report import Target, rnd, write_report
+from benchmarks.report import Target, add_out_option, rnd, write_report
 from benchmarks.server import REPO_ROOT, model_settings, server_process
 
 CONCURRENCIES = (1, 4, 16, 64)
@@ -241,9 +241,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument(
         "--duration", type=float, help="seconds per measurement point at most (default 15, quick 3)"
     )
-    p.add_argument(
-        "--out", type=Path, help=f"also write the JSON here (e.g. {DEFAULT_OUT.relative_to(REPO_ROOT)})"
-    )
+    add_out_option(p, DEFAULT_OUT.relative_to(REPO_ROOT))
     p.add_argument(
         "--note", default="", help="a remark stored in the JSON (e.g. that the machine was shared)"
     )

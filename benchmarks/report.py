@@ -1,5 +1,6 @@
 """The benchmark's results as typed models (written as JSON, read back by tests) and as text tables."""
 
+import argparse
 import math
 from pathlib import Path
 from typing import Any
@@ -207,6 +208,12 @@ class Report(BaseModel):
 
 
 # --------------------------------------------------------------------------- text
+
+
+def add_out_option(parser: argparse.ArgumentParser, example: Path | None = None) -> None:
+    """``--out``: the file a benchmark also writes its JSON report to (``example``: a path to show)."""
+    shown = f" (e.g. {example})" if example is not None else ""
+    parser.add_argument("--out", type=Path, help=f"also write the JSON report here{shown}")
 
 
 def write_report(text: str, out: Path | None) -> None:

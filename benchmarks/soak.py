@@ -40,7 +40,7 @@ import httpx
 import numpy as np
 
 from benchmarks.mix import MAX_FILES, MAX_UPLOAD_MB, Load, Outcome, request_kinds
-from benchmarks.report import write_report
+from benchmarks.report import add_out_option, write_report
 from benchmarks.server import ProcessStats, ServerProcess, export_random_model, model_settings, server_process
 
 RSS_GROWTH_LIMIT = 0.10
@@ -283,7 +283,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
         "--minutes", type=float, default=10.0, help="length of the soak after warm-up (default 10)"
     )
     p.add_argument("--concurrency", type=int, default=32, help="closed-loop clients (default 32)")
-    p.add_argument("--out", type=Path, help="also write the JSON report here")
+    add_out_option(p)
     p.add_argument("--model", type=Path, help="ONNX model to serve (default: export one with random weights)")
     p.add_argument(
         "--warm-up-s", type=float, help="warm-up before the baseline (default 20 %% of the soak, 10-60 s)"

@@ -16,6 +16,7 @@ from urllib.parse import quote
 import httpx
 
 from alexnet_core.files import sha256
+from benchmarks.server import free_port
 
 ROOT = Path(__file__).resolve().parents[1]
 # The CPU override resets the GPU reservation with !reset, which Compose reads from v2.24 on.
@@ -48,12 +49,6 @@ def run(
             print(out.stdout, out.stderr, sep="\n", file=sys.stderr)
         raise RuntimeError(f"{shown[:4]} exited with {out.returncode}")
     return out
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def stable_port(preferred: int) -> int:
@@ -135,7 +130,8 @@ class DockerDaemon:
         return True
 
 
-def _compose_version(command: list[str]) -> tuple[int, ...] | None:
+def compose_version(command: list[str]) -> tuple[int, ...] | None:
+    """(major, minor) of the Docker Compose that ``command`` runs; None if it does not run."""
     try:
         out = subprocess.run([*command, "version", "--short"], capture_output=True, text=True, timeout=30)
     except (OSError, subprocess.TimeoutExpired):
@@ -154,7 +150,7 @@ def compose_command() -> list[str]:
     if spec is not None and spec.origin is not None:
         candidates.append([str(Path(spec.origin).parent / "docker-compose")])
     for command in candidates:
-        version = _compose_version(command)
+        version = compose_version(command)
         if version is not None and version >= COMPOSE_MINIMUM:
             return command
     minimum = ".".join(map(str, COMPOSE_MINIMUM))

@@ -7,7 +7,7 @@ import warnings
 from datetime import UTC, datetime
 from pathlib import Path
 
-from alexnet_core.settings import CommonSettings
+from alexnet_core.settings import add_weights_dir
 from alexnet_core.training import DEFAULT_LAYOUT, LAYOUTS
 from model_export.export import (
     DEFAULT_INPUT_KIND,
@@ -63,12 +63,7 @@ def parser() -> argparse.ArgumentParser:
     )
     p.add_argument("--checkpoint", type=Path, help="with --source checkpoint: the .pt/.pth file")
     p.add_argument("--seed", type=int, default=0, help="with --source random (default 0)")
-    p.add_argument(
-        "--weights-dir",
-        type=Path,
-        default=CommonSettings().weights_dir,
-        help="where models and the downloaded weights live (default: ALEXNET_WEIGHTS_DIR, else weights)",
-    )
+    add_weights_dir(p, "where models and the downloaded weights live")
     p.add_argument(
         "--output",
         type=onnx_path,

@@ -27,7 +27,7 @@ from onnx import TensorProto, helper
 from alexnet_core import files, model_files
 from alexnet_core.metadata import ModelMetadata
 from alexnet_core.pipeline import probabilities
-from alexnet_core.settings import CommonSettings
+from alexnet_core.settings import add_weights_dir
 
 MAX_MEMBERS = 8  # ONNX protobuf files stop at 2 GiB; an AlexNet is about 230 MiB
 SAME = ("labels", "input_size", "resize_size", "mean", "std", "input_name", "input_kind")
@@ -158,12 +158,7 @@ def main(argv: list[str] | None = None) -> int:
         prog="alexnet-ensemble", description=__doc__.split("\n\n")[0], allow_abbrev=False
     )
     p.add_argument("members", nargs="+", help="model versions (file stems) in the weights directory")
-    p.add_argument(
-        "--weights-dir",
-        type=Path,
-        default=CommonSettings().weights_dir,
-        help="where the members are and the ensemble goes (default: ALEXNET_WEIGHTS_DIR, else weights)",
-    )
+    add_weights_dir(p, "where the members are and the ensemble goes")
     p.add_argument("--version", help="the ensemble's version (default: ensemble-<UTC time>)")
     args = p.parse_args(argv)
     version = args.version or f"ensemble-{datetime.now(UTC):%Y%m%d-%H%M%S}"

@@ -18,7 +18,7 @@ import argparse
 import json
 import sys
 import tempfile
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from pathlib import Path
 
 import numpy as np
@@ -68,36 +68,51 @@ def _save_atomically(proto: onnx.ModelProto, out_path: Path, source_path: Path) 
     model_files.write_manifest(out_path)
 
 
+def _write_variant(
+    onnx_path: Path,
+    out_path: Path | None,
+    precision: str,
+    suffix: str,
+    convert: Callable[[onnx.ModelProto, onnx.ModelProto], onnx.ModelProto],
+) -> Path:
+    """The variant ``convert`` makes of (a copy of the source, the source), retagged and saved at
+    ``out_path`` (default: beside the source, named with ``suffix``)."""
+    onnx_path = Path(onnx_path)
+    out_path = Path(out_path) if out_path is not None else variant_path(onnx_path, suffix)
+    source = onnx.load(onnx_path)
+    model = onnx.ModelProto()
+    model.CopyFrom(source)
+    proto = convert(model, source)
+    _retag(proto, source, precision, suffix)
+    _save_atomically(proto, out_path, onnx_path)
+    return out_path
+
+
 def quantize_int8(onnx_path: Path, out_path: Path | None = None) -> Path:
     """Dynamic int8 quantisation of the fully connected layers only (per output channel)."""
     from onnxruntime.quantization import QuantType, quantize_dynamic
 
-    onnx_path = Path(onnx_path)
-    out_path = Path(out_path) if out_path is not None else variant_path(onnx_path, INT8_SUFFIX)
-    source = onnx.load(onnx_path)
-    model = onnx.ModelProto()
-    model.CopyFrom(source)
-    # The dynamo exporter records Gemm output shapes that the quantiser's Gemm -> MatMul rewrite
-    # makes stale ("ShapeInferenceError (9216) vs (4096)"); ORT infers them again at load time.
-    del model.graph.value_info[:]
-    with tempfile.TemporaryDirectory() as tmp:
-        quantized = Path(tmp) / "int8.onnx"
-        quantize_dynamic(
-            model,
-            quantized,
-            # Conv stays fp32: ConvInteger is 3-5x slower than ORT's fp32 convolutions on CPU.
-            op_types_to_quantize=["MatMul"],
-            # One scale per output neuron: the FC weights' ranges differ a lot between neurons.
-            per_channel=True,
-            # reduce_range (7-bit weights) only matters on CPUs without VNNI, where u8*s8 products
-            # can saturate; AVX-512 VNNI and AVX-VNNI machines do not need it.
-            reduce_range=False,
-            weight_type=QuantType.QInt8,
-        )
-        proto = onnx.load(quantized)
-    _retag(proto, source, "int8", INT8_SUFFIX)
-    _save_atomically(proto, out_path, onnx_path)
-    return out_path
+    def quantize(model: onnx.ModelProto, source: onnx.ModelProto) -> onnx.ModelProto:
+        # The dynamo exporter records Gemm output shapes that the quantiser's Gemm -> MatMul rewrite
+        # makes stale ("ShapeInferenceError (9216) vs (4096)"); ORT infers them again at load time.
+        del model.graph.value_info[:]
+        with tempfile.TemporaryDirectory() as tmp:
+            quantized = Path(tmp) / "int8.onnx"
+            quantize_dynamic(
+                model,
+                quantized,
+                # Conv stays fp32: ConvInteger is 3-5x slower than ORT's fp32 convolutions on CPU.
+                op_types_to_quantize=["MatMul"],
+                # One scale per output neuron: the FC weights' ranges differ a lot between neurons.
+                per_channel=True,
+                # reduce_range (7-bit weights) only matters on CPUs without VNNI, where u8*s8
+                # products can saturate; AVX-512 VNNI and AVX-VNNI machines do not need it.
+                reduce_range=False,
+                weight_type=QuantType.QInt8,
+            )
+            return onnx.load(quantized)
+
+    return _write_variant(onnx_path, out_path, "int8", INT8_SUFFIX, quantize)
 
 
 def _fp32_nodes(model: onnx.ModelProto) -> list[str]:
@@ -163,20 +178,16 @@ def convert_fp16(onnx_path: Path, out_path: Path | None = None) -> Path:
     # onnxconverter-common's), so this adds no dependency to the serving install.
     from onnxruntime.transformers.float16 import convert_float_to_float16
 
-    onnx_path = Path(onnx_path)
-    out_path = Path(out_path) if out_path is not None else variant_path(onnx_path, FP16_SUFFIX)
-    source = onnx.load(onnx_path)
-    model = onnx.ModelProto()
-    model.CopyFrom(source)
-    # keep_io_types: Cast nodes at the edges, so the service's float32 batches and its softmax
-    # over float32 logits work unchanged (the square kind's uint8 input is no float: it stays).
-    blocked = _fp32_nodes(model)
-    proto = convert_float_to_float16(model, keep_io_types=True, node_block_list=blocked)
-    if blocked:
-        _keep_fp32_between_blocked_nodes(proto, source)
-    _retag(proto, source, "fp16", FP16_SUFFIX)
-    _save_atomically(proto, out_path, onnx_path)
-    return out_path
+    def convert(model: onnx.ModelProto, source: onnx.ModelProto) -> onnx.ModelProto:
+        # keep_io_types: Cast nodes at the edges, so the service's float32 batches and its softmax
+        # over float32 logits work unchanged (the square kind's uint8 input is no float: it stays).
+        blocked = _fp32_nodes(model)
+        proto = convert_float_to_float16(model, keep_io_types=True, node_block_list=blocked)
+        if blocked:
+            _keep_fp32_between_blocked_nodes(proto, source)
+        return proto
+
+    return _write_variant(onnx_path, out_path, "fp16", FP16_SUFFIX, convert)
 
 
 def top1_agreement(

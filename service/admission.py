@@ -4,14 +4,15 @@ The queue admits by image count; these admit by what an image or an upload will 
 few costly-but-valid requests cannot take the memory that many cheap ones would share.
 """
 
-import json
 import threading
 
+from fastapi.responses import JSONResponse
 from prometheus_client import Gauge
-from starlette.types import ASGIApp, Message, Receive, Scope, Send
+from starlette.types import ASGIApp, Receive, Scope, Send
 
 from alexnet_core.images import ImageInputError
 from service.core.metrics import Metrics
+from service.core.middleware import CLOSE, ReceiveGuard, error_response
 from service.inference import Overloaded
 
 
@@ -66,18 +67,6 @@ class DecodeBudget(MemoryBudget):
             )
 
 
-async def _refuse(send: Send, detail: str) -> None:
-    body = json.dumps({"detail": detail}).encode()
-    headers = [
-        (b"content-type", b"application/json"),
-        (b"content-length", str(len(body)).encode()),
-        (b"retry-after", b"1"),
-        (b"connection", b"close"),  # the rest of the body is not worth receiving
-    ]
-    await send({"type": "http.response.start", "status": 503, "headers": headers})
-    await send({"type": "http.response.body", "body": body})
-
-
 class UploadBudget:
     """503 + Retry-After when the bodies of all requests in progress would hold more than
     ``limit`` bytes. A request reserves its declared Content-Length up front (refused before a
@@ -90,12 +79,14 @@ class UploadBudget:
         self.budget = MemoryBudget(limit, metrics.upload_bytes, "upload")
         metrics.upload_budget.set(limit)
 
-    def _busy(self) -> str:
+    def _busy(self) -> JSONResponse:
         self.metrics.rejected.labels("upload_memory").inc()
-        return (
+        detail = (
             f"server busy: uploads in progress hold {self.budget.used / 2**20:.0f} MiB of the "
             f"{self.budget.limit / 2**20:.0f} MiB upload budget"
         )
+        # Connection: close, since the rest of the body is not worth receiving.
+        return error_response(503, detail, {"Retry-After": "1", **CLOSE})
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         if scope["type"] != "http" or scope["method"] in ("GET", "HEAD", "OPTIONS"):
@@ -104,31 +95,20 @@ class UploadBudget:
         length = dict(scope["headers"]).get(b"content-length", b"")
         held = int(length) if length.isdigit() else 0
         if held and not self.budget.try_reserve(held):
-            await _refuse(send, self._busy())
+            await self._busy()(scope, receive, send)
             return
-        received = 0
-        refused = False
+        guard = ReceiveGuard(scope, receive, send)
 
-        async def counted_receive() -> Message:
-            nonlocal received, held, refused
-            if refused:
-                return {"type": "http.disconnect"}
-            message = await receive()
-            if message["type"] == "http.request":
-                received += len(message.get("body", b""))
-                if received > held:
-                    if not self.budget.try_reserve(received - held):
-                        await _refuse(send, self._busy())
-                        refused = True
-                        return {"type": "http.disconnect"}
-                    held = received
-            return message
-
-        async def guarded_send(message: Message) -> None:
-            if not refused:
-                await send(message)
+        def reserve(received: int) -> JSONResponse | None:
+            """What arrives beyond the bytes held so far is reserved too, or refused."""
+            nonlocal held
+            if received > held:
+                if not self.budget.try_reserve(received - held):
+                    return self._busy()
+                held = received
+            return None
 
         try:
-            await self.app(scope, counted_receive, guarded_send)
+            await self.app(scope, guard.counting(reserve), guard.guarded_send)
         finally:
             self.budget.release(held)

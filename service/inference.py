@@ -12,8 +12,8 @@ import logging
 import queue
 import threading
 import time
-from collections.abc import Iterator
-from contextlib import contextmanager
+from collections.abc import AsyncIterator, Iterator
+from contextlib import asynccontextmanager, contextmanager
 from dataclasses import dataclass
 
 import numpy as np
@@ -123,6 +123,20 @@ class InferenceQueue:
                 if admission.decoding:  # failed or timed out before reaching the batcher
                     self._decoding -= images
                 self.metrics.queue_images.set(self._admitted)
+
+    @asynccontextmanager
+    async def admit_within(self, images: int, timeout_s: float) -> AsyncIterator[Admission]:
+        """``admit``, and the request's work within its time limit: past it, ``Overloaded`` (a 503
+        with Retry-After), counted as a timeout."""
+        with self.admit(images) as admission:
+            try:
+                async with asyncio.timeout(timeout_s):
+                    yield admission
+            except TimeoutError:
+                self.metrics.rejected.labels("timeout").inc()
+                raise Overloaded(
+                    f"timed out after {timeout_s:g} s waiting for inference: server overloaded"
+                ) from None
 
     async def infer(
         self, admission: Admission, classifier: OnnxClassifier, batch: np.ndarray

@@ -5,6 +5,7 @@ import time
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import httpx
 import pytest
@@ -14,6 +15,9 @@ from benchmarks.server import free_port
 from service.core.config import Settings
 from service.core.http import server_config
 from service.main import create_app
+
+if TYPE_CHECKING:  # model_export imports torch: only the tests that export load it
+    from model_export.export import InputKind
 
 
 @contextmanager
@@ -37,18 +41,23 @@ def serve(settings: Settings) -> Iterator[str]:
         thread.join(timeout=30)
 
 
+def random_model_dir(weights_dir: Path, input_kind: "InputKind") -> Path:
+    """``weights_dir`` holding the tests' 1000-class model, ``alexnet-random.onnx``: torchvision
+    layout, random weights of seed 0, exported as ``input_kind``."""
+    from model_export.export import export_onnx
+    from model_export.weights import random_weights
+
+    export_onnx(
+        random_weights("torchvision", seed=0), weights_dir / "alexnet-random.onnx", input_kind=input_kind
+    )
+    return weights_dir
+
+
 @pytest.fixture(scope="session")
 def imagenet_model_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
     """A weights dir holding one 1000-class torchvision-layout model with random weights, of the
     crops kind (float crops in, logits out: several tests feed crops to it directly)."""
-    from model_export.export import export_onnx
-    from model_export.weights import random_weights
-
-    weights_dir = tmp_path_factory.mktemp("weights")
-    export_onnx(
-        random_weights("torchvision", seed=0), weights_dir / "alexnet-random.onnx", input_kind="crops"
-    )
-    return weights_dir
+    return random_model_dir(tmp_path_factory.mktemp("weights"), "crops")
 
 
 def cpu_settings(weights_dir: Path, **overrides: object) -> Settings:

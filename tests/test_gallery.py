@@ -16,7 +16,7 @@ from PIL import Image
 
 from alexnet_core.pipeline import center_square, ten_crop
 from tests.conftest import cpu_settings, serve
-from tests.images import encode, photo, photo_jpeg
+from tests.images import base64_input, encode, photo, photo_jpeg
 
 KEY = "gallery-test-key"
 AUTH = {"Authorization": f"Bearer {KEY}"}
@@ -191,6 +191,21 @@ def test_another_models_gallery_is_refused(client: httpx.Client, weights: Path) 
         for response in (c.get("/gallery"), c.post("/similar", files={"file": ("q.png", image(1))})):
             assert response.status_code == 409, response.text
             assert "another model file" in response.json()["detail"]
+
+
+def test_embed_and_v2_time_out_as_predict_does(weights: Path) -> None:
+    """/embed and /v2 inference run under /predict's time limit and answer as it does: a 503 with
+    Retry-After and the same reason, counted as a timeout."""
+    with (
+        serve(cpu_settings(weights, request_timeout_s=0.001)) as url,
+        httpx.Client(base_url=url, timeout=60) as c,
+    ):
+        embedded = c.post("/embed", files={"file": ("a.png", image(1))})
+        inferred = c.post("/v2/models/alexnet/infer", json={"inputs": [base64_input([image(1)])]})
+        for response, reason in ((embedded, embedded.json()["detail"]), (inferred, inferred.json()["error"])):
+            assert response.status_code == 503 and response.headers["retry-after"] == "1", response.text
+            assert reason == "timed out after 0.001 s waiting for inference: server overloaded"
+        assert 'alexnet_rejected_total{reason="timeout"} 2.0' in c.get("/metrics").text
 
 
 def test_model_without_features_is_a_409(imagenet_model_dir: Path) -> None:

@@ -2,17 +2,13 @@
 program runs end to end (a short run, slow)."""
 
 import io
-import json
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest
 from PIL import Image
 
 from benchmarks.hostile import lying_webp, png_16bit, progressive_jpeg
-
-REPO_ROOT = Path(__file__).resolve().parent.parent
+from tests.processes import run_report
 
 
 def test_costly_images_are_small_files_at_the_pixel_limit() -> None:
@@ -30,15 +26,12 @@ def test_costly_images_are_small_files_at_the_pixel_limit() -> None:
 
 @pytest.mark.slow
 def test_short_attack_reports_every_figure(imagenet_model_dir: Path, tmp_path: Path) -> None:
-    out = tmp_path / "hostile.json"
-    command = [
-        sys.executable, "-m", "benchmarks.hostile", "--minutes", "0.2", "--concurrency", "6",
+    args = [
+        "--minutes", "0.2", "--concurrency", "6",
         "--stalled", "2", "--idle", "10", "--json-mb", "2",
-        "--model", str(imagenet_model_dir / "alexnet-random.onnx"), "--out", str(out),
+        "--model", str(imagenet_model_dir / "alexnet-random.onnx"),
     ]  # fmt: skip
-    done = subprocess.run(command, cwd=REPO_ROOT, capture_output=True, text=True, timeout=900)
-    assert done.returncode in (0, 1), done.stderr[-3000:]
-    report = json.loads(out.read_text())
+    _, report = run_report("benchmarks.hostile", args, tmp_path, timeout=900, codes=(0, 1))
     assert report["errors_5xx_except_503"] == 0 and report["server_alive"], report
     assert report["requests"] > 0 and report["valid_small"]["requests"] > 0
     assert report["rss_peak_mb"] > 0 and report["stalled_uploads"]["count"] >= 2

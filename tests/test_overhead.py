@@ -2,8 +2,6 @@
 costs almost nothing, served by the real service; the whole benchmark once in --quick mode (slow)."""
 
 import json
-import subprocess
-import sys
 from pathlib import Path
 
 import httpx
@@ -15,8 +13,7 @@ from alexnet_core.metadata import ModelMetadata
 from benchmarks.free_engine import default_metadata, write_free_model
 from tests.conftest import cpu_settings, serve
 from tests.images import photo_jpeg
-
-REPO_ROOT = Path(__file__).resolve().parent.parent
+from tests.processes import run_report
 
 
 def session(path: Path) -> ort.InferenceSession:
@@ -61,12 +58,8 @@ def test_the_service_serves_the_free_engine(tmp_path: Path) -> None:
 
 @pytest.mark.slow
 def test_quick_run_reports_both_sides_for_both_images(tmp_path: Path) -> None:
-    out = tmp_path / "overhead.json"
-    command = [sys.executable, "-m", "benchmarks.overhead", "--quick", "--duration", "2", "--out", str(out)]
-    done = subprocess.run(command, cwd=REPO_ROOT, capture_output=True, text=True, timeout=900)
-    assert done.returncode == 0, done.stderr[-3000:]
-    report = json.loads(done.stdout)
-    assert json.loads(out.read_text()) == report
+    done, report = run_report("benchmarks.overhead", ["--quick", "--duration", "2"], tmp_path, timeout=900)
+    assert json.loads(done.stdout) == report
     assert set(report["images"]) == {"small", "large"}
     for image in report["images"].values():
         assert image["in_process"]["1"]["cpu_ms_per_image"] > 0 and image["in_process"]["all"]["images"] > 0

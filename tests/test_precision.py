@@ -23,6 +23,7 @@ from benchmarks.free_engine import default_metadata, write_free_model
 from model_export.precision import convert_fp16, main, quantize_int8, top1_agreement
 from service.model_registry import ModelRegistry
 from tests.conftest import cpu_settings
+from tests.images import model_batch
 
 CPU = ["CPUExecutionProvider"]
 
@@ -52,14 +53,8 @@ def digits(count: int) -> list[bytes]:
     return out
 
 
-def crops(classifier: OnnxClassifier, images: list[bytes]) -> np.ndarray:
-    """The service's preprocessing with the model's own sizes and normalisation."""
-    meta = classifier.metadata
-    return np.concatenate([meta.preprocess(data, max_pixels=10**8).batch for data in images])
-
-
 def logits(classifier: OnnxClassifier, images: list[bytes]) -> np.ndarray:
-    return classifier.logits(crops(classifier, images))
+    return classifier.logits(model_batch(classifier, images))
 
 
 def quantisation_sigma(source: Path, int8: Path, batch: np.ndarray) -> np.ndarray:
@@ -127,7 +122,7 @@ def test_int8_agrees_with_fp32_on_real_images(source: Path, int8: Path) -> None:
     # channel axis) agrees at about chance, 1 in 1000. The logit check below is the tight one.
     assert top1_agreement(source, int8, images) >= 0.85
     fp32 = OnnxClassifier(source, CPU, warm_up=False)
-    batch = crops(fp32, images[:2])
+    batch = model_batch(fp32, images[:2])
     errors = np.abs(OnnxClassifier(int8, CPU, warm_up=False).logits(batch) - fp32.logits(batch))
     # In units of the error int8 rounding predicts for each of the 20 x 1000 logits: about 1 for
     # a correct quantisation (scales, zero points, channel axis); a wrong one is far beyond it, by
@@ -199,7 +194,7 @@ def test_int8_of_a_trained_digits_model_keeps_its_validation_accuracy(tmp_path: 
         labels = np.asarray(classifier.metadata.labels)
         top1 = np.concatenate(
             [
-                classifier.probabilities(crops(classifier, images[i : i + 16])).argmax(axis=1)
+                classifier.probabilities(model_batch(classifier, images[i : i + 16])).argmax(axis=1)
                 for i in range(0, len(images), 16)
             ]
         )

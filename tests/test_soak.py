@@ -3,27 +3,20 @@
 Too short for its growth checks to mean anything (pools and arenas still fill after a 3-second
 warm-up), so those are not asserted here; the 10-minute run is (see benchmarks/soak.py)."""
 
-import json
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest
 
-REPO = Path(__file__).resolve().parent.parent
+from tests.processes import run_report
 
 
 @pytest.mark.long
 def test_soak_smoke(imagenet_model_dir: Path, tmp_path: Path) -> None:
-    out = tmp_path / "soak.json"
-    command = [
-        sys.executable, "-m", "benchmarks.soak", "--minutes", "0.1", "--concurrency", "4",
+    args = [
+        "--minutes", "0.1", "--concurrency", "4",
         "--warm-up-s", "3", "--settle-s", "1", "--model", str(imagenet_model_dir / "alexnet-random.onnx"),
-        "--out", str(out),
     ]  # fmt: skip
-    run = subprocess.run(command, cwd=REPO, capture_output=True, text=True, timeout=180)
-    report = json.loads(out.read_text())
-    assert run.returncode in (0, 1), run.stderr[-3000:]
+    run, report = run_report("benchmarks.soak", args, tmp_path, timeout=180, codes=(0, 1))
     assert "p99 ms" in run.stdout and "RSS MiB" in run.stdout
     assert report["requests"] > 20 and report["served_200"] > 5
     assert not [s for s in report["by_status"] if s.startswith("5")], report["by_status"]

@@ -16,8 +16,8 @@ from alexnet_core.session import OnnxClassifier
 from model_export.cli import main as export_cli
 from model_export.export import ExportError, export_onnx
 from model_export.weights import random_weights
-from tests.conftest import cpu_settings, serve
-from tests.images import big_photo_jpeg, encode, photo, photo_jpeg
+from tests.conftest import cpu_settings, random_model_dir, serve
+from tests.images import big_photo_jpeg, encode, model_batch, photo, photo_jpeg
 
 CPU = ["CPUExecutionProvider"]
 
@@ -31,11 +31,7 @@ def real_photos() -> list[bytes]:
 @pytest.fixture(scope="module")
 def square_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
     """The session's crops-kind model's weights (torchvision layout, seed 0), as the square kind."""
-    weights_dir = tmp_path_factory.mktemp("square")
-    export_onnx(
-        random_weights("torchvision", seed=0), weights_dir / "alexnet-random.onnx", input_kind="square"
-    )
-    return weights_dir
+    return random_model_dir(tmp_path_factory.mktemp("square"), "square")
 
 
 @pytest.fixture(scope="module")
@@ -48,11 +44,6 @@ def crops(imagenet_model_dir: Path) -> OnnxClassifier:
     classifier = OnnxClassifier(imagenet_model_dir / "alexnet-random.onnx", CPU, warm_up=False)
     assert classifier.metadata.input_kind == "crops"
     return classifier
-
-
-def batch(classifier: OnnxClassifier, images: list[bytes]) -> np.ndarray:
-    meta = classifier.metadata
-    return np.concatenate([meta.preprocess(data, max_pixels=10**8).batch for data in images])
 
 
 def test_metadata_and_graph_describe_the_square_kind(square: OnnxClassifier) -> None:
@@ -88,8 +79,8 @@ def test_graph_crops_with_slices_not_loops(square_dir: Path) -> None:
 
 def test_square_kind_agrees_with_the_host_pipeline(square: OnnxClassifier, crops: OnnxClassifier) -> None:
     images = real_photos()
-    expected = crops.probabilities(batch(crops, images))
-    actual = square.probabilities(batch(square, images))
+    expected = crops.probabilities(model_batch(crops, images))
+    actual = square.probabilities(model_batch(square, images))
     assert actual.shape == expected.shape == (len(images), 1000)
     assert np.max(np.abs(actual - expected)) <= 1e-5
     # Random weights give nearly uniform probabilities, so also relative to each value.
@@ -109,16 +100,16 @@ def test_features_are_fc7_ten_crop_mean_from_torch(square: OnnxClassifier) -> No
             hidden = torch.flatten(model.avgpool(model.features(x)), 1)
             fc7 = torch.relu(model.classifier[4](torch.relu(model.classifier[1](hidden))))
         expected.append(fc7.mean(dim=0).numpy())
-    probs, features = square.outputs(batch(square, images))
+    probs, features = square.outputs(model_batch(square, images))
     assert features.shape == (2, 4096) and features.dtype == np.float32 and probs.shape == (2, 1000)
     np.testing.assert_allclose(features, np.stack(expected), rtol=1e-4, atol=1e-5)
-    np.testing.assert_array_equal(square.features(batch(square, images)), features)
+    np.testing.assert_array_equal(square.features(model_batch(square, images)), features)
     assert (features >= 0).all() and features.max() > 0  # after the ReLU, not all dead
 
 
 def test_crops_kind_without_features_says_so(crops: OnnxClassifier) -> None:
     with pytest.raises(ValueError, match="no features output"):
-        crops.features(batch(crops, real_photos()[:1]))
+        crops.features(model_batch(crops, real_photos()[:1]))
 
 
 def test_predict_serves_both_kinds_with_the_same_top5(square_dir: Path, client: httpx.Client) -> None:
@@ -169,7 +160,7 @@ def test_precision_variants_of_the_square_kind(
 
     source = square_dir / "alexnet-random.onnx"
     images = real_photos()[:2]
-    reference = square.outputs(batch(square, images))
+    reference = square.outputs(model_batch(square, images))
     half = convert_fp16(source, tmp_path / "alexnet-random-fp16.onnx")
     graph = onnx.load(str(half)).graph
     assert graph.input[0].type.tensor_type.elem_type == onnx.TensorProto.UINT8
@@ -190,7 +181,7 @@ def test_precision_variants_of_the_square_kind(
     for path, rtol in ((half, 1e-3), (quantize_int8(source, tmp_path / "alexnet-random-int8.onnx"), 1e-2)):
         variant = OnnxClassifier(path, CPU)
         assert variant.metadata.input_kind == "square"
-        probs, features = variant.outputs(batch(variant, images))
+        probs, features = variant.outputs(model_batch(variant, images))
         assert probs.dtype == features.dtype == np.float32
         np.testing.assert_allclose(probs, reference[0], rtol=rtol)
         assert np.abs(features - reference[1]).max() <= 2 * rtol * reference[1].max()

@@ -1,7 +1,6 @@
 """The Open Inference Protocol (KServe v2) through `tritonclient.http`, a client nobody here wrote,
 against the real server over HTTP; its answers checked against /predict on the same images."""
 
-import base64
 import json
 from collections.abc import Iterator
 from pathlib import Path
@@ -12,7 +11,7 @@ import pytest
 
 from alexnet_core.session import OnnxClassifier
 from tests.conftest import cpu_settings, serve
-from tests.images import photo_jpeg
+from tests.images import base64_input, photo_jpeg
 
 httpclient = pytest.importorskip("tritonclient.http", reason="pip install tritonclient geventhttpclient")
 from tritonclient.utils import InferenceServerException  # noqa: E402
@@ -115,15 +114,7 @@ def test_classification_extension(triton: "httpclient.InferenceServerClient", ur
 def test_base64_images_in_json(url: str) -> None:
     """curl-friendly: images as base64 strings in plain JSON (content_type, as MLServer)."""
     body = {
-        "inputs": [
-            {
-                "name": "image_bytes",
-                "datatype": "BYTES",
-                "shape": [1],
-                "parameters": {"content_type": "base64"},
-                "data": [base64.b64encode(PHOTOS[0]).decode()],
-            }
-        ],
+        "inputs": [base64_input(PHOTOS[:1])],
         "outputs": [{"name": "probabilities", "parameters": {"classification": 1}}],
     }
     answer = httpx.post(f"{url}/v2/models/alexnet/infer", json=body, timeout=60)

@@ -39,7 +39,7 @@ class _HttpOnly:
         raise NotImplementedError
 
 
-class _ReceiveGuard:
+class ReceiveGuard:
     """Wraps ``receive`` so that a middleware can answer while the app is still reading the
     body: the app then sees a disconnected client, and whatever it sends later is dropped."""
 
@@ -58,6 +58,24 @@ class _ReceiveGuard:
         if not self.responded:
             self.started = self.started or message["type"] == "http.response.start"
             await self.send(message)
+
+    def counting(self, check: Callable[[int], JSONResponse | None]) -> Receive:
+        """``receive`` that adds up the body's bytes; after each part, ``check(bytes so far)`` may
+        return an answer, sent in the app's place (the app then sees a disconnected client)."""
+        received = 0
+
+        async def receive() -> Message:
+            nonlocal received
+            if self.responded:
+                return {"type": "http.disconnect"}
+            message = await self.receive()
+            if message["type"] == "http.request":
+                received += len(message.get("body", b""))
+                if (answer := check(received)) is not None:
+                    return await self.answer(answer)
+            return message
+
+        return receive
 
 
 class BodySizeLimit(_HttpOnly):
@@ -79,20 +97,8 @@ class BodySizeLimit(_HttpOnly):
         if length is not None and length.isdigit() and int(length) > limit:
             await too_large(scope, receive, send)
             return
-        guard = _ReceiveGuard(scope, receive, send)
-        received = 0
-
-        async def limited_receive() -> Message:
-            nonlocal received
-            if guard.responded:
-                return {"type": "http.disconnect"}
-            message = await receive()
-            if message["type"] == "http.request":
-                received += len(message.get("body", b""))
-                if received > limit:
-                    return await guard.answer(too_large)
-            return message
-
+        guard = ReceiveGuard(scope, receive, send)
+        limited_receive = guard.counting(lambda received: too_large if received > limit else None)
         await self.app(scope, limited_receive, guard.guarded_send)
 
 
@@ -106,7 +112,7 @@ class BodyTimeout(_HttpOnly):
         self.timeout_s = timeout_s
 
     async def http(self, scope: Scope, receive: Receive, send: Send) -> None:
-        guard = _ReceiveGuard(scope, receive, send)
+        guard = ReceiveGuard(scope, receive, send)
         deadline = asyncio.get_running_loop().time() + self.timeout_s
         body_done = False
 

@@ -2,11 +2,23 @@
 service.embedding; these routes read uploads, call it off the event loop and shape the answers."""
 
 import asyncio
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
-from typing import Annotated
+from dataclasses import dataclass
+from typing import Annotated, TypeVar
 
-from fastapi import APIRouter, File, HTTPException, Path, Query, Request, Response, UploadFile, status
+from fastapi import (
+    APIRouter,
+    Depends,
+    File,
+    HTTPException,
+    Path,
+    Query,
+    Request,
+    Response,
+    UploadFile,
+    status,
+)
 from pydantic import BaseModel, Field
 from starlette.datastructures import UploadFile as StarletteUpload
 
@@ -16,11 +28,12 @@ from service.core.security import ApiKey
 from service.deps import ClassifierDep, PreparationDep, QueueDep, SettingsDep
 from service.embedding import AGGREGATION, Embedded, NoFeatures, embed, feature_dim
 from service.gallery import ID_PATTERN, Galleries, Gallery, GalleryError, Item, thumbnail
-from service.preparation import Preparation, read_uploads
-from service.routers.predict import OneImage, SeveralImages, top_k_predictions
+from service.preparation import read_uploads
+from service.routers.predict import Uploads, top_k_predictions
 from service.schemas import Prediction, error_responses
 
 router = APIRouter(tags=["feature search"])
+T = TypeVar("T")
 MAX_LABEL = 200
 
 
@@ -101,6 +114,13 @@ async def open_gallery(request: Request, classifier: OnnxClassifier) -> Gallery:
     return await asyncio.to_thread(store.get, classifier.version, classifier.sha256, dim)
 
 
+async def in_gallery(request: Request, classifier: OnnxClassifier, action: Callable[[Gallery], T]) -> T:
+    """``action`` on the model's gallery, off the event loop, its errors as HTTP errors."""
+    gallery = await open_gallery(request, classifier)
+    with http_errors():
+        return await asyncio.to_thread(action, gallery)
+
+
 def _item(item: Item) -> GalleryItem:
     return GalleryItem(
         id=item.id,
@@ -110,29 +130,27 @@ def _item(item: Item) -> GalleryItem:
     )
 
 
-async def _embed(
-    uploads: list[StarletteUpload],
-    classifier: OnnxClassifier,
-    settings: SettingsDep,
-    inference: QueueDep,
-    preparation: Preparation,
-) -> Embedded:
-    """The images through /predict's pipeline (cost admission, decode workers), then one
-    inference call for both outputs, within the queue's admission limit and the request timeout."""
-    data, labels = await read_uploads(uploads, settings.max_files)
-    with http_errors():
-        feature_dim(classifier)  # refuse a model without features before decoding anything
-    with inference.admit(len(uploads)):
-        try:
-            async with asyncio.timeout(settings.request_timeout_s):
-                images = await preparation.all(classifier.metadata, data, labels)
-                return await asyncio.to_thread(embed, classifier, [image.batch for image in images])
-        except TimeoutError:
-            raise HTTPException(
-                status.HTTP_503_SERVICE_UNAVAILABLE,
-                f"timed out after {settings.request_timeout_s:g} s",
-                headers={"Retry-After": "1"},
-            ) from None
+@dataclass
+class Embedder:
+    """The model in service and what the routes that embed images run them through."""
+
+    classifier: ClassifierDep
+    settings: SettingsDep
+    inference: QueueDep
+    preparation: PreparationDep
+
+    async def embed_uploads(self, uploads: list[StarletteUpload]) -> Embedded:
+        """The images through /predict's pipeline (cost admission, decode workers), then one
+        inference call for both outputs, within the queue's admission limit and the request timeout."""
+        data, labels = await read_uploads(uploads, self.settings.max_files)
+        with http_errors():
+            feature_dim(self.classifier)  # refuse a model without features before decoding anything
+        async with self.inference.admit_within(len(uploads), self.settings.request_timeout_s):
+            images = await self.preparation.all(self.classifier.metadata, data, labels)
+            return await asyncio.to_thread(embed, self.classifier, [image.batch for image in images])
+
+
+EmbedderDep = Annotated[Embedder, Depends()]
 
 
 @router.post(
@@ -141,18 +159,10 @@ async def _embed(
     responses=error_responses(UPLOAD_ERRORS),
     summary="Feature vector (fc7, 4096-d, ten-crop mean) of each image",
 )
-async def embed_images(
-    classifier: ClassifierDep,
-    settings: SettingsDep,
-    inference: QueueDep,
-    preparation: PreparationDep,
-    file: OneImage = None,
-    files: SeveralImages = None,
-) -> EmbedResponse:
-    uploads = ([file] if file is not None else []) + (files or [])
-    result = await _embed(uploads, classifier, settings, inference, preparation)
+async def embed_images(embedder: EmbedderDep, uploads: Uploads) -> EmbedResponse:
+    result = await embedder.embed_uploads(uploads)
     return EmbedResponse(
-        model_version=classifier.version,
+        model_version=embedder.classifier.version,
         dim=result.features.shape[1],
         results=[
             Embedding(filename=u.filename, vector=v.tolist())
@@ -169,18 +179,16 @@ async def embed_images(
 )
 async def similar(
     request: Request,
-    classifier: ClassifierDep,
-    settings: SettingsDep,
-    inference: QueueDep,
-    preparation: PreparationDep,
+    embedder: EmbedderDep,
     file: Annotated[UploadFile, File(description="the query image")],
     k: Annotated[int, Query(ge=1, le=100, description="neighbours to return")] = 5,
     top_k: Annotated[int, Query(ge=1, le=1000, description="classes to return")] = 5,
 ) -> SimilarResponse:
+    classifier = embedder.classifier
     gallery = await open_gallery(request, classifier)
     with http_errors():
         gallery.entries()  # a corrupt or foreign gallery is refused before any work
-    result = await _embed([file], classifier, settings, inference, preparation)
+    result = await embedder.embed_uploads([file])
     with http_errors():
         found = await asyncio.to_thread(gallery.search, result.features[0], k)
     meta = classifier.metadata
@@ -231,13 +239,7 @@ ADD_BODY = {
     responses=error_responses(UPLOAD_ERRORS | KEY_ERRORS),
     summary="Add an image to the gallery of the model in service (key required)",
 )
-async def add_to_gallery(
-    request: Request,
-    classifier: ClassifierDep,
-    settings: SettingsDep,
-    inference: QueueDep,
-    preparation: PreparationDep,
-) -> GalleryItem:
+async def add_to_gallery(request: Request, embedder: EmbedderDep) -> GalleryItem:
     # The form is parsed here, after the key was checked: nothing is read for an unauthorised caller.
     form = await request.form(max_files=1, max_fields=2)
     item_id, label, upload = form.get("id"), form.get("label"), form.get("file")
@@ -253,14 +255,15 @@ async def add_to_gallery(
         )
     if not isinstance(upload, StarletteUpload):
         raise HTTPException(status.HTTP_400_BAD_REQUEST, "no image: send it as form field `file`")
+    classifier = embedder.classifier
     gallery = await open_gallery(request, classifier)
     with http_errors():
         gallery.entries()
     data = await upload.read()
     await upload.seek(0)
-    result = await _embed([upload], classifier, settings, inference, preparation)
-    meta = classifier.metadata
-    thumb = await asyncio.to_thread(lambda: thumbnail(decode(data, meta.resize_size, settings.max_pixels)))
+    result = await embedder.embed_uploads([upload])
+    resize, max_pixels = classifier.metadata.resize_size, embedder.settings.max_pixels
+    thumb = await asyncio.to_thread(lambda: thumbnail(decode(data, resize, max_pixels)))
     with http_errors():
         item = await asyncio.to_thread(gallery.add, item_id, label or None, result.features[0], thumb)
     return _item(item)
@@ -277,10 +280,7 @@ ItemId = Annotated[str, Path(pattern=ID_PATTERN, description="the item's id")]
     summary="Remove an image from the gallery (key required)",
 )
 async def remove_from_gallery(request: Request, classifier: ClassifierDep, item_id: ItemId) -> GalleryItem:
-    gallery = await open_gallery(request, classifier)
-    with http_errors():
-        item = await asyncio.to_thread(gallery.remove, item_id)
-    return _item(item)
+    return _item(await in_gallery(request, classifier, lambda gallery: gallery.remove(item_id)))
 
 
 @router.get(
@@ -293,7 +293,5 @@ async def remove_from_gallery(request: Request, classifier: ClassifierDep, item_
     summary="A gallery image, small",
 )
 async def gallery_thumbnail(request: Request, classifier: ClassifierDep, item_id: ItemId) -> Response:
-    gallery = await open_gallery(request, classifier)
-    with http_errors():
-        png = await asyncio.to_thread(gallery.thumbnail, item_id)
+    png = await in_gallery(request, classifier, lambda gallery: gallery.thumbnail(item_id))
     return Response(png, media_type="image/png")

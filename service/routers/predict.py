@@ -2,7 +2,7 @@ import asyncio
 from typing import Annotated
 
 import numpy as np
-from fastapi import APIRouter, Depends, File, HTTPException, Query, Request, status
+from fastapi import APIRouter, Depends, File, Query, Request
 from pydantic import BeforeValidator
 
 from alexnet_core.pipeline import Preprocessed, top_k
@@ -45,6 +45,14 @@ SeveralImages = Annotated[
 ]
 
 
+async def image_uploads(file: OneImage = None, files: SeveralImages = None) -> list[ImageUpload]:
+    """A request's images, from both fields (``file`` first)."""
+    return ([file] if file is not None else []) + (files or [])
+
+
+Uploads = Annotated[list[ImageUpload], Depends(image_uploads)]
+
+
 def top_k_predictions(
     probabilities: np.ndarray, k: int, labels: list[str], wnids: list[str | None]
 ) -> list[Prediction]:
@@ -67,28 +75,16 @@ async def predict(
     inference: QueueDep,
     metrics: MetricsDep,
     preparation: PreparationDep,
-    file: OneImage = None,
-    files: SeveralImages = None,
+    uploads: Uploads,
     top_k: Annotated[int, Query(ge=1, le=1000, description="classes to return per image")] = 5,
 ) -> PredictResponse:
-    uploads = ([file] if file is not None else []) + (files or [])
     data, labels = await read_uploads(uploads, settings.max_files)
     meta = classifier.metadata
 
     async def work() -> tuple[list[Preprocessed], InferenceResult]:
-        with inference.admit(len(uploads)) as admission:
-            try:
-                async with asyncio.timeout(settings.request_timeout_s):
-                    images = await preparation.all(meta, data, labels)
-                    return images, await inference.infer(admission, classifier, preparation.batch(images))
-            except TimeoutError:
-                metrics.rejected.labels("timeout").inc()
-                raise HTTPException(
-                    status.HTTP_503_SERVICE_UNAVAILABLE,
-                    f"timed out after {settings.request_timeout_s:g} s waiting for inference: "
-                    "server overloaded",
-                    headers={"Retry-After": "1"},
-                ) from None
+        async with inference.admit_within(len(uploads), settings.request_timeout_s) as admission:
+            images = await preparation.all(meta, data, labels)
+            return images, await inference.infer(admission, classifier, preparation.batch(images))
 
     images, result = await unless_disconnected(request, asyncio.create_task(work()), metrics)
     metrics.images.inc(len(images))

@@ -15,6 +15,8 @@ JobId = Annotated[str, Path(pattern=r"^[0-9a-f]{12}$", description="job id")]
 # The app's validation handler answers {"detail": str, "errors": [...]}; without this FastAPI
 # documents its own default shape ({"detail": [...]}) for every route with a parameter.
 NOT_FOUND = error_responses({404: None, 422: None})
+# The routes of one job (included at the end): each answers 404 for an unknown id.
+job_routes = APIRouter(prefix="/{job_id}", responses=NOT_FOUND)
 AUTH_ERRORS = error_responses({**KEYED, 404: None, 409: None, 422: None})
 # What starting, cancelling and resuming a job share: 202, the job's view, the API key.
 JOB_ACTION: dict[str, Any] = {
@@ -29,6 +31,14 @@ async def get_manager(request: Request) -> TrainingManager:
 
 
 ManagerDep = Annotated[TrainingManager, Depends(get_manager)]
+
+
+async def find_job(job_id: JobId, manager: ManagerDep) -> JobRecord:
+    """The job the path names (404 when there is none)."""
+    return manager.get(job_id)
+
+
+JobDep = Annotated[JobRecord, Depends(find_job)]
 
 
 def job_view(job: JobRecord, events: list[Event]) -> TrainingJob:
@@ -65,24 +75,13 @@ async def list_jobs(manager: ManagerDep) -> list[TrainingJob]:
     return [await view(job) for job in jobs]
 
 
-@router.get(
-    "/{job_id}",
-    response_model=TrainingJob,
-    responses=NOT_FOUND,
-    summary="State and progress of a job",
-)
-async def get_job(job_id: JobId, manager: ManagerDep) -> TrainingJob:
-    return await view(manager.get(job_id))
+@job_routes.get("", response_model=TrainingJob, summary="State and progress of a job")
+async def get_job(job: JobDep) -> TrainingJob:
+    return await view(job)
 
 
-@router.get(
-    "/{job_id}/metrics",
-    response_model=TrainingMetrics,
-    responses=NOT_FOUND,
-    summary="Loss and accuracy history of a job",
-)
-async def job_metrics(job_id: JobId, manager: ManagerDep) -> TrainingMetrics:
-    job = manager.get(job_id)
+@job_routes.get("/metrics", response_model=TrainingMetrics, summary="Loss and accuracy history of a job")
+async def job_metrics(job: JobDep) -> TrainingMetrics:
     events = await asyncio.to_thread(read_events, job.run_dir)
 
     def fields(event: EpochEvent | StepEvent) -> dict[str, float | int | None]:
@@ -95,22 +94,16 @@ async def job_metrics(job_id: JobId, manager: ManagerDep) -> TrainingMetrics:
     )
 
 
-@router.get(
-    "/{job_id}/curves.png",
-    response_class=FileResponse,
-    responses=NOT_FOUND,
-    summary="Loss and accuracy curves (PNG)",
-)
-async def job_curves(job_id: JobId, manager: ManagerDep) -> FileResponse:
-    job = manager.get(job_id)
+@job_routes.get("/curves.png", response_class=FileResponse, summary="Loss and accuracy curves (PNG)")
+async def job_curves(job: JobDep) -> FileResponse:
     path = job.run_dir / CURVES
     if not path.is_file():
-        raise HTTPException(404, f"job {job_id} has no curves yet (written after its first epoch)")
+        raise HTTPException(404, f"job {job.id} has no curves yet (written after its first epoch)")
     return FileResponse(path, media_type="image/png")
 
 
-@router.delete(
-    "/{job_id}",
+@job_routes.delete(
+    "",
     **JOB_ACTION,
     responses=AUTH_ERRORS,
     summary="Cancel a running job (stops within one batch, keeps its last checkpoint)",
@@ -119,11 +112,14 @@ async def cancel_job(job_id: JobId, manager: ManagerDep) -> TrainingJob:
     return await view(manager.cancel(job_id))
 
 
-@router.post(
-    "/{job_id}/resume",
+@job_routes.post(
+    "/resume",
     **JOB_ACTION,
     responses=AUTH_ERRORS | error_responses({400: "its dataset is no longer under the data root", 501: None}),
     summary="Resume a stopped job from its last checkpoint",
 )
 async def resume_job(job_id: JobId, manager: ManagerDep) -> TrainingJob:
     return await view(await manager.resume(job_id))
+
+
+router.include_router(job_routes)

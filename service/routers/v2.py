@@ -197,19 +197,10 @@ async def run_inference(
         batch, images = model_tensor(tensor, classifier, settings.max_files)
     else:
         raise bad(f"unknown input {tensor.name!r}: {classifier.metadata.input_name!r} or {BYTES_INPUT!r}")
-    with inference.admit(max(images, 1)) as admission:
-        try:
-            async with asyncio.timeout(settings.request_timeout_s):
-                if tensor.name == BYTES_INPUT:
-                    batch = await decoded_images(tensor, classifier.metadata, settings, deps["preparation"])
-                result = await inference.infer(admission, classifier, batch)
-        except TimeoutError:
-            deps["metrics"].rejected.labels("timeout").inc()
-            raise ProtocolError(
-                503,
-                f"timed out after {settings.request_timeout_s:g} s waiting for inference",
-                {"Retry-After": "1"},
-            ) from None
+    async with inference.admit_within(max(images, 1), settings.request_timeout_s) as admission:
+        if tensor.name == BYTES_INPUT:
+            batch = await decoded_images(tensor, classifier.metadata, settings, deps["preparation"])
+        result = await inference.infer(admission, classifier, batch)
     deps["metrics"].images.inc(images)
     probabilities = result.probabilities.astype(np.float32)
     tensors = [
