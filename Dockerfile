@@ -40,8 +40,9 @@ ENV DEBIAN_FRONTEND=noninteractive \
 
 # Unpinned apt packages (DL3008): the base image tag fixes the Ubuntu release, and the archive
 # drops old patch versions, so exact pins would only break later rebuilds.
-# The extra CA certificates first, one file each: installing ca-certificates rebuilds the bundle
-# from /usr/share/ca-certificates and /usr/local/share/ca-certificates only. The folder is made
+# The extra CA certificates first, one file each: the bundle is rebuilt from
+# /usr/share/ca-certificates and /usr/local/share/ca-certificates only (update-ca-certificates is
+# run explicitly: where the base image already has ca-certificates, installing it does nothing). The folder is made
 # even when there are none: the runtime stage copies it from here.
 # hadolint ignore=DL3008
 RUN mkdir -p /usr/local/share/ca-certificates \
@@ -52,6 +53,7 @@ RUN mkdir -p /usr/local/share/ca-certificates \
     fi \
     && apt-get update \
     && apt-get install -y --no-install-recommends ca-certificates python3 python3-venv \
+    && update-ca-certificates \
     && rm -rf /var/lib/apt/lists/* \
     && python3 -m venv /opt/venv
 
@@ -82,12 +84,13 @@ LABEL org.opencontainers.image.title="alexnet-serve" \
 
 # Only the interpreter: no pip, venv module or compilers in the final image. A fixed UID/GID so
 # that bind-mounted weights/data directories can be chowned to it on the host (chown 10001).
-# ca-certificates (with the builder's extra CA certificates, copied in before the install that
-# rebuilds the bundle from them): the export job downloads the pretrained weights over HTTPS.
+# ca-certificates (with the builder's extra CA certificates, copied in before the bundle is
+# rebuilt from them): the export job downloads the pretrained weights over HTTPS.
 COPY --from=builder /usr/local/share/ca-certificates/ /usr/local/share/ca-certificates/
 # hadolint ignore=DL3008
 RUN apt-get update \
     && apt-get install -y --no-install-recommends ca-certificates python3 \
+    && update-ca-certificates \
     && rm -rf /var/lib/apt/lists/* \
     && groupadd --system --gid 10001 app \
     && useradd --system --uid 10001 --gid app --create-home --home-dir /home/app --shell /usr/sbin/nologin app \
