@@ -24,7 +24,7 @@ from benchmarks.inference import median_ms
 from model_export.ensemble import build_ensemble
 from model_export.export import export_onnx
 from model_export.weights import load_checkpoint
-from service.embedding import embed, model_input
+from service.embedding import embed
 
 CPU = ["CPUExecutionProvider"]
 
@@ -44,14 +44,24 @@ def features(classifier: OnnxClassifier, images: list[tuple[Path, int]], chunk: 
 
 
 def inputs(classifier: OnnxClassifier, images: list[tuple[Path, int]]) -> list[np.ndarray]:
-    return [model_input(classifier, p.read_bytes(), 10**7) for p, _ in images]
+    """Each image's model input, through the service's own preprocessing."""
+    return [classifier.metadata.preprocess(p.read_bytes(), max_pixels=10**7).batch for p, _ in images]
 
 
-def top1(classifier: OnnxClassifier, crops: list[np.ndarray], labels: list[int]) -> float:
+def correct(classifier: OnnxClassifier, crops: list[np.ndarray], labels: list[int]) -> np.ndarray:
+    """Per image: is the ten-crop top-1 class the true one."""
     predicted = [int(classifier.probabilities(c).argmax()) for c in crops]
-    return float(
-        np.mean([int(classifier.metadata.labels[p]) == y for p, y in zip(predicted, labels, strict=True)])
-    )
+    names = classifier.metadata.labels
+    return np.array([int(names[p]) == y for p, y in zip(predicted, labels, strict=True)])
+
+
+def changes(member: np.ndarray, ensemble: np.ndarray) -> dict[str, int]:
+    """Images the ensemble gets right that the member got wrong, and the reverse: on small splits
+    these counts say more than the difference of two top-1 fractions."""
+    return {
+        "wrong_to_right": int((~member & ensemble).sum()),
+        "right_to_wrong": int((member & ~ensemble).sum()),
+    }
 
 
 def cost_ms(classifier: OnnxClassifier, crops: list[np.ndarray], batch: int = 8, repeats: int = 5) -> float:
@@ -98,17 +108,26 @@ def main(argv: list[str] | None = None) -> int:
         crops = {name: inputs(first, images) for name, images in splits.items()}
         labels = {name: [y for _, y in images] for name, images in splits.items()}
 
-        def scores(c: OnnxClassifier) -> dict[str, float]:
-            return {f"{n}_top1": round(top1(c, crops[n], labels[n]), 4) for n in crops} | {
+        def right(c: OnnxClassifier) -> dict[str, np.ndarray]:
+            return {n: correct(c, crops[n], labels[n]) for n in crops}
+
+        def scores(c: OnnxClassifier, hits: dict[str, np.ndarray]) -> dict[str, object]:
+            return {f"{n}_top1": round(float(h.mean()), 4) for n, h in hits.items()} | {
                 "ms_per_image": cost_ms(c, crops["val"])
             }
 
+        member_hits = [right(m) for m in members]
         out["members"] = [
-            {"checkpoint": str(c), **scores(m)} for c, m in zip(args.checkpoints, members, strict=True)
+            {"checkpoint": str(c), **scores(m, h)}
+            for c, m, h in zip(args.checkpoints, members, member_hits, strict=True)
         ]
         if len(paths) > 1 and not args.no_ensemble:
             build_ensemble(paths, Path(tmp) / "ensemble.onnx", "ensemble")
-            out["ensemble"] = scores(OnnxClassifier(Path(tmp) / "ensemble.onnx", CPU))
+            ensemble = OnnxClassifier(Path(tmp) / "ensemble.onnx", CPU)
+            hits = right(ensemble)
+            out["ensemble"] = scores(ensemble, hits) | {
+                f"{n}_against_members": [changes(h[n], hits[n]) for h in member_hits] for n in hits
+            }
         out["images"] = {n: len(v) for n, v in splits.items()}
     print(json.dumps(out, indent=2))
     return 0
