@@ -8,7 +8,7 @@
 
     python tests/digits.py /tmp/digits
     alexnet-train /tmp/digits --out runs/s0 --seed 0 --input-size 64 --resize-size 73 --no-flip ...
-    python -m benchmarks.paper_digits /tmp/digits runs/s0/checkpoint.pt runs/s1/checkpoint.pt ...
+    python -m benchmarks.paper_digits /tmp/digits runs/s0/checkpoint.pt runs/s1/checkpoint.pt ... --out r.json
 """
 
 import argparse
@@ -21,6 +21,7 @@ import numpy as np
 
 from alexnet_core.session import OnnxClassifier
 from benchmarks.inference import median_ms
+from benchmarks.report import write_report
 from model_export.ensemble import build_ensemble
 from model_export.export import export_onnx
 from model_export.weights import load_checkpoint
@@ -93,6 +94,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--no-ensemble", action="store_true", help="members and feature search only")
     p.add_argument("--input-size", type=int, default=64, help="as trained (default 64)")
     p.add_argument("--resize-size", type=int, default=73, help="as trained (default 73)")
+    p.add_argument("--out", type=Path, help="also write the JSON here (the exporter prints to stdout too)")
     args = p.parse_args(argv)
     out: dict[str, object] = {}
     with tempfile.TemporaryDirectory() as tmp:
@@ -129,7 +131,7 @@ def main(argv: list[str] | None = None) -> int:
                 f"{n}_against_members": [changes(h[n], hits[n]) for h in member_hits] for n in hits
             }
         out["images"] = {n: len(v) for n, v in splits.items()}
-    print(json.dumps(out, indent=2))
+    write_report(json.dumps(out, indent=2), args.out)
     return 0
 
 
