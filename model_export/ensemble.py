@@ -59,7 +59,7 @@ def check_members(metas: list[ModelMetadata]) -> None:
             if getattr(meta, field) != getattr(first, field):
                 raise EnsembleError(
                     f"{meta.version} and {first.version} differ in {field}: one input and one label list "
-                    "must serve all members (same classes, sizes and normalisation)"
+                    "must serve all members (same classes, sizes and kind)"
                 )
 
 
