@@ -8,7 +8,7 @@
 
     python tests/digits.py /tmp/digits
     alexnet-train /tmp/digits --out runs/s0 --seed 0 --input-size 64 --resize-size 73 --no-flip ...
-    python -m benchmarks.paper_digits /tmp/digits runs/s0/checkpoint.pt runs/s1/checkpoint.pt ...
+    python -m benchmarks.paper_digits /tmp/digits runs/s0/checkpoint.pt runs/s1/checkpoint.pt ... --out r.json
 """
 
 import argparse
@@ -21,10 +21,11 @@ import numpy as np
 
 from alexnet_core.session import OnnxClassifier
 from benchmarks.inference import median_ms
+from benchmarks.report import write_report
 from model_export.ensemble import build_ensemble
 from model_export.export import export_onnx
 from model_export.weights import load_checkpoint
-from service.embedding import embed, model_input
+from service.embedding import embed
 
 CPU = ["CPUExecutionProvider"]
 
@@ -44,14 +45,24 @@ def features(classifier: OnnxClassifier, images: list[tuple[Path, int]], chunk: 
 
 
 def inputs(classifier: OnnxClassifier, images: list[tuple[Path, int]]) -> list[np.ndarray]:
-    return [model_input(classifier, p.read_bytes(), 10**7) for p, _ in images]
+    """Each image's model input, through the service's own preprocessing."""
+    return [classifier.metadata.preprocess(p.read_bytes(), max_pixels=10**7).batch for p, _ in images]
 
 
-def top1(classifier: OnnxClassifier, crops: list[np.ndarray], labels: list[int]) -> float:
+def correct(classifier: OnnxClassifier, crops: list[np.ndarray], labels: list[int]) -> np.ndarray:
+    """Per image: is the ten-crop top-1 class the true one."""
     predicted = [int(classifier.probabilities(c).argmax()) for c in crops]
-    return float(
-        np.mean([int(classifier.metadata.labels[p]) == y for p, y in zip(predicted, labels, strict=True)])
-    )
+    names = classifier.metadata.labels
+    return np.array([int(names[p]) == y for p, y in zip(predicted, labels, strict=True)])
+
+
+def changes(member: np.ndarray, ensemble: np.ndarray) -> dict[str, int]:
+    """Images the ensemble gets right that the member got wrong, and the reverse: on small splits
+    these counts say more than the difference of two top-1 fractions."""
+    return {
+        "wrong_to_right": int((~member & ensemble).sum()),
+        "right_to_wrong": int((member & ~ensemble).sum()),
+    }
 
 
 def cost_ms(classifier: OnnxClassifier, crops: list[np.ndarray], batch: int = 8, repeats: int = 5) -> float:
@@ -83,6 +94,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--no-ensemble", action="store_true", help="members and feature search only")
     p.add_argument("--input-size", type=int, default=64, help="as trained (default 64)")
     p.add_argument("--resize-size", type=int, default=73, help="as trained (default 73)")
+    p.add_argument("--repeats", type=int, default=5, help="timed calls per cost figure, median (default 5)")
+    p.add_argument("--out", type=Path, help="also write the JSON here (the exporter prints to stdout too)")
     args = p.parse_args(argv)
     out: dict[str, object] = {}
     with tempfile.TemporaryDirectory() as tmp:
@@ -98,19 +111,28 @@ def main(argv: list[str] | None = None) -> int:
         crops = {name: inputs(first, images) for name, images in splits.items()}
         labels = {name: [y for _, y in images] for name, images in splits.items()}
 
-        def scores(c: OnnxClassifier) -> dict[str, float]:
-            return {f"{n}_top1": round(top1(c, crops[n], labels[n]), 4) for n in crops} | {
-                "ms_per_image": cost_ms(c, crops["val"])
+        def right(c: OnnxClassifier) -> dict[str, np.ndarray]:
+            return {n: correct(c, crops[n], labels[n]) for n in crops}
+
+        def scores(c: OnnxClassifier, hits: dict[str, np.ndarray]) -> dict[str, object]:
+            return {f"{n}_top1": round(float(h.mean()), 4) for n, h in hits.items()} | {
+                "ms_per_image": cost_ms(c, crops["val"], repeats=args.repeats)
             }
 
+        member_hits = [right(m) for m in members]
         out["members"] = [
-            {"checkpoint": str(c), **scores(m)} for c, m in zip(args.checkpoints, members, strict=True)
+            {"checkpoint": str(c), **scores(m, h)}
+            for c, m, h in zip(args.checkpoints, members, member_hits, strict=True)
         ]
         if len(paths) > 1 and not args.no_ensemble:
             build_ensemble(paths, Path(tmp) / "ensemble.onnx", "ensemble")
-            out["ensemble"] = scores(OnnxClassifier(Path(tmp) / "ensemble.onnx", CPU))
+            ensemble = OnnxClassifier(Path(tmp) / "ensemble.onnx", CPU)
+            hits = right(ensemble)
+            out["ensemble"] = scores(ensemble, hits) | {
+                f"{n}_against_members": [changes(h[n], hits[n]) for h in member_hits] for n in hits
+            }
         out["images"] = {n: len(v) for n, v in splits.items()}
-    print(json.dumps(out, indent=2))
+    write_report(json.dumps(out, indent=2), args.out)
     return 0
 
 

@@ -22,7 +22,7 @@ from pathlib import Path
 import numpy as np
 import onnx
 import onnxruntime as ort
-from onnx import TensorProto, helper
+from onnx import TensorProto, helper, numpy_helper
 
 from alexnet_core import files, model_files
 from alexnet_core.metadata import ModelMetadata
@@ -30,7 +30,9 @@ from alexnet_core.pipeline import probabilities
 from alexnet_core.settings import add_weights_dir
 
 MAX_MEMBERS = 8  # ONNX protobuf files stop at 2 GiB; an AlexNet is about 230 MiB
-SAME = ("labels", "input_size", "resize_size", "mean", "std", "input_name", "input_kind")
+# Not mean and std: models trained with different seeds estimate the channel means from different
+# samples of the training images, so the merge adapts each member's input instead (see adapt_input).
+SAME = ("labels", "input_size", "resize_size", "input_name", "input_kind")
 PARITY_TOLERANCE = 1e-5
 
 
@@ -57,8 +59,35 @@ def check_members(metas: list[ModelMetadata]) -> None:
             if getattr(meta, field) != getattr(first, field):
                 raise EnsembleError(
                     f"{meta.version} and {first.version} differ in {field}: one input and one label list "
-                    "must serve all members (same classes, sizes and normalisation)"
+                    "must serve all members (same classes, sizes and kind)"
                 )
+
+
+def renormalisation(first: ModelMetadata, meta: ModelMetadata) -> tuple[np.ndarray, np.ndarray] | None:
+    """(scale, shift), each (1, 3, 1, 1), that turn crops normalised with ``first``'s mean and std
+    into crops normalised with ``meta``'s: (x * s0 + m0 - m) / s. None where nothing changes: the
+    normalisations agree, or the member takes uint8 squares and normalises in its own graph."""
+    if meta.input_kind == "square" or (meta.mean, meta.std) == (first.mean, first.std):
+        return None
+    m0, s0 = np.asarray(first.mean, np.float64), np.asarray(first.std, np.float64)
+    m, s = np.asarray(meta.mean, np.float64), np.asarray(meta.std, np.float64)
+    as_nchw = lambda v: v.astype(np.float32).reshape(1, -1, 1, 1)  # noqa: E731
+    return as_nchw(s0 / s), as_nchw((m0 - m) / s)
+
+
+def adapt_input(model: onnx.ModelProto, prefix: str, first: ModelMetadata, meta: ModelMetadata) -> None:
+    """A member whose normalisation differs from the first member's reads the shared input through
+    a Mul and an Add that renormalise it (exact up to float32 rounding)."""
+    if (affine := renormalisation(first, meta)) is None:
+        return
+    graph, adapted = model.graph, f"{prefix}{meta.input_name}"
+    for node in graph.node:
+        node.input[:] = [adapted if name == meta.input_name else name for name in node.input]
+    scale = numpy_helper.from_array(affine[0], f"{prefix}renorm_scale")
+    shift = numpy_helper.from_array(affine[1], f"{prefix}renorm_shift")
+    graph.initializer.extend([scale, shift])
+    graph.node.insert(0, helper.make_node("Mul", [meta.input_name, scale.name], [f"{prefix}scaled"]))
+    graph.node.insert(1, helper.make_node("Add", [f"{prefix}scaled", shift.name], [adapted]))
 
 
 def merge(models: list[onnx.ModelProto], metas: list[ModelMetadata]) -> onnx.ModelProto:
@@ -69,6 +98,7 @@ def merge(models: list[onnx.ModelProto], metas: list[ModelMetadata]) -> onnx.Mod
     for i, (model, meta) in enumerate(zip(models, metas, strict=True)):
         prefix = f"m{i}_"
         onnx.compose.add_prefix(model, prefix, rename_inputs=False, inplace=True)
+        adapt_input(model, prefix, first, meta)
         graph = model.graph
         nodes.extend(graph.node)
         initializers.extend(graph.initializer)
@@ -95,8 +125,9 @@ def merge(models: list[onnx.ModelProto], metas: list[ModelMetadata]) -> onnx.Mod
     return merged
 
 
-def check_parity(output: Path, members: list[Path], meta: ModelMetadata) -> float:
+def check_parity(output: Path, members: list[Path], metas: list[ModelMetadata]) -> float:
     """Max abs difference between the ensemble's probabilities and the mean of its members'."""
+    meta = metas[0]
     rng = np.random.default_rng(0)
     if meta.input_kind == "square":
         size = meta.resize_size
@@ -109,12 +140,14 @@ def check_parity(output: Path, members: list[Path], meta: ModelMetadata) -> floa
         as_probabilities = probabilities
     cpu = ["CPUExecutionProvider"]
 
-    def run(path: Path) -> np.ndarray:
+    def run(path: Path, own: ModelMetadata) -> np.ndarray:
         session = ort.InferenceSession(str(path), providers=cpu)
-        return as_probabilities(session.run([meta.output_name], {meta.input_name: batch})[0])
+        affine = renormalisation(meta, own)  # each member fed the batch as its own normalisation makes it
+        x = batch if affine is None else batch * affine[0] + affine[1]
+        return as_probabilities(session.run([meta.output_name], {meta.input_name: x})[0])
 
-    expected = np.mean([run(p) for p in members], axis=0)
-    return float(np.abs(run(output) - expected).max())
+    expected = np.mean([run(p, own) for p, own in zip(members, metas, strict=True)], axis=0)
+    return float(np.abs(run(output, meta) - expected).max())
 
 
 def build_ensemble(members: list[Path], output: Path, version: str | None = None) -> ModelMetadata:
@@ -144,7 +177,7 @@ def build_ensemble(members: list[Path], output: Path, version: str | None = None
 
     def write_checked(tmp: Path) -> None:
         onnx.save_model(merged, str(tmp))
-        diff = check_parity(tmp, members, first)
+        diff = check_parity(tmp, members, metas)
         if not diff <= PARITY_TOLERANCE:
             raise EnsembleError(f"the ensemble disagrees with its members' average by {diff:.3g}")
 

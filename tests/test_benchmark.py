@@ -1,14 +1,20 @@
-"""benchmarks/benchmark.py: the whole program once in --quick mode (slow), and its bookkeeping."""
+"""benchmarks/benchmark.py: the whole program once in --quick mode (slow), and its bookkeeping;
+benchmarks/paper_digits.py once on barely trained digits checkpoints (slow)."""
 
 import json
 import math
 from pathlib import Path
 
+import numpy as np
 import pytest
 
 from benchmarks.e2e import ratios_and_targets
 from benchmarks.load import Outcome, summarise
+from benchmarks.paper_digits import changes
+from benchmarks.paper_digits import main as paper_digits
 from benchmarks.report import Report, human
+from model_export.train import main as train
+from tests.digits import write_digits
 from tests.processes import run_report
 
 SECTIONS = ("meta", "raw_ort", "torch", "preprocess", "e2e", "overload", "precision", "ratios", "targets")
@@ -86,6 +92,38 @@ def test_summary_counts_statuses_and_latencies() -> None:
     assert summary.images_per_s == 5.0
     assert summary.p50_ms == 120.0 and summary.max_ms == 140.0  # successful requests only
     assert summary.server_inference_ms == 70.0 and summary.mean_batch_images == 2.0
+
+
+def test_ensemble_changes_count_images_both_ways() -> None:
+    member = np.array([True, True, False, False, True])
+    ensemble = np.array([True, False, True, True, True])
+    assert changes(member, ensemble) == {"wrong_to_right": 2, "right_to_wrong": 1}
+    assert changes(ensemble, ensemble) == {"wrong_to_right": 0, "right_to_wrong": 0}
+
+
+@pytest.mark.slow
+def test_paper_digits_compares_an_ensemble_with_its_members(tmp_path: Path) -> None:
+    digits = write_digits(tmp_path / "digits", size=32)
+    checkpoints = []
+    for seed in (0, 1):  # one step each: the figures are meaningless, the bookkeeping is not
+        run = tmp_path / f"s{seed}"
+        assert train([
+            str(digits.root), "--out", str(run), "--seed", str(seed), "--input-size", "64", "--resize-size",
+            "73", "--batch-size", "16", "--limit-train-batches", "1", "--epochs", "1", "--no-export",
+            "--no-progress", "--stats-images", "32",
+        ]) == 0  # fmt: skip
+        checkpoints.append(str(run / "checkpoint.pt"))
+    report = tmp_path / "report.json"  # not stdout: the ONNX exporter prints there too
+    assert paper_digits([str(digits.root), *checkpoints, "--per-class", "2", "--out", str(report)]) == 0
+    out = json.loads(report.read_text())
+    assert out["images"] == {"val": 20, "held_out": 20}
+    assert (out["feature_search"]["gallery"], out["feature_search"]["queries"]) == (20, 20)
+    ensemble = out["ensemble"]
+    assert ensemble["ms_per_image"] > 0 and len(out["members"]) == 2
+    for split in ("val", "held_out"):
+        for member, moved in zip(out["members"], ensemble[f"{split}_against_members"], strict=True):
+            gained = round(20 * ensemble[f"{split}_top1"]) - round(20 * member[f"{split}_top1"])
+            assert moved["wrong_to_right"] - moved["right_to_wrong"] == gained, (split, member, moved)
 
 
 def test_targets_compare_within_the_run() -> None:

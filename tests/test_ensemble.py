@@ -146,3 +146,39 @@ def test_either_model_kind_makes_an_ensemble(tmp_path: Path, kind: str) -> None:
     meta = build_ensemble(members, tmp_path / "pair.onnx")
     assert meta.input_kind == kind and meta.members == [f"{kind}1", f"{kind}2"]
     assert (tmp_path / "pair.onnx.sha256").is_file()  # served as verified, like any export
+
+
+@pytest.mark.parametrize("kind", ["crops", "square"])
+def test_members_with_different_channel_statistics_make_an_ensemble(tmp_path: Path, kind: str) -> None:
+    """The same recipe with another seed estimates the channel means from another sample of the
+    training images: such members are averaged each with its own normalisation, as served alone."""
+    from dataclasses import replace
+
+    from alexnet_core.session import OnnxClassifier
+    from model_export.ensemble import build_ensemble
+    from model_export.export import export_onnx
+    from model_export.weights import random_weights
+
+    members = []
+    for seed, mean, std in ((1, None, None), (2, (0.35, 0.30, 0.25), (0.12, 0.13, 0.14))):
+        weights = random_weights("torchvision", seed=seed, num_classes=5)
+        if mean is not None:
+            weights = replace(weights, mean=mean, std=std)
+        members.append(tmp_path / f"{kind}{seed}.onnx")
+        export_onnx(weights, members[-1], input_size=64, resize_size=73, input_kind=kind)
+    build_ensemble(members, tmp_path / "pair.onnx")  # refused before: "differ in mean"
+
+    image = photo_jpeg()
+
+    def served(path: Path, metadata_from: Path | None = None) -> np.ndarray:
+        classifier = OnnxClassifier(path, ["CPUExecutionProvider"])
+        preprocessing = (
+            OnnxClassifier(metadata_from, ["CPUExecutionProvider"]) if metadata_from else classifier
+        )
+        return classifier.probabilities(preprocessing.metadata.preprocess(image, max_pixels=10**7).batch)
+
+    alone = [served(p) for p in members]
+    assert np.abs(served(tmp_path / "pair.onnx") - np.mean(alone, axis=0)).max() < 1e-5
+    if kind == "crops":  # without the renormalisation the average would be off by more than allowed
+        unadapted = served(members[1], metadata_from=members[0])
+        assert np.abs(unadapted - alone[1]).max() / 2 > 1e-5
