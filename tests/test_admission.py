@@ -265,7 +265,7 @@ def test_a_chunked_upload_past_the_upload_budget_is_cut_off(
     connection closed, and nothing stays reserved for it."""
     settings = cpu_settings(free_dir, max_upload_mb=1, upload_memory_mb=2)
     with serve(settings) as url, httpx.Client(base_url=url, timeout=60) as c:
-        stalled_uploads(url)  # together they hold the whole budget
+        stalled = stalled_uploads(url)  # together they hold the whole budget
         wait_for(lambda: gauge(c, "alexnet_upload_bytes") == 2 * MiB)
         part = PART_HEAD + b"\xff" * 4096
         with socket.create_connection(("127.0.0.1", int(url.rsplit(":", 1)[1])), timeout=60) as sock:
@@ -285,3 +285,5 @@ def test_a_chunked_upload_past_the_upload_budget_is_cut_off(
         assert "upload budget" in json.loads(body)["detail"]
         assert 'alexnet_rejected_total{reason="upload_memory"} 1.0' in c.get("/metrics").text
         assert gauge(c, "alexnet_upload_bytes") == 2 * MiB  # the stalled ones' only
+        for sock in stalled:  # else the server's shutdown waits for their body timeout
+            sock.close()
