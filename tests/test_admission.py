@@ -119,6 +119,23 @@ def test_thread_defaults_follow_cpu_affinity() -> None:
 # --- cost of one image -------------------------------------------------------------------------
 
 
+@pytest.mark.parametrize(
+    "data",
+    [
+        b"",
+        b"\xda",
+        b"\xff\xda",
+        b"\xff\xda\xda\xff\xff\xda\xff",
+        b"\x00" * (2**20 - 1) + b"\xff\xda",  # across the first chunk's edge
+        b"\x00" * 2**20 + b"\xff\xda" + b"\xff" * 2**20 + b"\xda",
+        bytes(np.random.default_rng(0).integers(0, 256, 3 * 2**20, dtype=np.uint8)),
+    ],
+    ids=["empty", "one byte", "one marker", "mixed", "chunk edge", "second chunk", "noise"],
+)
+def test_scan_count_is_the_markers_count(data: bytes) -> None:
+    assert jpeg_scans(data) == data.count(b"\xff\xda")
+
+
 def test_jpeg_with_too_many_scans_is_refused(free_dir: Path) -> None:
     data = many_scans_jpeg(300)
     assert jpeg_scans(data) == 300
