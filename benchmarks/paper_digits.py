@@ -21,7 +21,7 @@ import numpy as np
 
 from alexnet_core.session import OnnxClassifier
 from benchmarks.inference import median_ms
-from benchmarks.report import write_report
+from benchmarks.report import add_out_option, write_report
 from model_export.ensemble import build_ensemble
 from model_export.export import export_onnx
 from model_export.weights import load_checkpoint
@@ -95,7 +95,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--input-size", type=int, default=64, help="as trained (default 64)")
     p.add_argument("--resize-size", type=int, default=73, help="as trained (default 73)")
     p.add_argument("--repeats", type=int, default=5, help="timed calls per cost figure, median (default 5)")
-    p.add_argument("--out", type=Path, help="also write the JSON here (the exporter prints to stdout too)")
+    add_out_option(p)
     args = p.parse_args(argv)
     out: dict[str, object] = {}
     with tempfile.TemporaryDirectory() as tmp:

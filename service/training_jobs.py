@@ -296,7 +296,7 @@ class TrainingManager:
             )
         if job.state not in ACTIVE_STATES:
             raise JobError(409, f"job {job_id} is {job.state.value}, not running")
-        self._cancelled.add(job_id)  # a queued job: its trainer is not started (or stopped at once)
+        self._cancelled.add(job_id)  # for a queued job: its trainer never starts, or is stopped at once
         if process is not None:
             process.send_signal(signal.SIGTERM)
         return job
