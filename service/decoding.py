@@ -5,39 +5,84 @@ canvas or hundreds of progressive scans) and it runs third-party C code on untru
 worker processes it runs beside the event loop instead of under its GIL (the host side then
 scales with cores), a decode past its time cap or of a request that failed, timed out or was
 disconnected is stopped by killing its worker (a thread cannot be stopped), and its memory goes
-back to the system with it. Pebble's pool does the per-task timeout, the kill on cancel and the
-replacement of a killed worker, which ``concurrent.futures.ProcessPoolExecutor`` cannot.
+back to the system with it.
+
+Why not a library pool: Pebble's (kill on timeout or cancel) and ``ProcessPoolExecutor`` hand
+every task to three helper threads of the server process and through one shared pipe per
+direction, so each image costs the process that runs the event loop several GIL hand-offs, and a
+result waits for those threads to read it before the next one can be written. Under load that
+was about a third of the server process's CPU for a small image (``benchmarks/overhead.py``).
+Here each worker has its own socket, which the event loop reads and writes itself: no helper
+thread, and nothing a worker sends is unpickled.
 
 Only the central square (S x S x 3 uint8) comes back: the ten float crops are 30 times larger and
 cost more to send between processes than to compute in the server.
 """
 
 import asyncio
+import contextlib
+import logging
 import multiprocessing
 import signal
+import socket
+import struct
 import tempfile
-import threading
-import time
 from collections.abc import Callable
-from concurrent.futures import Future
+from multiprocessing.process import BaseProcess
 
 import numpy as np
-from pebble import ProcessExpired, ProcessPool
 
 from alexnet_core.images import ImageInputError
 from alexnet_core.pipeline import decode_square  # run in the workers
 from alexnet_core.resources import keep_freed_memory
 from service.core.metrics import Metrics
 
+log = logging.getLogger(__name__)
+
 # Imported by the fork server (preload), so every worker forked from it inherits the setting.
 keep_freed_memory()
 
+# Server -> worker: payload length (0: a ping), resize, max pixels; then the encoded image.
+_TASK = struct.Struct("!QQQ")
+# Worker -> server: kind, then for a square its height, width, channels and timings (its pixels
+# follow), for a refusal its HTTP status and the length of the UTF-8 detail that follows. Plain
+# fields, not pickles: a decoder subverted by hostile bytes must not be able to run code in the server.
+_SQUARE, _REFUSED, _PONG = 0, 1, 2
+_REPLY = struct.Struct("!BQQQdd")
+_MAX_DETAIL = 4096
 
-def _die_on_sigterm() -> None:
-    """In a worker: SIGTERM ends it at once. Pebble's own handler is Python code, which runs only
-    between bytecodes, so a worker inside a long decode (one C call) lived on until Pebble's
-    SIGKILL, 3 s later, for each worker in turn, while the pool dispatched nothing."""
+
+def _receive_exactly(sock: socket.socket, size: int) -> bytes:
+    data = sock.recv(size, socket.MSG_WAITALL) if size else b""
+    if len(data) != size:
+        raise EOFError
+    return data
+
+
+def _serve(sock: socket.socket) -> None:
+    """A worker's loop: one task at a time, until the server closes the socket or kills it."""
+    # SIGTERM ends a worker at once, even inside a long decode (one C call, where a Python signal
+    # handler would only run once it returns).
     signal.signal(signal.SIGTERM, signal.SIG_DFL)
+    signal.signal(signal.SIGINT, signal.SIG_IGN)  # Ctrl-C is the server's to handle
+    try:
+        while True:
+            size, resize, max_pixels = _TASK.unpack(_receive_exactly(sock, _TASK.size))
+            if size == 0:
+                sock.sendall(_REPLY.pack(_PONG, 0, 0, 0, 0.0, 0.0))
+                continue
+            data = _receive_exactly(sock, size)
+            try:
+                square, decode_s, square_s = decode_square(data, resize, max_pixels)
+            except ImageInputError as exc:
+                detail = exc.detail.encode()[:_MAX_DETAIL]
+                sock.sendall(_REPLY.pack(_REFUSED, exc.status_code, len(detail), 0, 0.0, 0.0) + detail)
+                continue
+            height, width, channels = square.shape
+            sock.sendall(_REPLY.pack(_SQUARE, height, width, channels, decode_s, square_s))
+            sock.sendall(np.ascontiguousarray(square).data)
+    except (EOFError, ConnectionError):
+        return
 
 
 # The fork server listens on a Unix socket under TMPDIR, whose path must fit sockaddr_un (107 bytes).
@@ -56,30 +101,131 @@ def _context() -> multiprocessing.context.BaseContext:
     return context
 
 
+class _Worker:
+    """One worker process and the server's end of its socket."""
+
+    def __init__(self, context: multiprocessing.context.BaseContext) -> None:
+        self.sock, theirs = socket.socketpair()
+        try:
+            self.process: BaseProcess = context.Process(target=_serve, args=(theirs,), daemon=True)  # type: ignore[attr-defined]
+            self.process.start()
+        except BaseException:
+            self.sock.close()
+            raise
+        finally:
+            theirs.close()
+        self.sock.setblocking(False)
+
+    async def _reply(self) -> tuple[int, int, int, int, float, float]:
+        loop = asyncio.get_running_loop()
+        header = bytearray(_REPLY.size)
+        await self._fill(loop, memoryview(header))
+        return _REPLY.unpack(header)
+
+    async def _fill(self, loop: asyncio.AbstractEventLoop, view: memoryview) -> None:
+        while view:
+            received = await loop.sock_recv_into(self.sock, view)
+            if not received:
+                raise EOFError
+            view = view[received:]
+
+    async def call(self, data: bytes, resize: int, max_pixels: int) -> tuple[np.ndarray, float, float]:
+        loop = asyncio.get_running_loop()
+        await loop.sock_sendall(self.sock, _TASK.pack(len(data), resize, max_pixels))
+        await loop.sock_sendall(self.sock, data)
+        kind, *fields, decode_s, square_s = await self._reply()
+        if kind == _REFUSED and 400 <= fields[0] < 500 and fields[1] <= _MAX_DETAIL:
+            detail = bytearray(fields[1])
+            await self._fill(loop, memoryview(detail))
+            raise ImageInputError(fields[0], detail.decode(errors="replace"))
+        if kind != _SQUARE or fields != [resize, resize, 3]:
+            raise EOFError("the worker's reply is not a square")  # treated as a dead worker
+        square = np.empty(fields, np.uint8)  # received in place: no copy of the pixels
+        await self._fill(loop, memoryview(square).cast("B"))
+        return square, decode_s, square_s
+
+    async def ping(self) -> None:
+        loop = asyncio.get_running_loop()
+        await loop.sock_sendall(self.sock, _TASK.pack(0, 0, 0))
+        await self._reply()
+
+    def kill(self) -> None:
+        self.sock.close()
+        with contextlib.suppress(OSError):
+            self.process.kill()
+
+    def exit_description(self) -> str:
+        self.process.join(5)
+        code = self.process.exitcode
+        if code is not None and code < 0:
+            return f"killed by {signal.Signals(-code).name}"
+        return f"exit code {code}"
+
+
 class DecodePool:
     def __init__(self, workers: int, timeout_s: float, metrics: Metrics) -> None:
         self.timeout_s = timeout_s
         self.metrics = metrics
-        self._pool = ProcessPool(max_workers=workers, context=_context(), initializer=_die_on_sigterm)
-        self._lock = threading.Lock()
+        self._context = _context()
+        self._size = workers
+        self._idle: asyncio.Queue[_Worker] = asyncio.Queue()
+        self._workers: set[_Worker] = set()
         self._in_progress = 0
+        self._stopped = False
 
     @property
     def in_progress(self) -> int:
         return self._in_progress
 
-    def _count(self, step: int) -> None:
-        with self._lock:
-            self._in_progress += step
-            self.metrics.decodes_in_progress.set(self._in_progress)
+    @property
+    def pids(self) -> set[int]:
+        """The workers' process ids."""
+        return {worker.process.pid for worker in self._workers if worker.process.pid is not None}
 
-    def warm_up(self) -> None:
-        """Start the workers (a spawned worker imports Pillow and numpy) before the first request."""
-        self._pool.schedule(time.sleep, (0,)).result()
+    def _count(self, step: int) -> None:
+        self._in_progress += step
+        self.metrics.decodes_in_progress.set(self._in_progress)
+
+    def _start_worker(self) -> _Worker:
+        worker = _Worker(self._context)
+        self._workers.add(worker)
+        return worker
+
+    async def warm_up(self, timeout_s: float = 120) -> None:
+        """Start the workers and wait until each answers (a spawned worker imports Pillow and numpy)."""
+        workers = [self._start_worker() for _ in range(self._size)]
+        try:
+            async with asyncio.timeout(timeout_s):
+                await asyncio.gather(*(worker.ping() for worker in workers))
+        except (TimeoutError, EOFError, OSError) as exc:
+            raise RuntimeError(f"the decode workers did not start: {exc!r}") from None
+        for worker in workers:
+            self._idle.put_nowait(worker)
 
     def stop(self) -> None:
-        self._pool.stop()  # kills the workers: what they were decoding has no one waiting for it
-        self._pool.join(timeout=10)
+        """Kill the workers: what they were decoding has no one waiting for it."""
+        self._stopped = True
+        for worker in self._workers:
+            worker.kill()
+        for worker in self._workers:
+            worker.process.join(10)
+        self._workers.clear()
+
+    def _replace(self, worker: _Worker) -> None:
+        worker.kill()
+        self._workers.discard(worker)
+        self._top_up()
+
+    def _top_up(self) -> None:
+        """Start the workers the pool lacks. One that cannot start now (out of processes or file
+        descriptors) is retried at the next image; meanwhile the pool serves with fewer."""
+        while len(self._workers) < self._size and not self._stopped:
+            try:
+                worker = self._start_worker()
+            except OSError:
+                log.exception("a decode worker could not be started")
+                return
+            self._idle.put_nowait(worker)
 
     async def square(
         self, data: bytes, resize: int, max_pixels: int, finished: Callable[[], None]
@@ -87,22 +233,32 @@ class DecodePool:
         """Decode in a worker. ``finished`` is called once the worker's task has really ended:
         done, failed, timed out or cancelled (a running task is cancelled by killing its worker,
         which is what cancelling the awaiting coroutine does)."""
-        future: Future = self._pool.schedule(
-            decode_square, (data, resize, max_pixels), timeout=self.timeout_s
-        )
         self._count(+1)
-
-        def done(_: Future) -> None:
+        try:
+            if len(self._workers) < self._size:
+                self._top_up()
+            worker = await self._idle.get()
+            try:
+                async with asyncio.timeout(self.timeout_s):
+                    result = await worker.call(data, resize, max_pixels)
+            except ImageInputError:
+                self._idle.put_nowait(worker)  # refused by the decoder: the worker is fine
+                raise
+            except TimeoutError:
+                self._replace(worker)
+                self.metrics.rejected.labels("decode_time").inc()
+                raise ImageInputError(
+                    413, f"image too costly: decoding it took over {self.timeout_s:g} s (the server's cap)"
+                ) from None
+            except (EOFError, OSError):  # the decoder crashed or ran out of memory: not the server's fault
+                how = await asyncio.to_thread(worker.exit_description)
+                self._replace(worker)
+                raise ImageInputError(422, f"image could not be decoded: the decoder died ({how})") from None
+            except BaseException:  # cancelled mid-task: its reply would be read by the next task
+                self._replace(worker)
+                raise
+            self._idle.put_nowait(worker)
+            return result
+        finally:
             self._count(-1)
             finished()
-
-        future.add_done_callback(done)
-        try:
-            return await asyncio.wrap_future(future)
-        except TimeoutError:
-            self.metrics.rejected.labels("decode_time").inc()
-            raise ImageInputError(
-                413, f"image too costly: decoding it took over {self.timeout_s:g} s (the server's cap)"
-            ) from None
-        except ProcessExpired as exc:  # the decoder crashed or ran out of memory: not the server's fault
-            raise ImageInputError(422, f"image could not be decoded: the decoder died ({exc})") from None

@@ -113,7 +113,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
         app.state.preprocess_pool = pool
         decoder = DecodePool(settings.decode_workers, settings.decode_timeout_s, metrics)
         app.state.preparation = Preparation(settings, pool, decoder, decode_budget)
-        await asyncio.gather(asyncio.to_thread(registry.load_at_startup), asyncio.to_thread(decoder.warm_up))
+        await asyncio.gather(asyncio.to_thread(registry.load_at_startup), decoder.warm_up())
         watcher = PointerWatcher(registry)  # replicas sharing the weights volume follow activations
         watcher.start()
         app.state.training = TrainingManager(settings.weights_dir, settings.data_root, registry)

@@ -22,6 +22,10 @@ from service.decoding import DecodePool
 
 T = TypeVar("T")
 
+# Weighing an upload this small (header parsing bounded by its size) costs less than handing it to
+# a thread and back, and in a thread it would hold the GIL the event loop needs all the same.
+INLINE_WEIGH_BYTES = 256 * 1024
+
 
 async def read_uploads(uploads: list[UploadFile], max_files: int) -> tuple[list[bytes], list[str]]:
     """A request's uploaded images (1 to ``max_files``, else 400) as bytes, and the prefix that
@@ -56,10 +60,12 @@ class Preparation:
         """``label`` prefixes an error's detail (which file of the request it was)."""
         loop = asyncio.get_running_loop()
         resize, max_pixels = meta.resize_size, self.settings.max_pixels
+        weigh = (data, resize, max_pixels, self.settings.max_jpeg_scans)
         try:
-            cost = await loop.run_in_executor(
-                self.pool, decode_cost, data, resize, max_pixels, self.settings.max_jpeg_scans
-            )
+            if len(data) <= INLINE_WEIGH_BYTES:
+                cost = decode_cost(*weigh)
+            else:
+                cost = await loop.run_in_executor(self.pool, decode_cost, *weigh)
             self.budget.reserve(cost.bytes)
             # Reserved until the worker's task really ends, which may be after this coroutine's.
             release = functools.partial(self.budget.release, cost.bytes)
@@ -75,6 +81,8 @@ class Preparation:
 
     async def all(self, meta: ModelMetadata, images: list[bytes], labels: list[str]) -> list[Preprocessed]:
         """All of a request's images, as one task group: the first failure cancels the others."""
+        if len(images) == 1:  # nothing to cancel beside it: no task to create
+            return [await self.one(meta, images[0], labels[0])]
         try:
             async with asyncio.TaskGroup() as group:
                 tasks = [

@@ -2,6 +2,7 @@
 forms a test sends them in (a model's input batch, a v2 BYTES input)."""
 
 import base64
+import io
 from typing import Any
 
 import numpy as np
@@ -11,7 +12,15 @@ from alexnet_core.session import OnnxClassifier
 from benchmarks.images import encoded as encode
 from benchmarks.images import photo
 
-__all__ = ["base64_input", "big_photo_jpeg", "encode", "model_batch", "photo", "photo_jpeg"]
+__all__ = [
+    "base64_input",
+    "big_photo_jpeg",
+    "encode",
+    "many_scans_jpeg",
+    "model_batch",
+    "photo",
+    "photo_jpeg",
+]
 
 
 def photo_jpeg(name: str = "china.jpg", quality: int = 90) -> bytes:
@@ -42,3 +51,15 @@ def base64_input(images: list[bytes]) -> dict[str, Any]:
         "parameters": {"content_type": "base64"},
         "data": [base64.b64encode(data).decode() for data in images],
     }
+
+
+def many_scans_jpeg(scans: int) -> bytes:
+    """A valid progressive JPEG whose smallest scan is repeated: libjpeg decodes every one of them
+    (each a full pass over the image) and only warns about the repeated progression."""
+    buffer = io.BytesIO()
+    photo().save(buffer, format="JPEG", progressive=True, quality=90)
+    data = buffer.getvalue()
+    starts = [i for i in range(len(data) - 1) if data[i : i + 2] == b"\xff\xda"]
+    segments = [data[a:b] for a, b in zip(starts, [*starts[1:], len(data) - 2], strict=True)]
+    smallest = min(segments, key=len)
+    return data[:-2] + smallest * (scans - len(segments)) + b"\xff\xd9"

@@ -26,7 +26,7 @@ from alexnet_core.images import jpeg_scans
 from alexnet_core.resources import cgroup_cpu_quota, memory_limit, usable_cpus
 from tests.conftest import cpu_settings, serve
 from tests.free_model import write_free_model
-from tests.images import photo, photo_jpeg
+from tests.images import many_scans_jpeg, photo_jpeg
 
 MiB = 2**20
 
@@ -44,18 +44,6 @@ def png64() -> bytes:
     buffer = io.BytesIO()
     Image.fromarray(np.zeros((8000, 8000), dtype=np.uint16)).save(buffer, format="PNG")
     return buffer.getvalue()
-
-
-def many_scans_jpeg(scans: int) -> bytes:
-    """A valid progressive JPEG whose smallest scan is repeated: libjpeg decodes every one of them
-    (each a full pass over the image) and only warns about the repeated progression."""
-    buffer = io.BytesIO()
-    photo().save(buffer, format="JPEG", progressive=True, quality=90)
-    data = buffer.getvalue()
-    starts = [i for i in range(len(data) - 1) if data[i : i + 2] == b"\xff\xda"]
-    segments = [data[a:b] for a, b in zip(starts, [*starts[1:], len(data) - 2], strict=True)]
-    smallest = min(segments, key=len)
-    return data[:-2] + smallest * (scans - len(segments)) + b"\xff\xd9"
 
 
 def gauge(client: httpx.Client, name: str) -> float:
@@ -100,7 +88,8 @@ def test_cgroup_limits_are_read(tmp_path: Path) -> None:
 
 @pytest.mark.skipif(shutil.which("taskset") is None, reason="needs taskset")
 def test_thread_defaults_follow_cpu_affinity() -> None:
-    """Pinned to one core, the server sizes its pools for one core, not for the host."""
+    """Pinned to one core, the server sizes its pools for one core, not for the host (two decode
+    workers per core: one decodes while the other waits for its next image)."""
     code = (
         "from service.core.config import Settings; s = Settings(_env_file=None); "
         "print(s.preprocess_threads, s.decode_workers, s.intra_op_threads)"
@@ -113,7 +102,7 @@ def test_thread_defaults_follow_cpu_affinity() -> None:
         env=env,
         check=True,
     )
-    assert pinned.stdout.split() == ["1", "1", "1"]
+    assert pinned.stdout.split() == ["1", "2", "1"]
 
 
 # --- cost of one image -------------------------------------------------------------------------

@@ -65,7 +65,7 @@ class Settings(CommonSettings):
         description="threads that weigh and crop images (off the event loop); 0 = one per core" + AUTO_CPUS,
     )
     decode_workers: int = Field(
-        0, ge=0, description="processes that decode images; 0 = one per core" + AUTO_CPUS
+        0, ge=0, description="processes that decode images; 0 = two per core" + AUTO_CPUS
     )
     decode_timeout_s: float = Field(
         5.0, gt=0, description="longest one image may take to decode; then its worker is killed (413)"
@@ -149,7 +149,9 @@ class Settings(CommonSettings):
         cpus = usable_cpus()
         self.intra_op_threads = self.intra_op_threads or cpus
         self.preprocess_threads = self.preprocess_threads or cpus
-        self.decode_workers = self.decode_workers or cpus
+        # Two per core: a worker that has sent its square waits for the event loop to hand it the
+        # next image, and with one per core that wait leaves the cores idle under load.
+        self.decode_workers = self.decode_workers or 2 * cpus
         self.decode_memory_mb = self.decode_memory_mb or memory_limit() / 4 / 2**20
         self.upload_memory_mb = self.upload_memory_mb or memory_limit() / 8 / 2**20
         return self
