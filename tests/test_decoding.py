@@ -7,6 +7,7 @@ dies mid-decode, a cancelled decode, and a refusal that must not cost the worker
 import asyncio
 import os
 import signal
+from collections.abc import Awaitable, Callable
 
 import pytest
 
@@ -34,60 +35,59 @@ async def stalled_task(pool: DecodePool, finished: list[bool]) -> tuple["asyncio
     return task, pid
 
 
-def test_a_worker_that_dies_mid_decode_is_a_422_and_is_replaced() -> None:
-    async def scenario() -> None:
+def with_pool(scenario: Callable[[DecodePool], Awaitable[None]]) -> None:
+    """Run ``scenario`` against a started pool of one worker, stopped afterwards."""
+
+    async def run() -> None:
         pool = DecodePool(1, 60, Metrics())
         await pool.warm_up()
-        finished: list[bool] = []
         try:
-            task, victim = await stalled_task(pool, finished)
-            os.kill(victim, signal.SIGKILL)
-            with pytest.raises(ImageInputError) as refused:
-                await task
-            assert refused.value.status_code == 422
-            assert "the decoder died (killed by SIGKILL)" in refused.value.detail
-            assert finished == [True] and pool.in_progress == 0
-            assert victim not in pool.pids and len(pool.pids) == 1
-            square, _, _ = await pool.square(photo_jpeg(), 256, MAX_PIXELS, lambda: None)
-            assert square.shape == (256, 256, 3)
+            await scenario(pool)
         finally:
             pool.stop()
 
-    asyncio.run(asyncio.wait_for(scenario(), 120))
+    asyncio.run(asyncio.wait_for(run(), 120))
+
+
+def test_a_worker_that_dies_mid_decode_is_a_422_and_is_replaced() -> None:
+    async def scenario(pool: DecodePool) -> None:
+        finished: list[bool] = []
+        task, victim = await stalled_task(pool, finished)
+        os.kill(victim, signal.SIGKILL)
+        with pytest.raises(ImageInputError) as refused:
+            await task
+        assert refused.value.status_code == 422
+        assert "the decoder died (killed by SIGKILL)" in refused.value.detail
+        assert finished == [True] and pool.in_progress == 0
+        assert victim not in pool.pids and len(pool.pids) == 1
+        square, _, _ = await pool.square(photo_jpeg(), 256, MAX_PIXELS, lambda: None)
+        assert square.shape == (256, 256, 3)
+
+    with_pool(scenario)
 
 
 def test_a_cancelled_decode_kills_its_worker_and_the_pool_serves_on() -> None:
-    async def scenario() -> None:
-        pool = DecodePool(1, 60, Metrics())
-        await pool.warm_up()
+    async def scenario(pool: DecodePool) -> None:
         finished: list[bool] = []
-        try:
-            task, victim = await stalled_task(pool, finished)
-            task.cancel()
-            with pytest.raises(asyncio.CancelledError):
-                await task
-            assert finished == [True] and pool.in_progress == 0
-            assert victim not in pool.pids
-            data = photo_jpeg()
-            square, _, _ = await pool.square(data, 256, MAX_PIXELS, lambda: None)
-            assert (square == decode_square(data, 256, MAX_PIXELS)[0]).all()  # the same pixels as in-process
-        finally:
-            pool.stop()
+        task, victim = await stalled_task(pool, finished)
+        task.cancel()
+        with pytest.raises(asyncio.CancelledError):
+            await task
+        assert finished == [True] and pool.in_progress == 0
+        assert victim not in pool.pids
+        data = photo_jpeg()
+        square, _, _ = await pool.square(data, 256, MAX_PIXELS, lambda: None)
+        assert (square == decode_square(data, 256, MAX_PIXELS)[0]).all()  # the same pixels as in-process
 
-    asyncio.run(asyncio.wait_for(scenario(), 120))
+    with_pool(scenario)
 
 
 def test_a_refused_image_keeps_its_worker() -> None:
-    async def scenario() -> None:
-        pool = DecodePool(1, 60, Metrics())
-        await pool.warm_up()
-        try:
-            before = pool.pids
-            with pytest.raises(ImageInputError) as refused:
-                await pool.square(photo_jpeg()[:5000], 256, MAX_PIXELS, lambda: None)
-            assert refused.value.status_code == 422, refused.value.detail
-            assert pool.pids == before
-        finally:
-            pool.stop()
+    async def scenario(pool: DecodePool) -> None:
+        before = pool.pids
+        with pytest.raises(ImageInputError) as refused:
+            await pool.square(photo_jpeg()[:5000], 256, MAX_PIXELS, lambda: None)
+        assert refused.value.status_code == 422, refused.value.detail
+        assert pool.pids == before
 
-    asyncio.run(asyncio.wait_for(scenario(), 120))
+    with_pool(scenario)
