@@ -17,7 +17,7 @@ from service.inference import Overloaded
 
 
 class MemoryBudget:
-    """Bytes reserved against a limit, thread-safe (released from the decode pool's threads)."""
+    """Bytes reserved against a limit, thread-safe."""
 
     def __init__(self, limit: int, used: Gauge, what: str) -> None:
         self.limit = limit

@@ -29,11 +29,12 @@ import struct
 import tempfile
 from collections.abc import Callable
 from multiprocessing.process import BaseProcess
+from typing import Protocol
 
 import numpy as np
 
-from alexnet_core.images import ImageInputError
-from alexnet_core.pipeline import decode_square  # run in the workers
+from alexnet_core.images import ImageInputError, decode_cost  # run in the workers
+from alexnet_core.pipeline import decode_square
 from alexnet_core.resources import keep_freed_memory
 from service.core.metrics import Metrics
 
@@ -42,14 +43,37 @@ log = logging.getLogger(__name__)
 # Imported by the fork server (preload), so every worker forked from it inherits the setting.
 keep_freed_memory()
 
-# Server -> worker: payload length (0: a ping), resize, max pixels; then the encoded image.
-_TASK = struct.Struct("!QQQ")
-# Worker -> server: kind, then for a square its height, width, channels and timings (its pixels
-# follow), for a refusal its HTTP status and the length of the UTF-8 detail that follows. Plain
-# fields, not pickles: a decoder subverted by hostile bytes must not be able to run code in the server.
-_SQUARE, _REFUSED, _PONG = 0, 1, 2
+# A task: the server sends the image (kind, payload length, resize, max pixels, max JPEG scans;
+# then the bytes); the worker weighs it from its header and answers its cost; the server
+# reserves that against the decode budget and answers GO (the worker decodes and answers the
+# square) or SKIP (the worker drops it). Weighing in the worker keeps header parsing, which a
+# crafted file can make cost hundreds of milliseconds of Python, off the event loop's GIL and
+# under the time cap.
+_TASK = struct.Struct("!BQQQQ")
+_IMAGE, _PING = 0, 1
+_GO, _SKIP = b"g", b"s"
+# Worker -> server: kind, then for a cost its bytes; for a square its height, width, channels and
+# timings (its pixels follow); for a refusal its HTTP status and the length of the UTF-8 detail
+# that follows. Plain fields, not pickles: a decoder subverted by hostile bytes must not be able
+# to run code in the server.
+_SQUARE, _REFUSED, _PONG, _COST = 0, 1, 2, 3
 _REPLY = struct.Struct("!BQQQdd")
 _MAX_DETAIL = 4096
+
+
+class Budget(Protocol):
+    """What the pool reserves an image's decode memory against (``service.admission.DecodeBudget``)."""
+
+    def reserve(self, amount: int) -> None: ...  # raises to refuse
+
+    def release(self, amount: int) -> None: ...
+
+
+class _Declined(Exception):
+    """The budget refused an image the worker had weighed: the worker was told to skip it and is fine."""
+
+    def __init__(self, reason: BaseException) -> None:
+        self.reason = reason
 
 
 def _receive_exactly(sock: socket.socket, size: int) -> bytes:
@@ -57,6 +81,11 @@ def _receive_exactly(sock: socket.socket, size: int) -> bytes:
     if len(data) != size:
         raise EOFError
     return data
+
+
+def _refuse(sock: socket.socket, exc: ImageInputError) -> None:
+    detail = exc.detail.encode()[:_MAX_DETAIL]
+    sock.sendall(_REPLY.pack(_REFUSED, exc.status_code, len(detail), 0, 0.0, 0.0) + detail)
 
 
 def _serve(sock: socket.socket) -> None:
@@ -67,16 +96,19 @@ def _serve(sock: socket.socket) -> None:
     signal.signal(signal.SIGINT, signal.SIG_IGN)  # Ctrl-C is the server's to handle
     try:
         while True:
-            size, resize, max_pixels = _TASK.unpack(_receive_exactly(sock, _TASK.size))
-            if size == 0:
+            kind, size, resize, max_pixels, max_scans = _TASK.unpack(_receive_exactly(sock, _TASK.size))
+            if kind == _PING:
                 sock.sendall(_REPLY.pack(_PONG, 0, 0, 0, 0.0, 0.0))
                 continue
             data = _receive_exactly(sock, size)
             try:
+                cost = decode_cost(data, resize, max_pixels, max_scans)
+                sock.sendall(_REPLY.pack(_COST, cost.bytes, 0, 0, 0.0, 0.0))
+                if _receive_exactly(sock, 1) != _GO:
+                    continue
                 square, decode_s, square_s = decode_square(data, resize, max_pixels)
             except ImageInputError as exc:
-                detail = exc.detail.encode()[:_MAX_DETAIL]
-                sock.sendall(_REPLY.pack(_REFUSED, exc.status_code, len(detail), 0, 0.0, 0.0) + detail)
+                _refuse(sock, exc)
                 continue
             height, width, channels = square.shape
             sock.sendall(_REPLY.pack(_SQUARE, height, width, channels, decode_s, square_s))
@@ -129,24 +161,44 @@ class _Worker:
                 raise EOFError
             view = view[received:]
 
-    async def call(self, data: bytes, resize: int, max_pixels: int) -> tuple[np.ndarray, float, float]:
+    async def _refused(self, loop: asyncio.AbstractEventLoop, fields: list[int]) -> ImageInputError:
+        status_code, length = fields[0], fields[1]
+        if not 400 <= status_code < 500 or length > _MAX_DETAIL:
+            raise EOFError("the worker's refusal is malformed")  # treated as a dead worker
+        detail = bytearray(length)
+        await self._fill(loop, memoryview(detail))
+        return ImageInputError(status_code, detail.decode(errors="replace"))
+
+    async def call(
+        self, data: bytes, resize: int, max_pixels: int, max_scans: int, reserve: Callable[[int], None]
+    ) -> tuple[np.ndarray, float, float]:
+        """Weigh, ``reserve(cost)`` (which raises to refuse), decode."""
         loop = asyncio.get_running_loop()
-        await loop.sock_sendall(self.sock, _TASK.pack(len(data), resize, max_pixels))
+        await loop.sock_sendall(self.sock, _TASK.pack(_IMAGE, len(data), resize, max_pixels, max_scans))
         await loop.sock_sendall(self.sock, data)
+        kind, *fields, _, _ = await self._reply()
+        if kind == _REFUSED:
+            raise await self._refused(loop, fields)
+        if kind != _COST:
+            raise EOFError("the worker's reply is not a cost")
+        try:
+            reserve(fields[0])
+        except Exception as exc:
+            await loop.sock_sendall(self.sock, _SKIP)
+            raise _Declined(exc) from None
+        await loop.sock_sendall(self.sock, _GO)
         kind, *fields, decode_s, square_s = await self._reply()
-        if kind == _REFUSED and 400 <= fields[0] < 500 and fields[1] <= _MAX_DETAIL:
-            detail = bytearray(fields[1])
-            await self._fill(loop, memoryview(detail))
-            raise ImageInputError(fields[0], detail.decode(errors="replace"))
+        if kind == _REFUSED:
+            raise await self._refused(loop, fields)
         if kind != _SQUARE or fields != [resize, resize, 3]:
-            raise EOFError("the worker's reply is not a square")  # treated as a dead worker
+            raise EOFError("the worker's reply is not a square")
         square = np.empty(fields, np.uint8)  # received in place: no copy of the pixels
         await self._fill(loop, memoryview(square).cast("B"))
         return square, decode_s, square_s
 
     async def ping(self) -> None:
         loop = asyncio.get_running_loop()
-        await loop.sock_sendall(self.sock, _TASK.pack(0, 0, 0))
+        await loop.sock_sendall(self.sock, _TASK.pack(_PING, 0, 0, 0, 0))
         await self._reply()
 
     def kill(self) -> None:
@@ -155,8 +207,10 @@ class _Worker:
             self.process.kill()
 
     def exit_description(self) -> str:
-        self.process.join(5)
+        self.process.join(1)  # a worker that died is reaped at once; one still alive sent nonsense
         code = self.process.exitcode
+        if code is None:
+            return "it sent a malformed reply"
         if code is not None and code < 0:
             return f"killed by {signal.Signals(-code).name}"
         return f"exit code {code}"
@@ -228,11 +282,19 @@ class DecodePool:
             self._idle.put_nowait(worker)
 
     async def square(
-        self, data: bytes, resize: int, max_pixels: int, finished: Callable[[], None]
+        self, data: bytes, resize: int, max_pixels: int, max_scans: int, budget: Budget
     ) -> tuple[np.ndarray, float, float]:
-        """Decode in a worker. ``finished`` is called once the worker's task has really ended:
-        done, failed, timed out or cancelled (a running task is cancelled by killing its worker,
-        which is what cancelling the awaiting coroutine does)."""
+        """Weigh and decode in a worker, its decode memory reserved against ``budget`` in between
+        and held until the worker's task has really ended: done, failed, timed out or cancelled (a
+        running task is cancelled by killing its worker, which is what cancelling the awaiting
+        coroutine does)."""
+        held = 0
+
+        def reserve(amount: int) -> None:
+            nonlocal held
+            budget.reserve(amount)
+            held = amount
+
         self._count(+1)
         try:
             if len(self._workers) < self._size:
@@ -240,10 +302,13 @@ class DecodePool:
             worker = await self._idle.get()
             try:
                 async with asyncio.timeout(self.timeout_s):
-                    result = await worker.call(data, resize, max_pixels)
+                    result = await worker.call(data, resize, max_pixels, max_scans, reserve)
             except ImageInputError:
                 self._idle.put_nowait(worker)  # refused by the decoder: the worker is fine
                 raise
+            except _Declined as declined:
+                self._idle.put_nowait(worker)
+                raise declined.reason from None
             except TimeoutError:
                 self._replace(worker)
                 self.metrics.rejected.labels("decode_time").inc()
@@ -261,4 +326,5 @@ class DecodePool:
             return result
         finally:
             self._count(-1)
-            finished()
+            if held:
+                budget.release(held)

@@ -4,7 +4,6 @@ the server-wide decode budget, decoded in a killable worker process, cut into th
 A request's work is cancelled with the request (a failure, a timeout, a client gone away)."""
 
 import asyncio
-import functools
 import time
 from concurrent.futures import Executor
 from typing import TypeVar
@@ -12,7 +11,7 @@ from typing import TypeVar
 import numpy as np
 from fastapi import HTTPException, Request, UploadFile, status
 
-from alexnet_core.images import ImageInputError, decode_cost
+from alexnet_core.images import ImageInputError
 from alexnet_core.metadata import ModelMetadata
 from alexnet_core.pipeline import Preprocessed
 from service.admission import DecodeBudget
@@ -21,10 +20,6 @@ from service.core.metrics import Metrics
 from service.decoding import DecodePool
 
 T = TypeVar("T")
-
-# Weighing an upload this small (header parsing bounded by its size) costs less than handing it to
-# a thread and back, and in a thread it would hold the GIL the event loop needs all the same.
-INLINE_WEIGH_BYTES = 256 * 1024
 
 
 async def read_uploads(uploads: list[UploadFile], max_files: int) -> tuple[list[bytes], list[str]]:
@@ -44,9 +39,10 @@ async def read_uploads(uploads: list[UploadFile], max_files: int) -> tuple[list[
 
 
 class Preparation:
-    """One request's images on their way to the batcher: weighed from their headers, reserved
-    against the decode budget, decoded in a worker, cut into the model's input. They run as one
-    task group, so the first failure cancels the others (and kills their decodes)."""
+    """One request's images on their way to the batcher: weighed from their headers and decoded
+    in a worker, their decode memory reserved against the budget in between, cut into the model's
+    input. They run as one task group, so the first failure cancels the others (and kills their
+    decodes)."""
 
     def __init__(self, settings: Settings, pool: Executor, decoder: DecodePool, budget: DecodeBudget) -> None:
         self.settings, self.pool, self.decoder, self.budget = settings, pool, decoder, budget
@@ -58,25 +54,18 @@ class Preparation:
 
     async def one(self, meta: ModelMetadata, data: bytes, label: str = "") -> Preprocessed:
         """``label`` prefixes an error's detail (which file of the request it was)."""
-        loop = asyncio.get_running_loop()
-        resize, max_pixels = meta.resize_size, self.settings.max_pixels
-        weigh = (data, resize, max_pixels, self.settings.max_jpeg_scans)
+        settings = self.settings
         try:
-            if len(data) <= INLINE_WEIGH_BYTES:
-                cost = decode_cost(*weigh)
-            else:
-                cost = await loop.run_in_executor(self.pool, decode_cost, *weigh)
-            self.budget.reserve(cost.bytes)
-            # Reserved until the worker's task really ends, which may be after this coroutine's.
-            release = functools.partial(self.budget.release, cost.bytes)
-            square, decode_s, square_s = await self.decoder.square(data, resize, max_pixels, release)
+            square, decode_s, square_s = await self.decoder.square(
+                data, meta.resize_size, settings.max_pixels, settings.max_jpeg_scans, self.budget
+            )
         except ImageInputError as exc:
             raise ImageInputError(exc.status_code, label + exc.detail) from None
         started = time.perf_counter()
         if meta.input_kind == "square":  # the square is the input: a view, not worth a thread hand-off
             batch = meta.model_input(square)
         else:
-            batch = await loop.run_in_executor(self.pool, meta.model_input, square)
+            batch = await asyncio.get_running_loop().run_in_executor(self.pool, meta.model_input, square)
         return Preprocessed(batch, decode_s, square_s + time.perf_counter() - started)
 
     async def all(self, meta: ModelMetadata, images: list[bytes], labels: list[str]) -> list[Preprocessed]:

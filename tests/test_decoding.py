@@ -13,19 +13,22 @@ import pytest
 
 from alexnet_core.images import ImageInputError
 from alexnet_core.pipeline import decode_square
+from service.admission import DecodeBudget
 from service.core.metrics import Metrics
 from service.decoding import DecodePool
 from tests.images import photo_jpeg
 
 MAX_PIXELS = 100_000_000
+MAX_SCANS = 64
+MiB = 2**20
 
 
-async def stalled_task(pool: DecodePool, finished: list[bool]) -> tuple["asyncio.Task[object]", int]:
+async def stalled_task(pool: DecodePool, budget: DecodeBudget) -> tuple["asyncio.Task[object]", int]:
     """A decode handed to the pool's one worker while that worker is stopped (SIGSTOP): the task
     stays in the worker's hands, whatever the machine's load, until the test acts on it."""
     (pid,) = pool.pids
     os.kill(pid, signal.SIGSTOP)
-    task = asyncio.create_task(pool.square(photo_jpeg(), 256, MAX_PIXELS, lambda: finished.append(True)))
+    task = asyncio.create_task(pool.square(photo_jpeg(), 256, MAX_PIXELS, MAX_SCANS, budget))
     for _ in range(100):
         await asyncio.sleep(0.01)
         if pool.in_progress == 1:
@@ -51,16 +54,16 @@ def with_pool(scenario: Callable[[DecodePool], Awaitable[None]]) -> None:
 
 def test_a_worker_that_dies_mid_decode_is_a_422_and_is_replaced() -> None:
     async def scenario(pool: DecodePool) -> None:
-        finished: list[bool] = []
-        task, victim = await stalled_task(pool, finished)
+        budget = DecodeBudget(1024 * MiB, Metrics())
+        task, victim = await stalled_task(pool, budget)
         os.kill(victim, signal.SIGKILL)
         with pytest.raises(ImageInputError) as refused:
             await task
         assert refused.value.status_code == 422
         assert "the decoder died (killed by SIGKILL)" in refused.value.detail
-        assert finished == [True] and pool.in_progress == 0
+        assert budget.used == 0 and pool.in_progress == 0
         assert victim not in pool.pids and len(pool.pids) == 1
-        square, _, _ = await pool.square(photo_jpeg(), 256, MAX_PIXELS, lambda: None)
+        square, _, _ = await pool.square(photo_jpeg(), 256, MAX_PIXELS, MAX_SCANS, budget)
         assert square.shape == (256, 256, 3)
 
     with_pool(scenario)
@@ -68,26 +71,36 @@ def test_a_worker_that_dies_mid_decode_is_a_422_and_is_replaced() -> None:
 
 def test_a_cancelled_decode_kills_its_worker_and_the_pool_serves_on() -> None:
     async def scenario(pool: DecodePool) -> None:
-        finished: list[bool] = []
-        task, victim = await stalled_task(pool, finished)
+        budget = DecodeBudget(1024 * MiB, Metrics())
+        task, victim = await stalled_task(pool, budget)
         task.cancel()
         with pytest.raises(asyncio.CancelledError):
             await task
-        assert finished == [True] and pool.in_progress == 0
+        assert budget.used == 0 and pool.in_progress == 0
         assert victim not in pool.pids
         data = photo_jpeg()
-        square, _, _ = await pool.square(data, 256, MAX_PIXELS, lambda: None)
+        square, _, _ = await pool.square(data, 256, MAX_PIXELS, MAX_SCANS, budget)
         assert (square == decode_square(data, 256, MAX_PIXELS)[0]).all()  # the same pixels as in-process
 
     with_pool(scenario)
 
 
-def test_a_refused_image_keeps_its_worker() -> None:
+def test_refused_images_keep_their_worker() -> None:
+    """Refused by the decoder (a truncated JPEG) or by the budget after the worker weighed it: the
+    same worker decodes the next image, and nothing stays reserved."""
+
     async def scenario(pool: DecodePool) -> None:
         before = pool.pids
+        budget = DecodeBudget(1024 * MiB, Metrics())
         with pytest.raises(ImageInputError) as refused:
-            await pool.square(photo_jpeg()[:5000], 256, MAX_PIXELS, lambda: None)
+            await pool.square(photo_jpeg()[:5000], 256, MAX_PIXELS, MAX_SCANS, budget)
         assert refused.value.status_code == 422, refused.value.detail
-        assert pool.pids == before
+        tight = DecodeBudget(MiB, Metrics())  # a 640x427 photo weighs about 3 MiB
+        with pytest.raises(ImageInputError) as refused:
+            await pool.square(photo_jpeg(), 256, MAX_PIXELS, MAX_SCANS, tight)
+        assert refused.value.status_code == 413 and "decode budget of 1 MiB" in refused.value.detail
+        square, _, _ = await pool.square(photo_jpeg(), 256, MAX_PIXELS, MAX_SCANS, budget)
+        assert square.shape == (256, 256, 3)
+        assert pool.pids == before and budget.used == tight.used == 0
 
     with_pool(scenario)
