@@ -142,9 +142,9 @@ def test_jpeg_with_too_many_scans_is_refused(free_dir: Path) -> None:
 def test_costly_image_is_refused_and_the_next_one_served(
     free_dir: Path, png64: bytes, limit: dict[str, float], reason: str
 ) -> None:
-    """An image over the decode budget (refused from its header: never sent to a worker) or whose
-    decode runs past the time cap (its worker is replaced) answers 413; nothing stays held and the
-    next image is served."""
+    """An image over the decode budget (refused from its header, weighed by a worker that is then
+    told to drop it) or whose decode runs past the time cap (its worker is replaced) answers 413;
+    nothing stays held and the next image is served."""
     with serve(cpu_settings(free_dir, **limit)) as url, httpx.Client(base_url=url) as c:
         response = c.post("/predict", files={"file": ("big.png", png64)})
         assert response.status_code == 413, response.text
