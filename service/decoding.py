@@ -62,7 +62,8 @@ _MAX_DETAIL = 4096
 
 
 class Budget(Protocol):
-    """What the pool reserves an image's decode memory against (``service.admission.DecodeBudget``)."""
+    """What the pool reserves an image's decode memory against (``service.admission.DecodeBudget``;
+    not imported: the fork server preloads this module, and the web stack has no place there)."""
 
     def reserve(self, amount: int) -> None: ...  # raises to refuse
 
@@ -211,7 +212,7 @@ class _Worker:
         code = self.process.exitcode
         if code is None:
             return "it sent a malformed reply"
-        if code is not None and code < 0:
+        if code < 0:
             return f"killed by {signal.Signals(-code).name}"
         return f"exit code {code}"
 
