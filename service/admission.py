@@ -4,8 +4,6 @@ The queue admits by image count; these admit by what an image or an upload will 
 few costly-but-valid requests cannot take the memory that many cheap ones would share.
 """
 
-import threading
-
 from fastapi.responses import JSONResponse
 from prometheus_client import Gauge
 from starlette.types import ASGIApp, Receive, Scope, Send
@@ -13,40 +11,37 @@ from starlette.types import ASGIApp, Receive, Scope, Send
 from alexnet_core.images import ImageInputError
 from service.core.metrics import Metrics
 from service.core.middleware import CLOSE, ReceiveGuard, error_response
-from service.inference import Overloaded
+from service.image_admission import Overloaded
+from service.tallies import LocalTally, Tally
 
 
 class MemoryBudget:
-    """Bytes reserved against a limit, thread-safe."""
+    """Bytes reserved against a limit, thread-safe; server-wide when ``tally`` is shared."""
 
-    def __init__(self, limit: int, used: Gauge, what: str) -> None:
+    def __init__(self, limit: int, used: Gauge, what: str, tally: Tally | None = None) -> None:
         self.limit = limit
         self.what = what
-        self._used = 0
+        self._tally = tally or LocalTally()
         self._gauge = used
-        self._lock = threading.Lock()
 
     @property
     def used(self) -> int:
-        return self._used
+        return self._tally.total
 
     def try_reserve(self, amount: int) -> bool:
-        with self._lock:
-            if self._used + amount > self.limit:
-                return False
-            self._used += amount
-            self._gauge.set(self._used)
-            return True
+        if not self._tally.try_add(amount, self.limit):
+            return False
+        self._gauge.set(self._tally.own)
+        return True
 
     def release(self, amount: int) -> None:
-        with self._lock:
-            self._used -= amount
-            self._gauge.set(self._used)
+        self._tally.add(-amount)
+        self._gauge.set(self._tally.own)
 
 
 class DecodeBudget(MemoryBudget):
-    def __init__(self, limit: int, metrics: Metrics) -> None:
-        super().__init__(limit, metrics.decode_bytes, "decode")
+    def __init__(self, limit: int, metrics: Metrics, tally: Tally | None = None) -> None:
+        super().__init__(limit, metrics.decode_bytes, "decode", tally)
         metrics.decode_budget.set(limit)
         self.metrics = metrics
 
@@ -73,10 +68,10 @@ class UploadBudget:
     byte of it is read) and whatever it sends beyond; it holds them until it ends, since the parsed
     upload stays in memory until then. Kept apart from ``BodySizeLimit``, the per-request limit."""
 
-    def __init__(self, app: ASGIApp, limit: int, metrics: Metrics) -> None:
+    def __init__(self, app: ASGIApp, limit: int, metrics: Metrics, tally: Tally | None = None) -> None:
         self.app = app
         self.metrics = metrics
-        self.budget = MemoryBudget(limit, metrics.upload_bytes, "upload")
+        self.budget = MemoryBudget(limit, metrics.upload_bytes, "upload", tally)
         metrics.upload_budget.set(limit)
 
     def _busy(self) -> JSONResponse:

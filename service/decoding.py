@@ -171,9 +171,15 @@ class _Worker:
         return ImageInputError(status_code, detail.decode(errors="replace"))
 
     async def call(
-        self, data: bytes, resize: int, max_pixels: int, max_scans: int, reserve: Callable[[int], None]
+        self,
+        data: bytes,
+        resize: int,
+        max_pixels: int,
+        max_scans: int,
+        reserve: Callable[[int], None],
+        out: np.ndarray | None = None,
     ) -> tuple[np.ndarray, float, float]:
-        """Weigh, ``reserve(cost)`` (which raises to refuse), decode."""
+        """Weigh, ``reserve(cost)`` (which raises to refuse), decode (into ``out`` when given)."""
         loop = asyncio.get_running_loop()
         await loop.sock_sendall(self.sock, _TASK.pack(_IMAGE, len(data), resize, max_pixels, max_scans))
         await loop.sock_sendall(self.sock, data)
@@ -193,7 +199,8 @@ class _Worker:
             raise await self._refused(loop, fields)
         if kind != _SQUARE or fields != [resize, resize, 3]:
             raise EOFError("the worker's reply is not a square")
-        square = np.empty(fields, np.uint8)  # received in place: no copy of the pixels
+        # Received in place (a front's shared slot, or a new array): no copy of the pixels.
+        square = np.empty(fields, np.uint8) if out is None else out
         await self._fill(loop, memoryview(square).cast("B"))
         return square, decode_s, square_s
 
@@ -283,7 +290,13 @@ class DecodePool:
             self._idle.put_nowait(worker)
 
     async def square(
-        self, data: bytes, resize: int, max_pixels: int, max_scans: int, budget: Budget
+        self,
+        data: bytes,
+        resize: int,
+        max_pixels: int,
+        max_scans: int,
+        budget: Budget,
+        out: np.ndarray | None = None,
     ) -> tuple[np.ndarray, float, float]:
         """Weigh and decode in a worker, its decode memory reserved against ``budget`` in between
         and held until the worker's task has really ended: done, failed, timed out or cancelled (a
@@ -303,7 +316,7 @@ class DecodePool:
             worker = await self._idle.get()
             try:
                 async with asyncio.timeout(self.timeout_s):
-                    result = await worker.call(data, resize, max_pixels, max_scans, reserve)
+                    result = await worker.call(data, resize, max_pixels, max_scans, reserve, out)
             except ImageInputError:
                 self._idle.put_nowait(worker)  # refused by the decoder: the worker is fine
                 raise

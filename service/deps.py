@@ -12,6 +12,7 @@ from fastapi import Depends, HTTPException, Request, status
 from alexnet_core.session import OnnxClassifier
 from service.core.config import Settings
 from service.core.metrics import Metrics
+from service.engine.local import Engine, ServedModel
 from service.inference import InferenceQueue
 from service.model_registry import ModelRegistry
 from service.preparation import Preparation
@@ -33,6 +34,12 @@ get_queue = _app_state("inference")
 get_metrics = _app_state("metrics")
 get_pool = _app_state("preprocess_pool")
 get_preparation = _app_state("preparation")
+get_engine = _app_state("engine")
+
+
+async def get_served(engine: Annotated[Engine, Depends(get_engine)]) -> ServedModel:
+    """The model in service when the request arrives (503 while there is none)."""
+    return engine.served()
 
 
 async def get_classifier(registry: Annotated[ModelRegistry, Depends(get_registry)]) -> OnnxClassifier:
@@ -64,3 +71,5 @@ MetricsDep = Annotated[Metrics, Depends(get_metrics)]
 PoolDep = Annotated[ThreadPoolExecutor, Depends(get_pool)]
 PreparationDep = Annotated[Preparation, Depends(get_preparation)]
 ClassifierDep = Annotated[OnnxClassifier, Depends(get_classifier)]
+EngineDep = Annotated[Engine, Depends(get_engine)]
+ServedDep = Annotated[ServedModel, Depends(get_served)]

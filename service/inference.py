@@ -12,20 +12,19 @@ import logging
 import queue
 import threading
 import time
-from collections.abc import AsyncIterator, Iterator
-from contextlib import asynccontextmanager, contextmanager
+from collections.abc import Callable
+from contextlib import AbstractAsyncContextManager
 from dataclasses import dataclass
 
 import numpy as np
 
 from alexnet_core.session import OnnxClassifier
 from service.core.metrics import Metrics
+from service.image_admission import Admission, ImageAdmission, Overloaded
+
+__all__ = ["Admission", "InferenceQueue", "InferenceResult", "Overloaded"]
 
 log = logging.getLogger(__name__)
-
-
-class Overloaded(Exception):
-    """The queue is full; the client should retry later."""
 
 
 @dataclass
@@ -33,14 +32,10 @@ class InferenceResult:
     probabilities: np.ndarray  # (images, classes)
     seconds: float  # the inference call this request was part of
     batch_images: int  # images in that call, this request's and others'
+    features: np.ndarray | None = None  # (images, dim) when asked for
 
 
-@dataclass
-class Admission:
-    """A request's places in the queue; ``decoding`` until its crops are handed to the batcher."""
-
-    images: int
-    decoding: bool = True
+Done = Callable[[InferenceResult | BaseException], None]
 
 
 @dataclass
@@ -48,8 +43,9 @@ class _Job:
     classifier: OnnxClassifier
     batch: np.ndarray  # the model's input for this request's images
     images: int
-    future: "asyncio.Future[InferenceResult]"
-    loop: asyncio.AbstractEventLoop
+    features: bool  # both outputs (one call gives both), else the probabilities only
+    on_done: Done  # called once, from the batcher's thread: the result, or why there is none
+    cancelled: Callable[[], bool]  # skipped if true when its batch is gathered
 
 
 def _resolve(future: "asyncio.Future[InferenceResult]", value: InferenceResult | BaseException) -> None:
@@ -65,28 +61,25 @@ class InferenceQueue:
     def __init__(
         self,
         metrics: Metrics,
+        admission: ImageAdmission,
         *,
         batching: bool,
         max_batch_images: int,
         max_batch_delay_s: float,
-        max_queue_images: int,
     ) -> None:
         self.metrics = metrics
+        self.admission = admission
         self.batching = batching
         self.max_batch_images = max_batch_images
         self.max_batch_delay_s = max_batch_delay_s
-        self.max_queue_images = max_queue_images
         self._jobs: queue.SimpleQueue[_Job | None] = queue.SimpleQueue()
         self._held: _Job | None = None
-        self._admitted = 0
-        self._decoding = 0  # admitted images not yet handed to the batcher: the ones worth waiting for
-        self._lock = threading.Lock()
         self._buffer: np.ndarray | None = None  # the last joined batch's memory, reused by the next
         self._thread = threading.Thread(target=self._serve, name="inference", daemon=True)
 
     @property
     def admitted(self) -> int:
-        return self._admitted
+        return self.admission.admitted.total
 
     def start(self) -> None:
         self._thread.start()
@@ -95,58 +88,35 @@ class InferenceQueue:
         self._jobs.put(None)
         self._thread.join(timeout=30)
 
-    def _refuse(self) -> Overloaded:
-        self.metrics.rejected.labels("queue_full").inc()
-        return Overloaded(f"server busy: {self._admitted} images in progress, limit {self.max_queue_images}")
-
     def check_room(self) -> None:
-        """Raise ``Overloaded`` when not even one more image fits: lets a request be refused
-        before its body is read (the admission itself happens in ``admit``)."""
-        if self._admitted >= self.max_queue_images:
-            raise self._refuse()
+        self.admission.check_room()
 
-    @contextmanager
-    def admit(self, images: int) -> Iterator[Admission]:
-        """Hold ``images`` places in the queue for the whole request (decode, queue, inference)."""
-        with self._lock:
-            if self._admitted + images > self.max_queue_images:
-                raise self._refuse()
-            self._admitted += images
-            self._decoding += images
-            self.metrics.queue_images.set(self._admitted)
-        admission = Admission(images)
-        try:
-            yield admission
-        finally:
-            with self._lock:
-                self._admitted -= images
-                if admission.decoding:  # failed or timed out before reaching the batcher
-                    self._decoding -= images
-                self.metrics.queue_images.set(self._admitted)
+    def admit_within(self, images: int, timeout_s: float) -> AbstractAsyncContextManager[Admission]:
+        return self.admission.admit_within(images, timeout_s)
 
-    @asynccontextmanager
-    async def admit_within(self, images: int, timeout_s: float) -> AsyncIterator[Admission]:
-        """``admit``, and the request's work within its time limit: past it, ``Overloaded`` (a 503
-        with Retry-After), counted as a timeout."""
-        with self.admit(images) as admission:
-            try:
-                async with asyncio.timeout(timeout_s):
-                    yield admission
-            except TimeoutError:
-                self.metrics.rejected.labels("timeout").inc()
-                raise Overloaded(
-                    f"timed out after {timeout_s:g} s waiting for inference: server overloaded"
-                ) from None
+    def submit(
+        self,
+        classifier: OnnxClassifier,
+        batch: np.ndarray,
+        images: int,
+        features: bool,
+        on_done: Done,
+        cancelled: Callable[[], bool],
+    ) -> None:
+        """Queue one request's input; ``on_done`` gets its result (from the batcher's thread)."""
+        self._jobs.put(_Job(classifier, batch, images, features, on_done, cancelled))
 
     async def infer(
-        self, admission: Admission, classifier: OnnxClassifier, batch: np.ndarray
+        self, admission: Admission, classifier: OnnxClassifier, batch: np.ndarray, features: bool = False
     ) -> InferenceResult:
         loop = asyncio.get_running_loop()
         future: asyncio.Future[InferenceResult] = loop.create_future()
-        with self._lock:  # queued and no longer decoding in one step, as the batcher sees it
-            self._jobs.put(_Job(classifier, batch, admission.images, future, loop))
-            self._decoding -= admission.images
-            admission.decoding = False
+
+        def on_done(value: InferenceResult | BaseException) -> None:
+            loop.call_soon_threadsafe(_resolve, future, value)
+
+        self.submit(classifier, batch, admission.images, features, on_done, future.done)
+        self.admission.handed_over(admission)
         return await future
 
     def _next_batch(self) -> list[_Job] | None:
@@ -159,8 +129,7 @@ class InferenceQueue:
         while self.batching and images < self.max_batch_images:
             # Wait only while admitted images are still being decoded: with none on the way (a lone
             # client) the call starts at once instead of idling for the whole delay.
-            with self._lock:
-                coming = self._decoding
+            coming = self.admission.decoding.total
             remaining = deadline - time.monotonic() if coming > 0 else 0.0
             try:  # past the deadline, still take whatever is already waiting
                 job = self._jobs.get(timeout=remaining) if remaining > 0 else self._jobs.get_nowait()
@@ -170,6 +139,7 @@ class InferenceQueue:
             if (
                 job is None
                 or job.classifier is not first.classifier
+                or job.features != first.features
                 or images + job.images > self.max_batch_images
             ):
                 self._held = job
@@ -180,7 +150,10 @@ class InferenceQueue:
 
     def _serve(self) -> None:
         while (batch := self._next_batch()) is not None:
-            batch = [job for job in batch if not job.future.done()]
+            for job in batch:
+                if job.cancelled():
+                    job.on_done(asyncio.CancelledError())
+            batch = [job for job in batch if not job.cancelled()]
             if batch:
                 self._run(batch)
         if self._held is not None:
@@ -199,22 +172,30 @@ class InferenceQueue:
         return np.concatenate(parts, out=buffer[:rows])
 
     def _run(self, batch: list[_Job]) -> None:
-        classifier = batch[0].classifier
+        classifier, features = batch[0].classifier, batch[0].features
         inputs = self._joined([job.batch for job in batch])
         images = sum(job.images for job in batch)
         started = time.perf_counter()
+        vectors = None
         try:
-            probabilities = classifier.probabilities(inputs)
+            if features:
+                probabilities, vectors = classifier.outputs(inputs)
+            else:
+                probabilities = classifier.probabilities(inputs)
         except Exception as exc:
             log.exception("inference failed for a batch of %d images", images)
             for job in batch:
-                job.loop.call_soon_threadsafe(_resolve, job.future, RuntimeError(f"inference failed: {exc}"))
+                job.on_done(RuntimeError(f"inference failed: {exc}"))
             return
         seconds = time.perf_counter() - started
         self.metrics.inference_seconds.observe(seconds)
         self.metrics.batch_images.observe(images)
         offset = 0
         for job in batch:
-            result = InferenceResult(probabilities[offset : offset + job.images], seconds, images)
+            rows = slice(offset, offset + job.images)
+            job.on_done(
+                InferenceResult(
+                    probabilities[rows], seconds, images, None if vectors is None else vectors[rows]
+                )
+            )
             offset += job.images
-            job.loop.call_soon_threadsafe(_resolve, job.future, result)

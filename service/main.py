@@ -23,14 +23,26 @@ from service.core import errors
 from service.core.config import Settings, from_command_line, get_settings
 from service.core.http import raise_descriptor_limit, server_config
 from service.core.metrics import Metrics
-from service.core.middleware import ApiKeyGate, BodySizeLimit, BodyTimeout, QueueFullGate, RequestMetrics
+from service.core.middleware import (
+    ApiKeyGate,
+    BodySizeLimit,
+    BodyTimeout,
+    QueueFullGate,
+    RequestMetrics,
+    RoomCheck,
+)
 from service.core.security import needs_key, scope_checker
 from service.decoding import DecodePool
+from service.engine.local import LocalEngine
+from service.engine.server import EngineServer
+from service.image_admission import ImageAdmission
 from service.inference import InferenceQueue
 from service.model_registry import ModelRegistry, PointerWatcher
 from service.preparation import Preparation
 from service.routers import ensemble, gallery, health, kernels, models, page, predict, train
 from service.routers import v2 as open_inference
+from service.shared_state import ENGINE_ROW, SharedState
+from service.tallies import DECODE_BYTES, DECODING, IMAGES, Tally
 from service.training_jobs import TrainingManager
 
 DESCRIPTION = """
@@ -71,39 +83,49 @@ def _add_routes(app: FastAPI) -> None:
         )
 
 
-def _add_middleware(app: FastAPI, settings: Settings, metrics: Metrics, inference: InferenceQueue) -> None:
+def add_middleware(
+    app: FastAPI, settings: Settings, metrics: Metrics, room: RoomCheck, upload_tally: Tally | None
+) -> None:
+    """The gates every request passes in the process that receives it (a front, or the one
+    process). ``upload_tally``: where the upload budget is counted."""
     if settings.cors_origins:
         app.add_middleware(
             CORSMiddleware, allow_origins=settings.cors_origins, allow_methods=["*"], allow_headers=["*"]
         )
     # Outermost last: metrics see every answer; the gates refuse before the body is read; the
     # body limits count and time what is read.
-    app.add_middleware(UploadBudget, limit=settings.upload_memory_bytes, metrics=metrics)
+    app.add_middleware(UploadBudget, limit=settings.upload_memory_bytes, metrics=metrics, tally=upload_tally)
     app.add_middleware(BodySizeLimit, max_bytes=settings.max_upload_bytes)
     app.add_middleware(BodyTimeout, timeout_s=settings.body_timeout_s)
-    app.add_middleware(QueueFullGate, inference=inference)
+    app.add_middleware(QueueFullGate, inference=room)
     keyed = [route for router in ROUTERS for route in router.routes if needs_key(route)]
     app.add_middleware(ApiKeyGate, routes=keyed, check=scope_checker(settings))
     app.add_middleware(RequestMetrics, metrics=metrics)
 
 
-def create_app(settings: Settings | None = None) -> FastAPI:
+def _primary_middleware(app: FastAPI, settings: Settings) -> None:
+    """Behind the fronts, which have counted, limited and timed each request already: the key
+    gate stays (the engine's socket is the server's own, but a route must not rely on that)."""
+    keyed = [route for router in ROUTERS for route in router.routes if needs_key(route)]
+    app.add_middleware(ApiKeyGate, routes=keyed, check=scope_checker(settings))
+
+
+def create_app(settings: Settings | None = None, shared: SharedState | None = None) -> FastAPI:
+    """The whole service in this process; with ``shared``, the engine process's app (the fronts
+    send it every request they do not run themselves, and their images through ``EngineServer``)."""
     settings = settings or get_settings()
-    # Starlette spools an upload over `spool_max_size` (1 MiB) to a temporary file, which the
-    # handler then reads back whole: a disk round trip for every photo, and bytes left on disk.
-    # The class attribute is the only setting Starlette offers for it (`Request.form`'s
-    # `max_part_size` bounds text fields, FastAPI's `form_limits` counts parts); the body limit
-    # already bounds what an upload can hold in memory. Process-wide, so the largest limit wins.
-    MultiPartParser.spool_max_size = max(MultiPartParser.spool_max_size, settings.max_upload_bytes)
+    allow_large_uploads_in_memory(settings)
     metrics = Metrics()
     registry = ModelRegistry(settings)
-    decode_budget = DecodeBudget(settings.decode_memory_bytes, metrics)
+    tally = (lambda field: shared.tallies.tally(ENGINE_ROW, field)) if shared else (lambda field: None)
+    decode_budget = DecodeBudget(settings.decode_memory_bytes, metrics, tally(DECODE_BYTES))
+    admission = ImageAdmission(metrics, settings.max_queue_images, tally(IMAGES), tally(DECODING))
     inference = InferenceQueue(
         metrics,
+        admission,
         batching=settings.batching,
         max_batch_images=settings.max_batch_images,
         max_batch_delay_s=settings.max_batch_delay_ms / 1000,
-        max_queue_images=settings.max_queue_images,
     )
 
     @asynccontextmanager
@@ -111,16 +133,25 @@ def create_app(settings: Settings | None = None) -> FastAPI:
         keep_freed_memory()
         pool = ThreadPoolExecutor(settings.preprocess_threads, thread_name_prefix="preprocess")
         app.state.preprocess_pool = pool
-        decoder = DecodePool(settings.decode_workers, settings.decode_timeout_s, metrics)
+        # Behind fronts this process decodes only the images of the feature-search routes.
+        workers = min(2, settings.decode_workers) if shared else settings.decode_workers
+        decoder = DecodePool(workers, settings.decode_timeout_s, metrics)
         app.state.preparation = Preparation(settings, pool, decoder, decode_budget)
+        app.state.engine = LocalEngine(settings, registry, inference, app.state.preparation, metrics)
         await asyncio.gather(asyncio.to_thread(registry.load_at_startup), decoder.warm_up())
         watcher = PointerWatcher(registry)  # replicas sharing the weights volume follow activations
         watcher.start()
         app.state.training = TrainingManager(settings.weights_dir, settings.data_root, registry)
         inference.start()
+        fronts = None
+        if shared:
+            fronts = app.state.fronts = EngineServer(shared.engine_socket, registry, inference, pool)
+            await fronts.start()
         try:
             yield
         finally:
+            if fronts is not None:
+                fronts.stop()
             watcher.stop()
             await app.state.training.shutdown()
             inference.stop()
@@ -140,11 +171,24 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     app.state.metrics = metrics
     app.state.registry = registry
     app.state.inference = inference
+    app.state.fronts = None
 
     _add_routes(app)
     errors.install(app)
-    _add_middleware(app, settings, metrics, inference)
+    if shared:
+        _primary_middleware(app, settings)
+    else:
+        add_middleware(app, settings, metrics, inference, None)
     return app
+
+
+def allow_large_uploads_in_memory(settings: Settings) -> None:
+    # Starlette spools an upload over `spool_max_size` (1 MiB) to a temporary file, which the
+    # handler then reads back whole: a disk round trip for every photo, and bytes left on disk.
+    # The class attribute is the only setting Starlette offers for it (`Request.form`'s
+    # `max_part_size` bounds text fields, FastAPI's `form_limits` counts parts); the body limit
+    # already bounds what an upload can hold in memory. Process-wide, so the largest limit wins.
+    MultiPartParser.spool_max_size = max(MultiPartParser.spool_max_size, settings.max_upload_bytes)
 
 
 @cache
@@ -161,10 +205,15 @@ def __getattr__(name: str) -> FastAPI:
 
 
 def run(args: list[str] | None = None) -> None:
-    """``alexnet-serve``: one process, one model session (scale out with replicas, see README)."""
+    """``alexnet-serve``: front processes on one port and one engine process (``service.supervisor``);
+    ``--workers 0`` runs the whole service in one process."""
     settings = from_command_line(args)
     logging.basicConfig(
         level=settings.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s"
     )
     raise_descriptor_limit(settings.max_connections + 256)  # + model, pool, log and job files
+    if settings.workers:
+        from service.supervisor import serve_with_fronts
+
+        raise SystemExit(serve_with_fronts(settings))
     uvicorn.Server(server_config(create_app(settings), settings)).run()

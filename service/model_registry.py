@@ -2,6 +2,7 @@
 
 import logging
 import threading
+from collections.abc import Callable
 from pathlib import Path
 
 from alexnet_core import files, model_files
@@ -25,10 +26,22 @@ class ModelRegistry:
     def __init__(self, settings: Settings) -> None:
         self.settings = settings
         self.weights_dir = settings.weights_dir
-        self.current: OnnxClassifier | None = None
+        self._current: OnnxClassifier | None = None
         self.not_ready_reason = "model not loaded yet"
+        # Told of every change of the model in service (the engine tells the front processes).
+        self.listeners: list[Callable[[OnnxClassifier | None], None]] = []
         self._activation = threading.Lock()
         self._verified: set[Path] = set()  # files whose SHA-256 matched their export manifest
+
+    @property
+    def current(self) -> OnnxClassifier | None:
+        return self._current
+
+    @current.setter
+    def current(self, classifier: OnnxClassifier | None) -> None:
+        self._current = classifier
+        for listener in list(self.listeners):
+            listener(classifier)
 
     def onnx_files(self) -> list[Path]:
         """``*.onnx`` files in the weights directory, newest first."""

@@ -5,8 +5,9 @@ A request's work is cancelled with the request (a failure, a timeout, a client g
 
 import asyncio
 import time
+from collections.abc import Coroutine
 from concurrent.futures import Executor
-from typing import TypeVar
+from typing import Any, TypeVar
 
 import numpy as np
 from fastapi import HTTPException, Request, UploadFile, status
@@ -52,15 +53,21 @@ class Preparation:
         """The images' inputs as one batch (no copy for a single image)."""
         return images[0].batch if len(images) == 1 else np.concatenate([i.batch for i in images])
 
-    async def one(self, meta: ModelMetadata, data: bytes, label: str = "") -> Preprocessed:
-        """``label`` prefixes an error's detail (which file of the request it was)."""
+    async def square(
+        self, meta: ModelMetadata, data: bytes, label: str = "", out: np.ndarray | None = None
+    ) -> tuple[np.ndarray, float, float]:
+        """The image's central square (into ``out`` when given), decode and square seconds.
+        ``label`` prefixes an error's detail (which file of the request it was)."""
         settings = self.settings
         try:
-            square, decode_s, square_s = await self.decoder.square(
-                data, meta.resize_size, settings.max_pixels, settings.max_jpeg_scans, self.budget
+            return await self.decoder.square(
+                data, meta.resize_size, settings.max_pixels, settings.max_jpeg_scans, self.budget, out=out
             )
         except ImageInputError as exc:
             raise ImageInputError(exc.status_code, label + exc.detail) from None
+
+    async def one(self, meta: ModelMetadata, data: bytes, label: str = "") -> Preprocessed:
+        square, decode_s, square_s = await self.square(meta, data, label)
         started = time.perf_counter()
         if meta.input_kind == "square":  # the square is the input: a view, not worth a thread hand-off
             batch = meta.model_input(square)
@@ -70,17 +77,28 @@ class Preparation:
 
     async def all(self, meta: ModelMetadata, images: list[bytes], labels: list[str]) -> list[Preprocessed]:
         """All of a request's images, as one task group: the first failure cancels the others."""
-        if len(images) == 1:  # nothing to cancel beside it: no task to create
-            return [await self.one(meta, images[0], labels[0])]
-        try:
-            async with asyncio.TaskGroup() as group:
-                tasks = [
-                    group.create_task(self.one(meta, data, label))
-                    for data, label in zip(images, labels, strict=True)
-                ]
-        except BaseExceptionGroup as failed:
-            raise failed.exceptions[0] from None
-        return [task.result() for task in tasks]
+        return await together(
+            [self.one(meta, data, label) for data, label in zip(images, labels, strict=True)]
+        )
+
+    async def squares(
+        self, meta: ModelMetadata, images: list[bytes], labels: list[str], outs: list[np.ndarray]
+    ) -> list[tuple[np.ndarray, float, float]]:
+        """All of a request's squares, each decoded into its ``outs`` (a front's shared slots)."""
+        work = [self.square(meta, *args) for args in zip(images, labels, outs, strict=True)]
+        return await together(work)
+
+
+async def together(work: "list[Coroutine[Any, Any, T]]") -> list[T]:
+    """The results of ``work``, run as one task group: the first failure cancels the others."""
+    if len(work) == 1:  # nothing to cancel beside it: no task to create
+        return [await work[0]]
+    try:
+        async with asyncio.TaskGroup() as group:
+            tasks = [group.create_task(coroutine) for coroutine in work]
+    except BaseExceptionGroup as failed:
+        raise failed.exceptions[0] from None
+    return [task.result() for task in tasks]
 
 
 async def disconnected(request: Request) -> None:

@@ -58,7 +58,13 @@ class Settings(CommonSettings):
     max_pixels: int = Field(64_000_000, gt=0, description="largest image (width x height) decoded")
     max_files: int = Field(16, ge=1, description="most images in one /predict request")
 
-    # Concurrency, batching, backpressure
+    # Processes, concurrency, batching, backpressure
+    workers: int | None = Field(
+        None,
+        ge=0,
+        description="HTTP front processes on the one port, feeding one engine process that holds the "
+        "model; unset = one per core" + AUTO_CPUS + "; 0 = the whole service in one process",
+    )
     preprocess_threads: int = Field(
         0,
         ge=0,
@@ -148,6 +154,8 @@ class Settings(CommonSettings):
     @model_validator(mode="after")
     def _derive_from_machine(self) -> "Settings":
         cpus = usable_cpus()
+        if self.workers is None:
+            self.workers = cpus
         self.intra_op_threads = self.intra_op_threads or cpus
         self.preprocess_threads = self.preprocess_threads or cpus
         # Two per core: a worker that has sent its square waits for the event loop to hand it the

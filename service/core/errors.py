@@ -10,7 +10,7 @@ from starlette.exceptions import HTTPException
 from starlette.routing import Match
 
 from alexnet_core.images import ImageInputError
-from service.inference import Overloaded
+from service.image_admission import Overloaded
 from service.training_jobs import JobError
 
 log = logging.getLogger("service")

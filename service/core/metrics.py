@@ -1,6 +1,16 @@
 """Prometheus metrics, in a registry of the app's own (two apps in one process stay apart)."""
 
-from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, disable_created_metrics
+import os
+
+from prometheus_client import (
+    CollectorRegistry,
+    Counter,
+    Gauge,
+    Histogram,
+    disable_created_metrics,
+    generate_latest,
+    multiprocess,
+)
 
 # The *_created series double the output and no dashboard reads them.
 disable_created_metrics()
@@ -20,8 +30,9 @@ class Metrics:
         def seconds(name: str, documentation: str, labels: tuple[str, ...] = ()) -> Histogram:
             return Histogram(name, documentation, labels, buckets=LATENCY_BUCKETS, registry=r)
 
-        def gauge(name: str, documentation: str) -> Gauge:
-            return Gauge(name, documentation, registry=r)
+        def gauge(name: str, documentation: str, mode: str = "livesum") -> Gauge:
+            # Several processes (fronts and engine): each sets its own share, /metrics adds them.
+            return Gauge(name, documentation, registry=r, multiprocess_mode=mode)
 
         self.request_seconds = seconds("alexnet_request_seconds", "HTTP request latency", ("route",))
         self.in_flight = gauge("alexnet_requests_in_flight", "HTTP requests being handled")
@@ -45,10 +56,34 @@ class Metrics:
             "alexnet_decodes_in_progress", "images queued or decoding in the decode workers"
         )
         self.decode_bytes = gauge("alexnet_decode_bytes", "estimated memory reserved by decodes in progress")
-        self.decode_budget = gauge("alexnet_decode_budget_bytes", "server-wide decode memory budget")
+        self.decode_budget = gauge("alexnet_decode_budget_bytes", "server-wide decode budget", "livemax")
         self.upload_bytes = gauge("alexnet_upload_bytes", "request body bytes held by requests in progress")
-        self.upload_budget = gauge("alexnet_upload_budget_bytes", "server-wide upload memory budget")
+        self.upload_budget = gauge("alexnet_upload_budget_bytes", "server-wide upload budget", "livemax")
         self.images = Counter("alexnet_images", "images classified", registry=r)
         self.model_info = Gauge(
-            "alexnet_model_info", "the model in service (value 1)", ["version", "providers"], registry=r
+            "alexnet_model_info",
+            "the model in service (value 1)",
+            ["version", "providers"],
+            registry=r,
+            multiprocess_mode="livemax",
         )
+        self.model_labels: tuple[str, str] | None = None
+
+    def show_model(self, labels: tuple[str, str] | None) -> None:
+        """``model_info`` for the model in service; 0 for the one before (in several processes a
+        series cannot be removed, only set)."""
+        if labels == self.model_labels:
+            return
+        if self.model_labels is not None:
+            self.model_info.labels(*self.model_labels).set(0)
+        if labels is not None:
+            self.model_info.labels(*labels).set(1)
+        self.model_labels = labels
+
+    def exposition(self) -> bytes:
+        """The text /metrics answers: this process's registry, or every process's of the server."""
+        if "PROMETHEUS_MULTIPROC_DIR" not in os.environ:
+            return generate_latest(self.registry)
+        registry = CollectorRegistry()
+        multiprocess.MultiProcessCollector(registry)
+        return generate_latest(registry)

@@ -5,6 +5,7 @@ body is read, which the limits and the key check depend on. Their answers are St
 import asyncio
 import time
 from collections.abc import Awaitable, Callable
+from typing import Protocol
 
 from fastapi import HTTPException
 from fastapi.responses import JSONResponse
@@ -13,7 +14,7 @@ from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from service.core.errors import error as error_response
 from service.core.metrics import Metrics
-from service.inference import InferenceQueue, Overloaded
+from service.image_admission import Overloaded
 
 # Set on the scope by a middleware that answers a route's request itself, so that the request is
 # counted under that route in the metrics (Starlette sets scope["route"] only when routing ran).
@@ -160,13 +161,17 @@ class ApiKeyGate:
         await self.app(scope, receive, send)
 
 
+class RoomCheck(Protocol):
+    def check_room(self) -> None: ...  # raises Overloaded when not one more image fits
+
+
 class QueueFullGate:
     """``POST /predict`` is refused with 503 + Retry-After before its body is read while the
     inference queue has no room for even one image. Otherwise, under overload, every refusal first
     pays for its upload and multipart parse on the event loop, which the admitted requests need.
     A request let through can still be refused by ``admit``."""
 
-    def __init__(self, app: ASGIApp, inference: InferenceQueue, path: str = "/predict") -> None:
+    def __init__(self, app: ASGIApp, inference: RoomCheck, path: str = "/predict") -> None:
         self.app = app
         self.inference = inference
         self.path = path

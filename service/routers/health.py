@@ -1,6 +1,6 @@
 from fastapi import APIRouter, Response
 from fastapi.responses import JSONResponse
-from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
+from prometheus_client import CONTENT_TYPE_LATEST
 
 from service.deps import MetricsDep, RegistryDep
 from service.schemas import Health, Readiness
@@ -31,7 +31,6 @@ async def ready(registry: RegistryDep) -> Response:
 
 @router.get("/metrics", summary="Prometheus metrics", response_class=Response)
 async def metrics(metrics: MetricsDep, registry: RegistryDep) -> Response:
-    metrics.model_info.clear()
-    if (classifier := registry.current) is not None:
-        metrics.model_info.labels(classifier.version, ",".join(classifier.providers)).set(1)
-    return Response(generate_latest(metrics.registry), media_type=CONTENT_TYPE_LATEST)
+    classifier = registry.current
+    metrics.show_model(None if classifier is None else (classifier.version, ",".join(classifier.providers)))
+    return Response(metrics.exposition(), media_type=CONTENT_TYPE_LATEST)

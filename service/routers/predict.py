@@ -1,14 +1,12 @@
-import asyncio
 from typing import Annotated
 
 import numpy as np
 from fastapi import APIRouter, Depends, File, Query, Request
 from pydantic import BeforeValidator
 
-from alexnet_core.pipeline import Preprocessed, top_k
-from service.deps import ClassifierDep, MetricsDep, PreparationDep, QueueDep, SettingsDep, single_file_part
-from service.inference import InferenceResult
-from service.preparation import read_uploads, unless_disconnected
+from alexnet_core.pipeline import top_k
+from service.deps import EngineDep, MetricsDep, ServedDep, SettingsDep, single_file_part
+from service.preparation import read_uploads
 from service.schemas import (
     ImagePrediction,
     ImageUpload,
@@ -70,38 +68,33 @@ def top_k_predictions(
 )
 async def predict(
     request: Request,
-    classifier: ClassifierDep,
+    model: ServedDep,
+    engine: EngineDep,
     settings: SettingsDep,
-    inference: QueueDep,
     metrics: MetricsDep,
-    preparation: PreparationDep,
     uploads: Uploads,
     top_k: Annotated[int, Query(ge=1, le=1000, description="classes to return per image")] = 5,
 ) -> PredictResponse:
     data, labels = await read_uploads(uploads, settings.max_files)
-    meta = classifier.metadata
-
-    async def work() -> tuple[list[Preprocessed], InferenceResult]:
-        async with inference.admit_within(len(uploads), settings.request_timeout_s) as admission:
-            images = await preparation.all(meta, data, labels)
-            return images, await inference.infer(admission, classifier, preparation.batch(images))
-
-    images, result = await unless_disconnected(request, asyncio.create_task(work()), metrics)
-    metrics.images.inc(len(images))
+    result = await engine.run(model, data, labels, cancel_on=request)
+    meta = model.metadata
+    metrics.images.inc(len(data))
     results = []
-    for upload, image, probabilities in zip(uploads, images, result.probabilities, strict=True):
-        metrics.decode_seconds.observe(image.decode_s)
-        metrics.preprocess_seconds.observe(image.preprocess_s)
+    for upload, probabilities, decode_s, preprocess_s in zip(
+        uploads, result.probabilities, result.decode_s, result.preprocess_s, strict=True
+    ):
+        metrics.decode_seconds.observe(decode_s)
+        metrics.preprocess_seconds.observe(preprocess_s)
         results.append(
             ImagePrediction(
                 filename=upload.filename,
                 predictions=top_k_predictions(probabilities, top_k, meta.labels, meta.wnids),
                 timings=Timings(
-                    decode_ms=image.decode_s * 1000,
-                    preprocess_ms=image.preprocess_s * 1000,
+                    decode_ms=decode_s * 1000,
+                    preprocess_ms=preprocess_s * 1000,
                     inference_ms=result.seconds * 1000,
                     batch_images=result.batch_images,
                 ),
             )
         )
-    return PredictResponse(model_version=classifier.version, results=results)
+    return PredictResponse(model_version=model.version, results=results)

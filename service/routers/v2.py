@@ -14,18 +14,16 @@ import functools
 from typing import Any
 
 import numpy as np
-from fastapi import APIRouter, Request, Response
+from fastapi import APIRouter, HTTPException, Request, Response
 from fastapi.responses import JSONResponse
 
 from alexnet_core.images import ImageInputError
-from alexnet_core.metadata import ModelMetadata
 from alexnet_core.pipeline import N_CROPS, top_k
-from alexnet_core.session import OnnxClassifier
 from service.core.config import Settings
-from service.deps import MetricsDep, PoolDep, PreparationDep, QueueDep, RegistryDep, SettingsDep
-from service.inference import Overloaded
-from service.model_registry import ModelRegistry
-from service.preparation import Preparation
+from service.deps import EngineDep, MetricsDep, PoolDep, SettingsDep
+from service.engine.local import Engine, ServedModel
+from service.engine.remote import TensorElsewhere
+from service.image_admission import Overloaded
 from service.routers.v2_codec import (
     HEADER_LENGTH,
     InputTensor,
@@ -51,13 +49,14 @@ def error(exc: ProtocolError) -> JSONResponse:
     return JSONResponse({"error": exc.message}, status_code=exc.status, headers=exc.headers)
 
 
-def served(registry: ModelRegistry, name: str, version: str | None) -> OnnxClassifier:
+def served(engine: Engine, name: str, version: str | None) -> ServedModel:
     """The model in service, if ``name`` (and ``version``, when given) designate it."""
     if name != MODEL_NAME:
         raise ProtocolError(404, f"unknown model {name!r}: this server has one model, {MODEL_NAME!r}")
-    classifier = registry.current
-    if classifier is None:
-        raise ProtocolError(503, f"no model loaded: {registry.not_ready_reason}")
+    try:
+        classifier = engine.served()
+    except HTTPException as exc:
+        raise ProtocolError(503, str(exc.detail), {"Retry-After": "1"}) from None
     if version not in (None, "", classifier.version):
         raise ProtocolError(
             404, f"version {version!r} of {MODEL_NAME!r} is not served ({classifier.version} is)"
@@ -65,7 +64,7 @@ def served(registry: ModelRegistry, name: str, version: str | None) -> OnnxClass
     return classifier
 
 
-def tensor_input(classifier: OnnxClassifier) -> dict[str, Any]:
+def tensor_input(classifier: ServedModel) -> dict[str, Any]:
     meta = classifier.metadata
     if meta.input_kind == "square":
         size = meta.resize_size
@@ -82,9 +81,11 @@ async def live() -> Response:
 @router.get(
     "/health/ready", summary="Readiness (200: a model is loaded; 400 otherwise, as the protocol says)"
 )
-async def ready(registry: RegistryDep) -> Response:
-    if registry.current is None:
-        return error(ProtocolError(400, f"not ready: {registry.not_ready_reason}"))
+async def ready(engine: EngineDep) -> Response:
+    try:
+        engine.served()
+    except HTTPException as exc:
+        return error(ProtocolError(400, f"not ready: {exc.detail}"))
     return Response(status_code=200)
 
 
@@ -95,9 +96,9 @@ async def server_metadata() -> dict[str, Any]:
 
 @router.get("/models/{name}", summary="Model metadata: inputs and outputs")
 @router.get("/models/{name}/versions/{version}", summary="Model metadata of one version")
-async def model_metadata(name: str, registry: RegistryDep, version: str | None = None) -> Any:
+async def model_metadata(name: str, engine: EngineDep, version: str | None = None) -> Any:
     try:
-        classifier = served(registry, name, version)
+        classifier = served(engine, name, version)
     except ProtocolError as exc:
         return error(exc)
     meta = classifier.metadata
@@ -112,15 +113,15 @@ async def model_metadata(name: str, registry: RegistryDep, version: str | None =
 
 @router.get("/models/{name}/ready", summary="Model readiness (200 or 400)")
 @router.get("/models/{name}/versions/{version}/ready", summary="Readiness of one version")
-async def model_ready(name: str, registry: RegistryDep, version: str | None = None) -> Response:
+async def model_ready(name: str, engine: EngineDep, version: str | None = None) -> Response:
     try:
-        served(registry, name, version)
+        served(engine, name, version)
     except ProtocolError as exc:
         return error(ProtocolError(400 if exc.status == 503 else exc.status, exc.message))
     return Response(status_code=200)
 
 
-def model_tensor(tensor: InputTensor, classifier: OnnxClassifier, max_files: int) -> tuple[np.ndarray, int]:
+def model_tensor(tensor: InputTensor, classifier: ServedModel, max_files: int) -> tuple[np.ndarray, int]:
     """The model's own input, checked against its metadata: (array, images)."""
     expected = tensor_input(classifier)
     if tensor.datatype != expected["datatype"]:
@@ -138,20 +139,14 @@ def model_tensor(tensor: InputTensor, classifier: OnnxClassifier, max_files: int
     return tensor.value, images
 
 
-async def decoded_images(
-    tensor: InputTensor, meta: ModelMetadata, settings: Settings, preparation: Preparation
-) -> np.ndarray:
-    """Encoded images -> the model's input, through the /predict pipeline and its limits."""
+def image_bytes(tensor: InputTensor, settings: Settings) -> list[bytes]:
+    """The encoded images of the BYTES input, checked for their number."""
     if tensor.datatype != "BYTES":
         raise bad(f"input {BYTES_INPUT!r}: datatype {tensor.datatype}, expected BYTES")
     assert isinstance(tensor.value, list)
     if not 1 <= len(tensor.value) <= settings.max_files:
         raise bad(f"input {BYTES_INPUT!r}: {len(tensor.value)} images, 1 to {settings.max_files} per request")
-    labels = [f"{BYTES_INPUT}[{index}]: " for index in range(len(tensor.value))]
-    try:
-        return Preparation.batch(await preparation.all(meta, tensor.value, labels))
-    except ImageInputError as exc:
-        raise ProtocolError(exc.status_code, exc.detail) from None
+    return tensor.value
 
 
 def requested_outputs(
@@ -179,10 +174,10 @@ def classification(probabilities: np.ndarray, k: int, labels: list[str]) -> np.n
 
 
 async def run_inference(
-    request: Request, name: str, version: str | None, registry: ModelRegistry, deps: dict[str, Any]
+    request: Request, name: str, version: str | None, engine: Engine, deps: dict[str, Any]
 ) -> Response:
-    settings, inference, pool = deps["settings"], deps["inference"], deps["pool"]
-    classifier = served(registry, name, version)
+    settings, pool = deps["settings"], deps["pool"]
+    classifier = served(engine, name, version)
     body = await request.body()
     # Off the event loop: JSON tensors can be tens of MB of numbers.
     parse = functools.partial(parse_infer_request, body, request.headers.get(HEADER_LENGTH))
@@ -192,15 +187,21 @@ async def run_inference(
     (tensor,) = parsed.inputs
     outputs = requested_outputs(parsed.outputs, parsed.binary_output)
     if tensor.name == BYTES_INPUT:
-        images = len(tensor.value)
+        data = image_bytes(tensor, settings)
+        labels = [f"{BYTES_INPUT}[{index}]: " for index in range(len(data))]
+        images = len(data)
+        try:
+            result = await engine.run(classifier, data, labels)
+        except ImageInputError as exc:
+            raise ProtocolError(exc.status_code, exc.detail) from None
     elif tensor.name == classifier.metadata.input_name:
         batch, images = model_tensor(tensor, classifier, settings.max_files)
+        try:
+            result = await engine.run_tensor(classifier, batch, images)
+        except TensorElsewhere:  # in a front: the engine process's app runs it
+            return await request.app.state.proxy.forward(request, body)
     else:
         raise bad(f"unknown input {tensor.name!r}: {classifier.metadata.input_name!r} or {BYTES_INPUT!r}")
-    async with inference.admit_within(max(images, 1), settings.request_timeout_s) as admission:
-        if tensor.name == BYTES_INPUT:
-            batch = await decoded_images(tensor, classifier.metadata, settings, deps["preparation"])
-        result = await inference.infer(admission, classifier, batch)
     deps["metrics"].images.inc(images)
     probabilities = result.probabilities.astype(np.float32)
     tensors = [
@@ -225,23 +226,15 @@ async def run_inference(
 async def infer(
     request: Request,
     name: str,
-    registry: RegistryDep,
+    engine: EngineDep,
     settings: SettingsDep,
-    inference: QueueDep,
     pool: PoolDep,
     metrics: MetricsDep,
-    preparation: PreparationDep,
     version: str | None = None,
 ) -> Response:
-    deps = {
-        "settings": settings,
-        "inference": inference,
-        "pool": pool,
-        "metrics": metrics,
-        "preparation": preparation,
-    }
+    deps = {"settings": settings, "pool": pool, "metrics": metrics}
     try:
-        return await run_inference(request, name, version, registry, deps)
+        return await run_inference(request, name, version, engine, deps)
     except ProtocolError as exc:
         return error(exc)
     except Overloaded as exc:

@@ -1,0 +1,136 @@
+"""The one entry point the routes use for inference: ``await engine.run(model, images, ...)``.
+
+It owns the pipeline ``decode_request -> batch -> predict -> unbatch``: admission (places in the
+queue, within the request's time limit), decoding in the killable workers against the decode
+budget, the batcher and the session; cancelled with the request when its client goes away. Routes
+only parse their input and shape the answer. ``LocalEngine`` runs it in this process (the engine
+process, or a server of one process); ``service.engine.remote.RemoteEngine`` in a front process,
+with the same calls.
+"""
+
+import asyncio
+from collections.abc import Coroutine
+from dataclasses import dataclass
+from typing import Any, Protocol
+
+import numpy as np
+from fastapi import HTTPException, Request, status
+
+from alexnet_core.metadata import ModelMetadata
+from alexnet_core.session import OnnxClassifier
+from service.core.config import Settings
+from service.core.metrics import Metrics
+from service.inference import InferenceQueue
+from service.model_registry import ModelRegistry
+from service.preparation import Preparation, unless_disconnected
+
+
+class ServedModel(Protocol):
+    """What a route knows of the model in service (an ``OnnxClassifier``, or a front's view)."""
+
+    @property
+    def version(self) -> str: ...
+
+    @property
+    def metadata(self) -> ModelMetadata: ...
+
+
+@dataclass
+class EngineResult:
+    probabilities: np.ndarray  # (images, classes)
+    features: np.ndarray | None  # (images, dim) when asked for
+    decode_s: list[float]  # per image
+    preprocess_s: list[float]
+    seconds: float  # the inference call
+    batch_images: int  # images in that call, this request's and others'
+
+
+class Engine(Protocol):
+    def served(self) -> ServedModel: ...
+
+    def check_room(self) -> None: ...
+
+    async def run(
+        self,
+        model: Any,
+        images: list[bytes],
+        labels: list[str],
+        *,
+        features: bool = False,
+        cancel_on: Request | None = None,
+    ) -> EngineResult: ...
+
+    async def run_tensor(self, model: Any, batch: np.ndarray, images: int) -> EngineResult: ...
+
+
+def no_model(reason: str) -> HTTPException:
+    return HTTPException(
+        status.HTTP_503_SERVICE_UNAVAILABLE, f"no model loaded: {reason}", {"Retry-After": "1"}
+    )
+
+
+async def cancelled_with(
+    request: Request | None, work: "Coroutine[Any, Any, EngineResult]", metrics: Metrics
+) -> EngineResult:
+    if request is None:
+        return await work
+    return await unless_disconnected(request, asyncio.create_task(work), metrics)
+
+
+class LocalEngine:
+    def __init__(
+        self,
+        settings: Settings,
+        registry: ModelRegistry,
+        inference: InferenceQueue,
+        preparation: Preparation,
+        metrics: Metrics,
+    ) -> None:
+        self.settings, self.registry, self.inference = settings, registry, inference
+        self.preparation, self.metrics = preparation, metrics
+
+    def served(self) -> OnnxClassifier:
+        """The model in service when the request arrives; it serves the whole request even if
+        another is activated meanwhile."""
+        classifier = self.registry.current
+        if classifier is None:
+            raise no_model(self.registry.not_ready_reason)
+        return classifier
+
+    def check_room(self) -> None:
+        self.inference.check_room()
+
+    async def run(
+        self,
+        model: OnnxClassifier,
+        images: list[bytes],
+        labels: list[str],
+        *,
+        features: bool = False,
+        cancel_on: Request | None = None,
+    ) -> EngineResult:
+        """The images' answers: admitted, decoded in the workers, batched, run."""
+
+        async def work() -> EngineResult:
+            inference = self.inference
+            async with inference.admit_within(len(images), self.settings.request_timeout_s) as admission:
+                prepared = await self.preparation.all(model.metadata, images, labels)
+                result = await inference.infer(admission, model, Preparation.batch(prepared), features)
+            return EngineResult(
+                result.probabilities,
+                result.features,
+                [image.decode_s for image in prepared],
+                [image.preprocess_s for image in prepared],
+                result.seconds,
+                result.batch_images,
+            )
+
+        return await cancelled_with(cancel_on, work(), self.metrics)
+
+    async def run_tensor(self, model: OnnxClassifier, batch: np.ndarray, images: int) -> EngineResult:
+        """The model's own input (Open Inference Protocol tensors), through the same batcher."""
+        async with self.inference.admit_within(images, self.settings.request_timeout_s) as admission:
+            result = await self.inference.infer(admission, model, batch)
+        return EngineResult(
+            result.probabilities, None, [0.0] * images, [0.0] * images, result.seconds, result.batch_images
+        )
