@@ -7,6 +7,7 @@ of the model in service to every front (and waits for them to agree before an ac
 import asyncio
 import json
 import logging
+import threading
 from collections.abc import Callable
 from concurrent.futures import Executor
 from pathlib import Path
@@ -78,7 +79,8 @@ class _FrontLink(asyncio.Protocol):
             if (input_bytes, output_bytes) != (p.INPUT_BYTES, p.OUTPUT_BYTES):
                 raise ValueError("the front's slot layout differs from the engine's")
             self.segment = p.Segment(Path(bytes(body[p.HELLO.size :]).decode()), slots, create=False)
-            self.transport.write(self.server.model_message())
+            self.acked = self.server.seq  # what it is told now is the latest
+            self.transport.write(self.server.model_message(self.server.registry.current))
         else:
             raise ValueError(f"unknown message kind {kind}")
 
@@ -152,59 +154,64 @@ class EngineServer:
         self.models: dict[int, OnnxClassifier] = {}
         self.generation = 0
         self.seq = 0
-        self._agreed = asyncio.Event()
+        self._waiting: list[tuple[int, threading.Event]] = []
         self._server: asyncio.AbstractServer | None = None
 
     async def start(self) -> None:
         self.loop = asyncio.get_running_loop()
+        self.thread = threading.get_ident()
         self.model_changed(self.registry.current)
-        self.registry.listeners.append(self._from_any_thread)
+        self.registry.listeners.append(self.announce)
         self._server = await self.loop.create_unix_server(lambda: _FrontLink(self), str(self.path))
 
     def stop(self) -> None:
-        if self._from_any_thread in self.registry.listeners:
-            self.registry.listeners.remove(self._from_any_thread)
+        if self.announce in self.registry.listeners:
+            self.registry.listeners.remove(self.announce)
         if self._server is not None:
             self._server.close()
         for link in list(self.links):
             link.transport.abort()
 
-    def _from_any_thread(self, classifier: OnnxClassifier | None) -> None:
-        # Activations load in worker threads; the links belong to the loop.
-        self.loop.call_soon_threadsafe(self.model_changed, classifier)
+    def announce(self, classifier: OnnxClassifier | None, timeout_s: float = 2.0) -> None:
+        """Tell every front of the model now in service, and (from another thread: an activation
+        loads in a worker thread) return once they have all seen it, so that an activation
+        answers when every front serves the new model."""
+        if threading.get_ident() == self.thread:
+            self.model_changed(classifier)
+            return
+        seen = threading.Event()
+
+        def on_loop() -> None:
+            self.model_changed(classifier)
+            self._waiting.append((self.seq, seen))
+            self.acked_changed()
+
+        self.loop.call_soon_threadsafe(on_loop)
+        if not seen.wait(timeout_s):
+            log.warning("a front did not confirm the model change within %.0f s", timeout_s)
 
     def model_changed(self, classifier: OnnxClassifier | None) -> None:
-        if classifier is not None and any(c is classifier for c in self.models.values()):
-            return
         self.seq += 1
         if classifier is not None:
             self.generation += 1
             self.models = {g: c for g, c in self.models.items() if g == self.generation - 1}
             self.models[self.generation] = classifier
-        self._agreed.clear()
-        message = self.model_message()
+        message = self.model_message(classifier)
         for link in self.links:
-            link.transport.write(message)
-        self.acked_changed()
+            if link.segment is not None:
+                link.transport.write(message)
 
-    def model_message(self) -> bytes:
-        classifier = self.registry.current
+    def model_message(self, classifier: OnnxClassifier | None) -> bytes:
         generation = self.generation if classifier is not None else 0
         body = announcement(classifier, self.registry.not_ready_reason)
         return p.frame(p.K_MODEL, p.MODEL.pack(self.seq, generation), body)
 
     def acked_changed(self) -> None:
-        if all(link.acked >= self.seq for link in self.links if link.segment is not None):
-            self._agreed.set()
-
-    async def agreed(self, timeout_s: float = 1.0) -> bool:
-        """True once every front has seen the latest model (an activation answers after that)."""
-        if self.registry.current is not None and self.registry.current not in self.models.values():
-            self.model_changed(self.registry.current)
-        try:
-            async with asyncio.timeout(timeout_s):
-                await self._agreed.wait()
-        except TimeoutError:
-            log.warning("a front did not confirm the model change within %.1f s", timeout_s)
-            return False
-        return True
+        acked = min((link.acked for link in self.links if link.segment is not None), default=self.seq)
+        still = []
+        for seq, seen in self._waiting:
+            if acked >= seq:
+                seen.set()
+            else:
+                still.append((seq, seen))
+        self._waiting = still
