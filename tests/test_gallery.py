@@ -4,7 +4,9 @@ with its features output (fc7 after ReLU), checked against torch; the gallery's 
 
 import json
 import shutil
+import sqlite3
 from collections.abc import Iterator
+from contextlib import closing
 from pathlib import Path
 
 import httpx
@@ -144,11 +146,11 @@ def test_gallery_add_search_delete_and_restart(client: httpx.Client, weights: Pa
     again = client.post("/similar", params={"k": 1}, files={"file": ("q.png", items["img-2"])}).json()
     assert again["neighbours"][0]["id"] != "img-2"
 
-    # On disk: one manifest, the one index file it names, no temporary files.
+    # On disk: one SQLite database (and its WAL files), the items in it, nothing else.
     directory = next((weights / "gallery").iterdir())
-    manifest = json.loads((directory / "manifest.json").read_text())
-    assert sorted(p.name for p in directory.glob("index-*")) == [manifest["index_file"]]
-    assert not list(weights.rglob("*.part"))
+    assert {p.name for p in directory.iterdir()} <= {f"gallery.sqlite{s}" for s in ("", "-wal", "-shm")}
+    with closing(sqlite3.connect(directory / "gallery.sqlite")) as db:
+        assert db.execute("SELECT count(*) FROM items").fetchone() == (5,)
     # A restart keeps the gallery.
     with serve(cpu_settings(weights, api_key=KEY)) as url, httpx.Client(base_url=url, timeout=60) as c:
         assert c.get("/gallery").json()["count"] == 5
@@ -156,14 +158,16 @@ def test_gallery_add_search_delete_and_restart(client: httpx.Client, weights: Pa
         assert kept["neighbours"][0]["id"] == "img-4"
 
 
-def test_corrupt_index_is_reported_and_not_served(client: httpx.Client, weights: Path) -> None:
+def test_corrupt_store_is_reported_and_not_served(client: httpx.Client, weights: Path) -> None:
     assert add(client, "one", image(1)).status_code == 201
     directory = next((weights / "gallery").iterdir())
-    index = directory / json.loads((directory / "manifest.json").read_text())["index_file"]
-    data = bytearray(index.read_bytes())
-    data[-100] ^= 0xFF  # one flipped byte inside the vectors: FAISS alone would load it
-    index.write_bytes(bytes(data))
-    with serve(cpu_settings(weights, api_key=KEY)) as url, httpx.Client(base_url=url, timeout=60) as c:
+    database = directory / "gallery.sqlite"
+    with closing(sqlite3.connect(database)) as db, db:
+        # One flipped byte inside a stored vector: SQLite alone would serve it.
+        (vector,) = db.execute("SELECT vector FROM items").fetchone()
+        db.execute("UPDATE items SET vector = ?", (bytes([vector[0] ^ 0xFF]) + vector[1:],))
+
+    def refused(c: httpx.Client) -> None:
         for response in (
             c.get("/gallery"),
             c.post("/similar", files={"file": ("q.png", image(1))}),
@@ -171,13 +175,18 @@ def test_corrupt_index_is_reported_and_not_served(client: httpx.Client, weights:
         ):
             assert response.status_code == 503, response.text
             assert "corrupt" in response.json()["detail"]
-        (directory / "manifest.json").write_text("{not json")
-        response = c.get("/gallery")
-        assert response.status_code == 503 and "corrupt" in response.json()["detail"]
-        manifest = {"format": "alexnet-serve-gallery/1", "items": [], "index_file": index.name}
-        (directory / "manifest.json").write_text(json.dumps(manifest))
-        response = c.get("/gallery")  # keys missing: reported, not a 500
-        assert response.status_code == 503 and "KeyError" in response.json()["detail"]
+            assert str(weights.parent) not in response.text  # no server path reaches the client
+
+    with serve(cpu_settings(weights, api_key=KEY)) as url, httpx.Client(base_url=url, timeout=60) as c:
+        refused(c)
+        for suffix in ("-wal", "-shm"):
+            database.with_name(database.name + suffix).unlink(missing_ok=True)
+        database.write_bytes(b"not a database at all" * 100)
+        refused(c)
+        with closing(sqlite3.connect(database.with_name("other.sqlite"))) as db:
+            db.execute("CREATE TABLE meta (name TEXT PRIMARY KEY, value TEXT NOT NULL)")
+        database.with_name("other.sqlite").replace(database)  # a database without its meta
+        refused(c)
         # Moved away, a new gallery starts without a restart.
         directory.rename(directory.with_name("broken"))
         assert c.get("/gallery").json()["count"] == 0
@@ -243,7 +252,7 @@ def test_hostile_gallery_adds(
     response = client.post("/gallery", data=form, files=upload, headers=AUTH)
     assert response.status_code == status, response.text
     assert words in response.json()["detail"]
-    assert not (weights / "gallery").exists() or not list((weights / "gallery").rglob("index-*"))
+    assert not (weights / "gallery").exists() or not list((weights / "gallery").rglob("gallery.sqlite"))
 
 
 def test_hostile_requests(client: httpx.Client, weights: Path) -> None:

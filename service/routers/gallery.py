@@ -27,7 +27,7 @@ from alexnet_core.session import OnnxClassifier
 from service.core.security import ApiKey
 from service.deps import ClassifierDep, PreparationDep, QueueDep, SettingsDep
 from service.embedding import AGGREGATION, Embedded, NoFeatures, embed, feature_dim
-from service.gallery import ID_PATTERN, Galleries, Gallery, GalleryError, Item, thumbnail
+from service.gallery import ID_PATTERN, Galleries, Gallery, GalleryBusy, GalleryError, Item, thumbnail
 from service.preparation import read_uploads
 from service.routers.predict import Uploads, top_k_predictions
 from service.schemas import Prediction, error_responses
@@ -94,6 +94,8 @@ ITEM_ERRORS: dict[int, str | None] = {
 def http_errors() -> Iterator[None]:
     try:
         yield
+    except GalleryBusy as exc:
+        raise HTTPException(exc.status_code, exc.detail, headers={"Retry-After": "1"}) from None
     except GalleryError as exc:
         raise HTTPException(exc.status_code, exc.detail) from None
     except NoFeatures as exc:
@@ -187,7 +189,7 @@ async def similar(
     classifier = embedder.classifier
     gallery = await open_gallery(request, classifier)
     with http_errors():
-        gallery.entries()  # a corrupt or foreign gallery is refused before any work
+        gallery.check()  # a corrupt or foreign gallery is refused before any work
     result = await embedder.embed_uploads([file])
     with http_errors():
         found = await asyncio.to_thread(gallery.search, result.features[0], k)
@@ -205,11 +207,16 @@ async def similar(
     responses=error_responses({409: ITEM_ERRORS[409], 503: ITEM_ERRORS[503]}),
     summary="The gallery of the model in service",
 )
-async def list_gallery(request: Request, classifier: ClassifierDep) -> GalleryListing:
-    gallery = await open_gallery(request, classifier)
-    with http_errors():
+async def list_gallery(request: Request, classifier: ClassifierDep) -> Response:
+    def listing(gallery: Gallery) -> Response:
+        # Read and serialised in a worker thread: a large gallery's listing costs the event loop nothing.
         items = gallery.entries()
-    return GalleryListing(model_version=classifier.version, count=len(items), items=[_item(i) for i in items])
+        body = GalleryListing(
+            model_version=classifier.version, count=len(items), items=[_item(i) for i in items]
+        )
+        return Response(body.model_dump_json(), media_type="application/json")
+
+    return await in_gallery(request, classifier, listing)
 
 
 ADD_BODY = {
@@ -258,7 +265,7 @@ async def add_to_gallery(request: Request, embedder: EmbedderDep) -> GalleryItem
     classifier = embedder.classifier
     gallery = await open_gallery(request, classifier)
     with http_errors():
-        gallery.entries()
+        gallery.check()
     data = await upload.read()
     await upload.seek(0)
     result = await embedder.embed_uploads([upload])
