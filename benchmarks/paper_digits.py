@@ -25,7 +25,6 @@ from benchmarks.report import add_out_option, write_report
 from model_export.ensemble import build_ensemble
 from model_export.export import export_onnx
 from model_export.weights import load_checkpoint
-from service.embedding import embed
 
 CPU = ["CPUExecutionProvider"]
 
@@ -40,7 +39,7 @@ def split(root: Path, name: str, per_class: int | None = None) -> list[tuple[Pat
 def features(classifier: OnnxClassifier, images: list[tuple[Path, int]], chunk: int = 32) -> np.ndarray:
     crops = inputs(classifier, images)
     return np.concatenate(
-        [embed(classifier, crops[i : i + chunk]).features for i in range(0, len(crops), chunk)]
+        [classifier.features(np.concatenate(crops[i : i + chunk])) for i in range(0, len(crops), chunk)]
     )
 
 

@@ -4,7 +4,6 @@ the server-wide decode budget, decoded in a killable worker process, cut into th
 A request's work is cancelled with the request (a failure, a timeout, a client gone away)."""
 
 import asyncio
-import time
 from collections.abc import Coroutine
 from concurrent.futures import Executor
 from typing import Any, TypeVar
@@ -14,7 +13,6 @@ from fastapi import HTTPException, Request, UploadFile, status
 
 from alexnet_core.images import ImageInputError
 from alexnet_core.metadata import ModelMetadata
-from alexnet_core.pipeline import Preprocessed
 from service.admission import DecodeBudget
 from service.core.config import Settings
 from service.core.metrics import Metrics
@@ -48,11 +46,6 @@ class Preparation:
     def __init__(self, settings: Settings, pool: Executor, decoder: DecodePool, budget: DecodeBudget) -> None:
         self.settings, self.pool, self.decoder, self.budget = settings, pool, decoder, budget
 
-    @staticmethod
-    def batch(images: list[Preprocessed]) -> np.ndarray:
-        """The images' inputs as one batch (no copy for a single image)."""
-        return images[0].batch if len(images) == 1 else np.concatenate([i.batch for i in images])
-
     async def square(
         self, meta: ModelMetadata, data: bytes, label: str = "", out: np.ndarray | None = None
     ) -> tuple[np.ndarray, float, float]:
@@ -66,25 +59,24 @@ class Preparation:
         except ImageInputError as exc:
             raise ImageInputError(exc.status_code, label + exc.detail) from None
 
-    async def one(self, meta: ModelMetadata, data: bytes, label: str = "") -> Preprocessed:
-        square, decode_s, square_s = await self.square(meta, data, label)
-        started = time.perf_counter()
-        if meta.input_kind == "square":  # the square is the input: a view, not worth a thread hand-off
-            batch = meta.model_input(square)
-        else:
-            batch = await asyncio.get_running_loop().run_in_executor(self.pool, meta.model_input, square)
-        return Preprocessed(batch, decode_s, square_s + time.perf_counter() - started)
+    async def model_input(self, meta: ModelMetadata, squares: list[np.ndarray]) -> np.ndarray:
+        """The model's input batch for these squares: the squares themselves for a model that
+        crops in its graph (a view for one image), else their ten float crops each, cut in the
+        pool's threads (numpy lets go of the GIL)."""
+        if meta.input_kind == "square":
+            return squares[0][None] if len(squares) == 1 else np.stack(squares)
 
-    async def all(self, meta: ModelMetadata, images: list[bytes], labels: list[str]) -> list[Preprocessed]:
-        """All of a request's images, as one task group: the first failure cancels the others."""
-        return await together(
-            [self.one(meta, data, label) for data, label in zip(images, labels, strict=True)]
-        )
+        def cut() -> np.ndarray:
+            return np.concatenate([meta.model_input(square) for square in squares])
+
+        return await asyncio.get_running_loop().run_in_executor(self.pool, cut)
 
     async def squares(
-        self, meta: ModelMetadata, images: list[bytes], labels: list[str], outs: list[np.ndarray]
+        self, meta: ModelMetadata, images: list[bytes], labels: list[str], outs: list[np.ndarray | None]
     ) -> list[tuple[np.ndarray, float, float]]:
-        """All of a request's squares, each decoded into its ``outs`` (a front's shared slots)."""
+        """All of a request's squares (each decoded into its ``outs`` where given: a front's shared
+        slots), with their decode and square seconds, as one task group: the first failure cancels
+        the others (and kills their decodes)."""
         work = [self.square(meta, *args) for args in zip(images, labels, outs, strict=True)]
         return await together(work)
 

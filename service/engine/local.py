@@ -9,6 +9,7 @@ with the same calls.
 """
 
 import asyncio
+import time
 from collections.abc import Coroutine
 from dataclasses import dataclass
 from typing import Any, Protocol
@@ -43,6 +44,7 @@ class EngineResult:
     preprocess_s: list[float]
     seconds: float  # the inference call
     batch_images: int  # images in that call, this request's and others'
+    squares: list[np.ndarray] | None = None  # the decoded central squares, when asked for
 
 
 class Engine(Protocol):
@@ -107,22 +109,28 @@ class LocalEngine:
         labels: list[str],
         *,
         features: bool = False,
+        squares: bool = False,
         cancel_on: Request | None = None,
     ) -> EngineResult:
-        """The images' answers: admitted, decoded in the workers, batched, run."""
+        """The images' answers: admitted, decoded in the workers, batched, run. ``squares``: keep
+        the decoded central squares in the result (a gallery's thumbnail is made from its square)."""
 
         async def work() -> EngineResult:
-            inference = self.inference
+            inference, meta = self.inference, model.metadata
             async with inference.admit_within(len(images), self.settings.request_timeout_s) as admission:
-                prepared = await self.preparation.all(model.metadata, images, labels)
-                result = await inference.infer(admission, model, Preparation.batch(prepared), features)
+                decoded = await self.preparation.squares(meta, images, labels, [None] * len(images))
+                started = time.perf_counter()
+                batch = await self.preparation.model_input(meta, [square for square, _, _ in decoded])
+                cut_s = (time.perf_counter() - started) / len(images)
+                result = await inference.infer(admission, model, batch, features)
             return EngineResult(
                 result.probabilities,
                 result.features,
-                [image.decode_s for image in prepared],
-                [image.preprocess_s for image in prepared],
+                [decode_s for _, decode_s, _ in decoded],
+                [square_s + cut_s for _, _, square_s in decoded],
                 result.seconds,
                 result.batch_images,
+                [square for square, _, _ in decoded] if squares else None,
             )
 
         return await cancelled_with(cancel_on, work(), self.metrics)

@@ -19,14 +19,15 @@ from fastapi import (
     UploadFile,
     status,
 )
+from PIL import Image
 from pydantic import BaseModel, Field
 from starlette.datastructures import UploadFile as StarletteUpload
 
-from alexnet_core.images import decode
 from alexnet_core.session import OnnxClassifier
 from service.core.security import ApiKey
-from service.deps import ClassifierDep, PreparationDep, QueueDep, SettingsDep
-from service.embedding import AGGREGATION, Embedded, NoFeatures, embed, feature_dim
+from service.deps import ClassifierDep, EngineDep, SettingsDep
+from service.embedding import AGGREGATION, NoFeatures, feature_dim
+from service.engine.local import EngineResult
 from service.gallery import ID_PATTERN, Galleries, Gallery, GalleryBusy, GalleryError, Item, thumbnail
 from service.preparation import read_uploads
 from service.routers.predict import Uploads, top_k_predictions
@@ -134,22 +135,19 @@ def _item(item: Item) -> GalleryItem:
 
 @dataclass
 class Embedder:
-    """The model in service and what the routes that embed images run them through."""
+    """The model in service and the engine the routes that embed images run them through."""
 
     classifier: ClassifierDep
     settings: SettingsDep
-    inference: QueueDep
-    preparation: PreparationDep
+    engine: EngineDep
 
-    async def embed_uploads(self, uploads: list[StarletteUpload]) -> Embedded:
-        """The images through /predict's pipeline (cost admission, decode workers), then one
-        inference call for both outputs, within the queue's admission limit and the request timeout."""
+    async def embed_uploads(self, uploads: list[StarletteUpload], squares: bool = False) -> EngineResult:
+        """The images through the engine (admission, decode workers, the batcher): both outputs
+        from one inference call; ``squares`` keeps the decoded squares (for a thumbnail)."""
         data, labels = await read_uploads(uploads, self.settings.max_files)
         with http_errors():
             feature_dim(self.classifier)  # refuse a model without features before decoding anything
-        async with self.inference.admit_within(len(uploads), self.settings.request_timeout_s):
-            images = await self.preparation.all(self.classifier.metadata, data, labels)
-            return await asyncio.to_thread(embed, self.classifier, [image.batch for image in images])
+        return await self.engine.run(self.classifier, data, labels, features=True, squares=squares)
 
 
 EmbedderDep = Annotated[Embedder, Depends()]
@@ -266,11 +264,11 @@ async def add_to_gallery(request: Request, embedder: EmbedderDep) -> GalleryItem
     gallery = await open_gallery(request, classifier)
     with http_errors():
         gallery.check()
-    data = await upload.read()
-    await upload.seek(0)
-    result = await embedder.embed_uploads([upload])
-    resize, max_pixels = classifier.metadata.resize_size, embedder.settings.max_pixels
-    thumb = await asyncio.to_thread(lambda: thumbnail(decode(data, resize, max_pixels)))
+    result = await embedder.embed_uploads([upload], squares=True)
+    assert result.squares is not None and result.features is not None
+    # From the square the decode worker returned (what the model saw): never a second decode.
+    (square,) = result.squares
+    thumb = await asyncio.to_thread(lambda: thumbnail(Image.fromarray(square)))
     with http_errors():
         item = await asyncio.to_thread(gallery.add, item_id, label or None, result.features[0], thumb)
     return _item(item)
