@@ -3,8 +3,8 @@
 
 One inference call gives both outputs, so /similar ranks classes and neighbours from one pass.
 The choice everywhere: the **ten-crop mean**, the same ten crops the probabilities average. The
-crops kind outputs features per crop (N*10, 4096), averaged in ``OnnxClassifier.outputs``; the square kind averages in
-its graph and outputs (N, 4096) already.
+crops kind outputs features per crop (N*10, 4096), averaged in ``OnnxClassifier.outputs``; the
+square kind averages in its graph and outputs (N, 4096) already.
 """
 
 from alexnet_core.session import OnnxClassifier
