@@ -95,6 +95,10 @@ def _serve(sock: socket.socket) -> None:
     # handler would only run once it returns).
     signal.signal(signal.SIGTERM, signal.SIG_DFL)
     signal.signal(signal.SIGINT, signal.SIG_IGN)  # Ctrl-C is the server's to handle
+    with contextlib.suppress(ImportError):
+        import setproctitle
+
+        setproctitle.setproctitle("alexnet-serve: decode")
     try:
         while True:
             kind, size, resize, max_pixels, max_scans = _TASK.unpack(_receive_exactly(sock, _TASK.size))

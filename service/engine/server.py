@@ -19,6 +19,7 @@ from service.embedding import feature_dim
 from service.engine import protocol as p
 from service.inference import InferenceQueue, InferenceResult
 from service.model_registry import ModelRegistry
+from service.supervisor import name_process
 
 log = logging.getLogger(__name__)
 
@@ -162,6 +163,9 @@ class EngineServer:
         self.thread = threading.get_ident()
         self.model_changed(self.registry.current)
         self.registry.listeners.append(self.announce)
+        current = self.registry.current
+        on_gpu = current is not None and "CUDAExecutionProvider" in current.providers
+        name_process("engine cuda:0" if on_gpu else "engine cpu")
         self._server = await self.loop.create_unix_server(lambda: _FrontLink(self), str(self.path))
 
     def stop(self) -> None:
