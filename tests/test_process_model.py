@@ -110,6 +110,8 @@ class Load:
         try:
             r = client.post("/predict", files={"file": ("a.jpg", self.image, "image/jpeg")})
             what = r.json().get("model_version", "") if r.status_code == 200 else r.text
+            if "retry-after" in r.headers:
+                what += " [Retry-After]"
             self.answers.append((r.status_code, what, started, time.monotonic()))
         except httpx.HTTPError as exc:  # a connection to a front that was killed
             self.answers.append((0, repr(exc), started, time.monotonic()))
@@ -170,6 +172,7 @@ def test_a_killed_engine_fails_requests_at_once_and_comes_back(models: Path, tmp
         in_flight = [a for a in load.answers if a[2] < killed_at < a[3]]
         refused = [a for a in load.answers if a[0] == 503]
     assert back
+    assert all(a[1].endswith("[Retry-After]") for a in refused), refused[:3]
     # The requests the engine held when it died are answered at once, never left hanging.
     assert all(a[3] - killed_at < 3 for a in in_flight), [round(a[3] - killed_at, 2) for a in in_flight]
     assert {a[0] for a in load.answers} <= {200, 503}, {a[0] for a in load.answers}
