@@ -42,6 +42,7 @@ from benchmarks.free_engine import default_metadata, write_free_model
 from benchmarks.images import big_jpeg, encoded, photo
 from benchmarks.inference import MAX_PIXELS, read_metadata
 from benchmarks.load import Upload, load_point, warm_up
+from benchmarks.process_kinds import cpu_by_kind, cpu_ms_per_image, memory_mb_by_kind
 from benchmarks.report import Target, add_out_option, rnd, write_report
 from benchmarks.server import REPO_ROOT, model_settings, server_process
 
@@ -72,6 +73,8 @@ class ServerPoint(BaseModel):
     client_cpu_ms_per_image: float | None
     client_cpu_pct: float | None
     other_cpu_pct: float | None
+    # The serial share: CPU per image of each kind of server process (front, engine, decode...).
+    cpu_ms_per_image_by_kind: dict[str, float] = {}
 
 
 class ImageResult(BaseModel):
@@ -80,6 +83,7 @@ class ImageResult(BaseModel):
     bytes: int
     in_process: dict[str, InProcess]  # by cores: "1", "all"
     server: dict[str, list[ServerPoint]]  # by cores the server was pinned to: "1", "all"
+    memory_by_kind: dict[str, dict[str, float]] = {}  # after the points on all cores
     efficiency: dict[str, dict[int, float | None]]  # by cores, then concurrency
     wall_ratio: dict[str, dict[int, float | None]]  # B images/s over A images/s, same cores
     scaling_in_process: float | None
@@ -138,31 +142,44 @@ def in_process(
 
 
 def served(
-    model: Path, upload: Upload, cores: list[int], requests: int, duration_s: float
-) -> list[ServerPoint]:
+    model: Path, upload: Upload, cores: list[int], requests: int, duration_s: float, workers: int | None
+) -> tuple[list[ServerPoint], dict[str, dict[str, float]]]:
+    """The points at each concurrency, and the server's memory by kind of process after them."""
     settings = {
         **model_settings(model),
         # Room for every client: refusals (503) are not this benchmark's subject.
         "ALEXNET_MAX_QUEUE_IMAGES": str(4 * max(CONCURRENCIES)),
         "ALEXNET_REQUEST_TIMEOUT_S": "120",
     }
+    if workers is not None:
+        settings["ALEXNET_WORKERS"] = str(workers)
     points = []
     with server_process(settings, cpus=set(cores)) as server:
         for concurrency in CONCURRENCIES:
             warm_up(server.url, upload, concurrency)
+            before = cpu_by_kind(server.pid)
             s = load_point(server.url, server.pid, upload, concurrency, requests, duration_s)
+            by_kind = cpu_ms_per_image(before, cpu_by_kind(server.pid), s.ok)
+            fields = set(ServerPoint.model_fields) - {
+                "concurrency",
+                "client_cpu_pct",
+                "cpu_ms_per_image_by_kind",
+            }
             points.append(
                 ServerPoint(
                     concurrency=concurrency,
                     client_cpu_pct=s.own_cpu_pct,
-                    **s.model_dump(include=set(ServerPoint.model_fields) - {"concurrency", "client_cpu_pct"}),
+                    cpu_ms_per_image_by_kind=by_kind,
+                    **s.model_dump(include=fields),
                 )
             )
             log(
                 f"  server on cores {cores}, c={concurrency}: {s.images_per_s} img/s, server "
-                f"{s.server_cpu_ms_per_image} CPU-ms/img, client {s.client_cpu_ms_per_image} CPU-ms/img"
+                f"{s.server_cpu_ms_per_image} CPU-ms/img {by_kind}, "
+                f"client {s.client_cpu_ms_per_image} CPU-ms/img"
             )
-    return points
+        memory = memory_mb_by_kind(server.pid)
+    return points, memory
 
 
 def _ratio(a: float | None, b: float | None) -> float | None:
@@ -170,7 +187,7 @@ def _ratio(a: float | None, b: float | None) -> float | None:
 
 
 def measure_image(
-    name: str, data: bytes, model: Path, meta: ModelMetadata, plan: dict[str, float]
+    name: str, data: bytes, model: Path, meta: ModelMetadata, plan: dict[str, float], workers: int | None
 ) -> ImageResult:
     with Image.open(io.BytesIO(data)) as image:
         width, height = image.size
@@ -187,10 +204,11 @@ def measure_image(
     )
     upload = Upload.of(data, f"{name}.jpg")
     log(f"{name}: B, the service")
-    b = {
-        label: served(model, upload, pinned, count, duration)
+    runs = {
+        label: served(model, upload, pinned, count, duration, workers)
         for label, pinned in (("1", cores[:1]), ("all", cores))
     }
+    b = {label: points for label, (points, _) in runs.items()}
     reference = a["1"].cpu_ms_per_image
     by_c = {label: {p.concurrency: p for p in points} for label, points in b.items()}
     best = {label: max((p.images_per_s or 0) for p in points) for label, points in b.items()}
@@ -200,6 +218,7 @@ def measure_image(
         bytes=len(data),
         in_process=a,
         server=b,
+        memory_by_kind=runs["all"][1],
         efficiency={
             label: {c: _ratio(reference, p.server_cpu_ms_per_image) for c, p in points.items()}
             for label, points in by_c.items()
@@ -218,6 +237,10 @@ def measure_image(
 
 def targets(images: dict[str, ImageResult]) -> list[Target]:
     out = []
+    small = {p.concurrency: p for p in images["small"].server["all"]}.get(64) if "small" in images else None
+    if small is not None and "engine" in small.cpu_ms_per_image_by_kind:
+        what = "serial share: the engine process's CPU per image <= 0.25 ms (small, 64 clients)"
+        out.append(Target.at_most(what, small.cpu_ms_per_image_by_kind["engine"], 0.25))
     for name, result in images.items():
         value = result.efficiency["all"].get(16)
         out.append(Target.at_least(f"efficiency A/B >= 0.85 at concurrency 16 ({name})", value, 0.85))
@@ -241,6 +264,11 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument(
         "--duration", type=float, help="seconds per measurement point at most (default 15, quick 3)"
     )
+    p.add_argument(
+        "--workers",
+        type=int,
+        help="the server's front processes (ALEXNET_WORKERS; 0: one process; default: the server's)",
+    )
     add_out_option(p, DEFAULT_OUT.relative_to(REPO_ROOT))
     p.add_argument(
         "--note", default="", help="a remark stored in the JSON (e.g. that the machine was shared)"
@@ -263,7 +291,9 @@ def main(argv: list[str] | None = None) -> int:
     started = time.perf_counter()
     with tempfile.TemporaryDirectory(prefix="alexnet-overhead-") as tmp:
         model = write_free_model(meta, Path(tmp) / "weights" / "alexnet-free-engine.onnx")
-        results = {name: measure_image(name, data, model, meta, plan) for name, data in images.items()}
+        results = {
+            name: measure_image(name, data, model, meta, plan, args.workers) for name, data in images.items()
+        }
     report = OverheadReport(
         meta={
             "started_at": started_at,
