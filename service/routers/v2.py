@@ -21,7 +21,6 @@ from alexnet_core.images import ImageInputError
 from alexnet_core.metadata import ModelMetadata
 from alexnet_core.pipeline import N_CROPS, top_k
 from alexnet_core.session import OnnxClassifier
-from service.core.config import Settings
 from service.deps import MetricsDep, PoolDep, PreparationDep, QueueDep, RegistryDep, SettingsDep
 from service.inference import Overloaded
 from service.model_registry import ModelRegistry
@@ -138,15 +137,20 @@ def model_tensor(tensor: InputTensor, classifier: OnnxClassifier, max_files: int
     return tensor.value, images
 
 
-async def decoded_images(
-    tensor: InputTensor, meta: ModelMetadata, settings: Settings, preparation: Preparation
-) -> np.ndarray:
-    """Encoded images -> the model's input, through the /predict pipeline and its limits."""
+def encoded_images(tensor: InputTensor, max_files: int) -> int:
+    """The number of encoded images, checked before admission: a count the queue could never
+    hold would otherwise be refused as a busy server, which no retry gets past."""
     if tensor.datatype != "BYTES":
         raise bad(f"input {BYTES_INPUT!r}: datatype {tensor.datatype}, expected BYTES")
     assert isinstance(tensor.value, list)
-    if not 1 <= len(tensor.value) <= settings.max_files:
-        raise bad(f"input {BYTES_INPUT!r}: {len(tensor.value)} images, 1 to {settings.max_files} per request")
+    if not 1 <= len(tensor.value) <= max_files:
+        raise bad(f"input {BYTES_INPUT!r}: {len(tensor.value)} images, 1 to {max_files} per request")
+    return len(tensor.value)
+
+
+async def decoded_images(tensor: InputTensor, meta: ModelMetadata, preparation: Preparation) -> np.ndarray:
+    """Encoded images -> the model's input, through the /predict pipeline and its limits."""
+    assert isinstance(tensor.value, list)
     labels = [f"{BYTES_INPUT}[{index}]: " for index in range(len(tensor.value))]
     try:
         return Preparation.batch(await preparation.all(meta, tensor.value, labels))
@@ -192,14 +196,14 @@ async def run_inference(
     (tensor,) = parsed.inputs
     outputs = requested_outputs(parsed.outputs, parsed.binary_output)
     if tensor.name == BYTES_INPUT:
-        images = len(tensor.value)
+        images = encoded_images(tensor, settings.max_files)
     elif tensor.name == classifier.metadata.input_name:
         batch, images = model_tensor(tensor, classifier, settings.max_files)
     else:
         raise bad(f"unknown input {tensor.name!r}: {classifier.metadata.input_name!r} or {BYTES_INPUT!r}")
-    async with inference.admit_within(max(images, 1), settings.request_timeout_s) as admission:
+    async with inference.admit_within(images, settings.request_timeout_s) as admission:
         if tensor.name == BYTES_INPUT:
-            batch = await decoded_images(tensor, classifier.metadata, settings, deps["preparation"])
+            batch = await decoded_images(tensor, classifier.metadata, deps["preparation"])
         result = await inference.infer(admission, classifier, batch)
     deps["metrics"].images.inc(images)
     probabilities = result.probabilities.astype(np.float32)
