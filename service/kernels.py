@@ -9,6 +9,7 @@ kernels are drawn as the two GPU groups of 48, one above the other with a gap be
 import functools
 import io
 import math
+import threading
 from pathlib import Path
 
 import numpy as np
@@ -19,6 +20,9 @@ from PIL import Image
 BORDER = 2  # pixels between kernels
 GROUP_GAP = 12  # pixels between the paper's two GPU groups
 BACKGROUND = 255  # white, as in the paper's figure
+# One read at a time: each parses the whole model file and holds it, so concurrent first requests
+# wait for the one read in progress and take its result from the cache instead of each reading.
+_reading = threading.Lock()
 
 
 class KernelError(ValueError):
@@ -82,10 +86,16 @@ def cached_weights(path: Path, sha256: str) -> np.ndarray:
     return first_conv_weights(path)
 
 
+def shared_weights(path: Path, sha256: str) -> np.ndarray:
+    """``cached_weights``, read once however many requests ask for it at the same time."""
+    with _reading:
+        return cached_weights(path, sha256)
+
+
 @functools.lru_cache(maxsize=32)
 def kernels_png(path: Path, sha256: str, layout: str, scale: int) -> bytes:
     """The PNG for one model file and scale, drawn once."""
-    picture = kernel_image(cached_weights(path, sha256), layout, scale)
+    picture = kernel_image(shared_weights(path, sha256), layout, scale)
     buffer = io.BytesIO()
     Image.fromarray(picture, mode="RGB").save(buffer, "PNG", optimize=True)
     return buffer.getvalue()

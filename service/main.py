@@ -88,18 +88,19 @@ def add_middleware(
 ) -> None:
     """The gates every request passes in the process that receives it (a front, or the one
     process). ``upload_tally``: where the upload budget is counted."""
-    if settings.cors_origins:
-        app.add_middleware(
-            CORSMiddleware, allow_origins=settings.cors_origins, allow_methods=["*"], allow_headers=["*"]
-        )
-    # Outermost last: metrics see every answer; the gates refuse before the body is read; the
-    # body limits count and time what is read.
+    # Outermost last: metrics see every answer; CORS headers go on every answer, the gates'
+    # refusals included (a browser hides an answer without them from the page); the gates refuse
+    # before the body is read; the body limits count and time what is read.
     app.add_middleware(UploadBudget, limit=settings.upload_memory_bytes, metrics=metrics, tally=upload_tally)
     app.add_middleware(BodySizeLimit, max_bytes=settings.max_upload_bytes)
     app.add_middleware(BodyTimeout, timeout_s=settings.body_timeout_s)
     app.add_middleware(QueueFullGate, inference=room)
     keyed = [route for router in ROUTERS for route in router.routes if needs_key(route)]
     app.add_middleware(ApiKeyGate, routes=keyed, check=scope_checker(settings))
+    if settings.cors_origins:
+        app.add_middleware(
+            CORSMiddleware, allow_origins=settings.cors_origins, allow_methods=["*"], allow_headers=["*"]
+        )
     app.add_middleware(RequestMetrics, metrics=metrics)
 
 

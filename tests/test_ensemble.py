@@ -3,7 +3,10 @@ weights directory, one ONNX graph whose probabilities equal the mean of its memb
 shown in /model with its members, activated and rolled back like any model; bad requests are 4xx."""
 
 import json
+import resource
+import signal
 from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 
 import httpx
@@ -114,6 +117,61 @@ def test_ensemble_needs_the_key(client: httpx.Client) -> None:
     )
     assert not_json.status_code in (400, 422)
     assert "/model/ensemble" in client.get("/openapi.json").json()["paths"]
+
+
+def with_labels(source: Path, target: Path, count: int) -> None:
+    """A copy of ``source`` whose metadata lists ``count`` labels (its network has more outputs):
+    members that fit together, whose ensemble the service cannot serve."""
+    proto = onnx.load(source)
+    props = {p.key: p.value for p in proto.metadata_props}
+    props |= {"labels": json.dumps([f"class {i}" for i in range(count)]), "wnids": json.dumps([None] * count)}
+    del proto.metadata_props[:]
+    onnx.helper.set_model_props(proto, props)
+    onnx.save(proto, target)
+
+
+def test_an_ensemble_that_cannot_be_served_is_a_422_and_kept_nowhere(
+    client: httpx.Client, weights: Path
+) -> None:
+    for name in ("r1", "r2"):
+        with_labels(weights / f"{name}.onnx", weights / f"{name}-five.onnx", 5)
+    before = sorted(p.name for p in weights.iterdir())
+    served = client.get("/model").json()["version"]
+    body = {"members": ["r1-five", "r2-five"], "version": "unservable", "activate": True}
+    response = client.post("/model/ensemble", json=body, headers=AUTH)
+    assert response.status_code == 422, response.text
+    detail = response.json()["detail"]
+    assert "cannot be served" in detail and "5 labels" in detail, detail
+    assert str(weights) not in detail and str(weights.resolve()) not in detail
+    assert sorted(p.name for p in weights.iterdir()) == before
+    assert client.get("/model").json()["version"] == served
+
+
+@contextmanager
+def file_size_limit(limit: int) -> Iterator[None]:
+    """Writes of this process past ``limit`` bytes fail with EFBIG, as on a full disk (the server
+    runs in a thread of it)."""
+    soft, hard = resource.getrlimit(resource.RLIMIT_FSIZE)
+    handler = signal.signal(signal.SIGXFSZ, signal.SIG_IGN)  # else the kernel kills the process
+    resource.setrlimit(resource.RLIMIT_FSIZE, (limit, hard))
+    try:
+        yield
+    finally:
+        resource.setrlimit(resource.RLIMIT_FSIZE, (soft, hard))
+        signal.signal(signal.SIGXFSZ, handler)
+
+
+def test_a_failed_write_names_no_server_path(client: httpx.Client, weights: Path) -> None:
+    before = sorted(p.name for p in weights.iterdir())
+    with file_size_limit(2**20):
+        response = client.post(
+            "/model/ensemble", json={"members": ["r1", "r2"], "version": "full"}, headers=AUTH
+        )
+    assert response.status_code == 422, response.text
+    detail = response.json()["detail"]
+    assert "cannot write full.onnx" in detail and "File too large" in detail, detail
+    assert str(weights.parent) not in detail and str(weights.resolve().parent) not in detail
+    assert sorted(p.name for p in weights.iterdir()) == before
 
 
 def test_cli(weights: Path, capsys: pytest.CaptureFixture[str]) -> None:

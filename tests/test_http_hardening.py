@@ -178,6 +178,25 @@ def test_a_second_file_part_is_refused(guarded: str) -> None:
         assert several.status_code == 200 and len(several.json()["results"]) == 2
 
 
+def test_an_oversized_chunked_upload_is_a_413_whatever_its_form(server: str) -> None:
+    """Without Content-Length the size is known only by reading: a body the form parser gives up
+    on at once still gets the 413 that the same body with its Content-Length gets."""
+
+    def garbage(total: int) -> Iterator[bytes]:  # not multipart: no boundary anywhere
+        for _ in range(total // 2**20):
+            yield bytes(2**20)
+
+    multipart = {"Content-Type": "multipart/form-data; boundary=b0undary"}
+    with httpx.Client(base_url=server, timeout=60) as client:
+        big = client.post("/predict", content=garbage(60 * 2**20), headers=multipart)
+        assert big.status_code == 413 and "upload limit" in big.json()["detail"], big.text
+        small = client.post("/predict", content=garbage(2**20), headers=multipart)
+        assert small.status_code == 400 and "multipart" in small.json()["detail"], small.text
+        # Refused when the whole body has been read: nothing left to read.
+        fields = client.post("/predict", data={f"f{i}": "x" for i in range(1001)}, files={"file": b"x"})
+        assert fields.status_code == 400 and "Too many fields" in fields.json()["detail"], fields.text
+
+
 # ----------------------------------------------- findings 9 and 10, integrity: what gets served
 
 

@@ -2,6 +2,7 @@
 from the ONNX file and checked tile by tile against the torch weights it was exported from."""
 
 import io
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import httpx
@@ -9,6 +10,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
+from service import kernels
 from service.kernels import BORDER, GROUP_GAP, scaled
 from tests.conftest import cpu_settings, serve
 
@@ -87,3 +89,22 @@ def test_no_model_is_a_503_and_wrong_method_a_405(tmp_path: Path) -> None:
         assert "no model loaded" in c.get("/model/kernels.png").json()["detail"]
         assert c.post("/model/kernels.png").status_code == 405
         assert "/model/kernels.png" in c.get("/openapi.json").json()["paths"]
+
+
+def test_concurrent_first_requests_read_the_model_once(server: str) -> None:
+    """Each read parses the whole model file (hundreds of MB held while it runs): the first
+    requests after a start or an activation share one. The server runs in this process, so the
+    cache's own count says how many reads there were."""
+    kernels.kernels_png.cache_clear()
+    kernels.cached_weights.cache_clear()
+    scales = [4, 4, 4, 1, 2, 3]
+
+    def get(scale: int) -> httpx.Response:
+        return httpx.get(f"{server}/model/kernels.png", params={"scale": scale}, timeout=120)
+
+    with ThreadPoolExecutor(len(scales)) as pool:
+        answers = list(pool.map(get, scales))
+    assert [a.status_code for a in answers] == [200] * len(scales)
+    assert answers[0].content == answers[1].content == answers[2].content
+    info = kernels.cached_weights.cache_info()
+    assert (info.misses, info.currsize) == (1, 1), info

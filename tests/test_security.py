@@ -369,3 +369,18 @@ def test_cors_allows_exactly_the_configured_origins(roots: tuple[Path, Path, Pat
             "/predict", headers={"Origin": "https://evil.example", "Access-Control-Request-Method": "POST"}
         )
         assert refused.status_code == 400 and "access-control-allow-origin" not in refused.headers
+
+
+def test_refusals_before_the_routes_carry_cors_headers(roots: tuple[Path, Path, Path]) -> None:
+    """The gates' answers too: without the header a browser hides the error from the page."""
+    weights, data, _ = roots
+    origin = {"Origin": "https://app.example"}
+    settings = cpu_settings(
+        weights, data_root=data, api_key=KEY, cors_origins=origin["Origin"], max_upload_mb=0.5
+    )
+    with serve(settings) as url, httpx.Client(base_url=url, timeout=60) as c:
+        no_key = c.post("/model/activate", json={"version": "x"}, headers=origin)
+        too_large = c.post("/predict", content=bytes(600_000), headers=origin)
+        for answer, status in ((no_key, 401), (too_large, 413)):
+            assert answer.status_code == status, answer.text
+            assert answer.headers.get("access-control-allow-origin") == origin["Origin"], answer.headers

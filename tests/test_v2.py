@@ -228,3 +228,40 @@ def test_not_ready_without_a_model(tmp_path: Path) -> None:
             client.close()
         answer = httpx.get(f"{base}/v2/health/ready")
         assert answer.status_code == 400 and "not ready" in answer.json()["error"]
+
+
+@pytest.mark.parametrize("count", [65, 2_000_000])
+def test_too_many_encoded_images_is_a_400_not_a_busy_server(url: str, count: int) -> None:
+    """More images than a request may hold: no retry helps, so not a 503 (beyond the queue's
+    capacity the admission would say "server busy")."""
+    body = {"inputs": [{"name": "image_bytes", "datatype": "BYTES", "shape": [count], "data": [""] * count}]}
+    answer = httpx.post(f"{url}/v2/models/alexnet/infer", json=body, timeout=60)
+    assert answer.status_code == 400, answer.text
+    assert f"{count} images, 1 to 16 per request" in answer.json()["error"]
+    assert "retry-after" not in answer.headers
+
+
+@pytest.mark.parametrize(
+    "body",
+    [
+        b"[" * 100_000,
+        b'{"inputs": [{"name": "images", "datatype": "FP32", "shape": [1], "data": '
+        + b"[" * 50_000
+        + b"]" * 50_000
+        + b"}]}",
+    ],
+)
+def test_deeply_nested_json_is_a_400(url: str, body: bytes) -> None:
+    answer = httpx.post(f"{url}/v2/models/alexnet/infer", content=body, timeout=60)
+    assert answer.status_code == 400, answer.text
+    assert "nested too deeply" in answer.json()["error"]
+
+
+@pytest.mark.parametrize("length", ["\u00b2", "9" * 5000, "-1"])
+def test_a_header_length_that_is_not_a_plain_number_is_a_400(url: str, length: str) -> None:
+    """``str.isdigit`` accepts "²", and 5000 digits, but ``int()`` refuses both."""
+    head = b'{"inputs": []}'
+    headers = {"Inference-Header-Content-Length": length.encode("latin-1")}
+    answer = httpx.post(f"{url}/v2/models/alexnet/infer", content=head, headers=headers, timeout=60)
+    assert answer.status_code == 400, answer.text
+    assert "Inference-Header-Content-Length" in answer.json()["error"]

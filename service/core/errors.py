@@ -2,11 +2,14 @@
 ``app.exception_handler`` hook, one per kind of error)."""
 
 import logging
+from contextlib import suppress
 
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
 from starlette.exceptions import HTTPException
+from starlette.formparsers import MultiPartException
+from starlette.requests import ClientDisconnect
 from starlette.routing import Match
 
 from alexnet_core.images import ImageInputError
@@ -41,6 +44,14 @@ def _allowed_methods(request: Request) -> list[str]:
 
 
 async def _http_error(request: Request, exc: HTTPException) -> JSONResponse:
+    if isinstance(exc.__context__, MultiPartException):
+        # Starlette's 400 for a form it cannot parse, often from the body's first bytes. The size
+        # comes first, as it does for a body whose Content-Length says it: the rest is read (the
+        # body limit counts it), and one over the limit gets its 413 in place of this answer.
+        # RuntimeError: Starlette's "Stream consumed", the body was read to its end already.
+        with suppress(ClientDisconnect, RuntimeError):
+            async for _ in request.stream():
+                pass
     headers = exc.headers
     if exc.status_code == 405 and headers and "Allow" in headers and (allowed := _allowed_methods(request)):
         # Starlette's router names the methods of the first route with this path only, and has no

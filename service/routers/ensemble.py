@@ -5,17 +5,19 @@ import asyncio
 import re
 import threading
 from datetime import UTC, datetime
+from pathlib import Path
 from typing import Annotated
 
 import onnx
 from fastapi import APIRouter, HTTPException, status
 from pydantic import BaseModel, ConfigDict, Field, StringConstraints
 
+from alexnet_core import model_files
 from alexnet_core.files import WriteError
 from model_export.ensemble import MAX_MEMBERS, EnsembleError, build_ensemble
 from service.core.security import ApiKey
 from service.deps import RegistryDep, SettingsDep
-from service.model_registry import ModelNotFound
+from service.model_registry import ModelNotFound, ModelRegistry
 from service.schemas import BODY, KEYED, error_responses
 
 router = APIRouter(prefix="/model", tags=["model"])
@@ -50,6 +52,20 @@ def _ensemble_name(requested: str | None) -> str:
     return requested or f"ensemble-{datetime.now(UTC):%Y%m%d-%H%M%S-%f}"
 
 
+async def _activate_or_remove(registry: ModelRegistry, version: str, output: Path) -> None:
+    """Serve the new ensemble, or remove it and answer 422: a refused request leaves no file
+    behind, as when the build itself fails."""
+    try:
+        await asyncio.to_thread(registry.activate, version)
+    except Exception as exc:
+        output.unlink(missing_ok=True)
+        model_files.manifest_path(output).unlink(missing_ok=True)
+        raise HTTPException(
+            status.HTTP_422_UNPROCESSABLE_CONTENT,
+            f"the ensemble {version!r} cannot be served, so it was not kept: {registry.public(exc)}",
+        ) from None
+
+
 @router.post(
     "/ensemble",
     status_code=status.HTTP_201_CREATED,
@@ -61,7 +77,7 @@ def _ensemble_name(requested: str | None) -> str:
         | {
             404: "a member is not in the weights directory",
             409: "the version exists, or another build is running",
-            422: "a bad body, or members that do not fit together",
+            422: "a bad body, members that do not fit together, or an ensemble that cannot be served",
         }
     ),
     summary="Build the average of several models' softmax outputs as one model version (key required)",
@@ -84,21 +100,19 @@ async def ensemble(body: EnsembleRequest, registry: RegistryDep, settings: Setti
         # Reading, merging and checking several 200+ MB graphs: off the event loop.
         await asyncio.to_thread(build_ensemble, paths, output, version)
     except EnsembleError as exc:
-        raise HTTPException(status.HTTP_422_UNPROCESSABLE_CONTENT, str(exc)) from None
+        raise HTTPException(status.HTTP_422_UNPROCESSABLE_CONTENT, registry.public(exc)) from None
     except (WriteError, onnx.checker.ValidationError) as exc:
         raise HTTPException(
-            status.HTTP_422_UNPROCESSABLE_CONTENT, f"cannot build the ensemble: {exc}"
+            status.HTTP_422_UNPROCESSABLE_CONTENT, f"cannot build the ensemble: {registry.public(exc)}"
         ) from None
     finally:
         _building.release()
-    activated = False
     if body.activate:
-        await asyncio.to_thread(registry.activate, version)
-        activated = True
+        await _activate_or_remove(registry, version, output)
     return EnsembleResponse(
         version=version,
         file=output.name,
         members=body.members,
-        activated=activated,
+        activated=body.activate,
         available_versions=[p.stem for p in registry.available()],
     )

@@ -13,6 +13,7 @@ import base64
 import binascii
 import json
 import math
+import re
 import struct
 from dataclasses import dataclass, field
 from typing import Any
@@ -35,6 +36,9 @@ NUMERIC = {
     "FP64": "<f8",
 }
 MAX_ELEMENTS = 1 << 28  # shapes beyond this are refused before any allocation
+# ASCII digits only, and few enough for int(): str.isdigit() also accepts "²" and digit strings
+# longer than int() converts.
+LENGTH = re.compile(r"[0-9]{1,18}")
 
 
 class ProtocolError(Exception):
@@ -158,7 +162,7 @@ def parse_infer_request(body: bytes, header_length: str | None) -> InferRequest:
     if header_length is None:
         head, binary = body, memoryview(b"")
     else:
-        if not header_length.isdigit() or int(header_length) > len(body):
+        if not LENGTH.fullmatch(header_length) or int(header_length) > len(body):
             raise bad(f"{HEADER_LENGTH} {header_length!r} does not fit a body of {len(body)} bytes")
         head, binary = body[: int(header_length)], memoryview(body)[int(header_length) :]
     try:
@@ -167,6 +171,8 @@ def parse_infer_request(body: bytes, header_length: str | None) -> InferRequest:
         raise bad(
             "the request is not JSON (binary tensors need the Inference-Header-Content-Length header)"
         ) from None
+    except RecursionError:
+        raise bad("the request's JSON is nested too deeply (send tensor data as a flat list)") from None
     specs = request.get("inputs")
     if not isinstance(specs, list) or not specs:
         raise bad("the request needs a non-empty list `inputs`")
