@@ -208,7 +208,7 @@ def server_process(
         started = time.perf_counter()
         with log_path.open("wb") as out:
             proc = subprocess.Popen(
-                [sys.executable, "-c", "from service.main import run; run()"],
+                [sys.executable, "-c", "from service.cli import run; run()"],
                 env=full_env,
                 cwd=workdir,
                 stdout=out,

@@ -2,7 +2,7 @@
 
     python -m benchmarks.soak [--minutes 10] [--concurrency 32] [--out FILE] [--model PATH]
 
-Starts the server as a subprocess (``python -c "from service.main import run; run()"``, configured
+Starts the server as a subprocess (``python -c "from service.cli import run; run()"``, configured
 by ALEXNET_* variables only: CPU provider, a free loopback port, a model it exports itself with
 random weights unless --model is given), then runs ``--concurrency`` closed-loop clients against
 it: real photos as JPEG and PNG, several images in one request, a 12 MP JPEG now and then, and

@@ -1,14 +1,13 @@
-"""Builds the FastAPI app. ``alexnet-serve`` runs it with uvicorn; ``service.main:app`` is the
-same app for ``uvicorn``/``gunicorn`` run by hand (settings from the environment)."""
+"""Builds the FastAPI app: the whole service in one process, or the engine process's app behind the
+fronts (``service.front``). ``alexnet-serve`` (``service.cli``) runs them; ``service.main:app`` is
+the one-process app for ``uvicorn`` run by hand (settings from the environment)."""
 
 import asyncio
-import logging
 from collections.abc import AsyncIterator
 from concurrent.futures import ThreadPoolExecutor
 from contextlib import asynccontextmanager
 from functools import cache
 
-import uvicorn
 from fastapi import FastAPI
 from fastapi.middleware.cors import CORSMiddleware
 from fastapi.openapi.docs import get_swagger_ui_html
@@ -20,8 +19,7 @@ from swagger_ui_bundle import swagger_ui_path
 from alexnet_core.resources import keep_freed_memory
 from service.admission import DecodeBudget, UploadBudget
 from service.core import errors
-from service.core.config import Settings, from_command_line, get_settings
-from service.core.http import raise_descriptor_limit, server_config
+from service.core.config import Settings, get_settings
 from service.core.metrics import Metrics
 from service.core.middleware import (
     ApiKeyGate,
@@ -203,18 +201,3 @@ def __getattr__(name: str) -> FastAPI:
     if name == "app":
         return _default_app()
     raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
-
-
-def run(args: list[str] | None = None) -> None:
-    """``alexnet-serve``: front processes on one port and one engine process (``service.supervisor``);
-    ``--workers 0`` runs the whole service in one process."""
-    settings = from_command_line(args)
-    logging.basicConfig(
-        level=settings.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s"
-    )
-    raise_descriptor_limit(settings.max_connections + 256)  # + model, pool, log and job files
-    if settings.workers:
-        from service.supervisor import serve_with_fronts
-
-        raise SystemExit(serve_with_fronts(settings))
-    uvicorn.Server(server_config(create_app(settings), settings)).run()

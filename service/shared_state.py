@@ -2,12 +2,19 @@
 starts: the runtime folder (the engine's sockets, the fronts' slots, the metrics' files) and the
 server-wide tallies, one row per process."""
 
+import os
 from dataclasses import dataclass
 from pathlib import Path
 
 from service.tallies import SharedTallies
 
 ENGINE_ROW = 0
+
+
+def runtime_dir_root() -> Path | None:
+    """/dev/shm when it is there and writable (memory, not a disk that would write pages back)."""
+    shm = Path("/dev/shm")
+    return shm if shm.is_dir() and os.access(shm, os.W_OK) else None
 
 
 def front_row(index: int) -> int:

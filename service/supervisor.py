@@ -24,8 +24,7 @@ from multiprocessing.process import BaseProcess
 from pathlib import Path
 
 from service.core.config import Settings
-from service.engine.protocol import runtime_dir_root
-from service.shared_state import ENGINE_ROW, SharedState, front_row
+from service.shared_state import ENGINE_ROW, SharedState, front_row, runtime_dir_root
 from service.tallies import SharedTallies
 
 log = logging.getLogger("service")

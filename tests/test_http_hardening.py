@@ -305,7 +305,7 @@ def test_a_model_altered_after_export_is_refused(imagenet_model_dir: Path, tmp_p
 
 def test_command_line_help_and_unknown_options() -> None:
     def serve_cli(*args: str) -> subprocess.CompletedProcess[str]:
-        code = "from service.main import run; run()"
+        code = "from service.cli import run; run()"
         return subprocess.run(
             [sys.executable, "-c", code, *args], cwd=REPO, capture_output=True, text=True, timeout=120
         )
@@ -340,7 +340,7 @@ def server_process(command: list[str], env: dict[str, str], port: int) -> Iterat
 
 def test_command_line_options_and_uvicorn_import_string(imagenet_model_dir: Path) -> None:
     port = free_port()
-    cli = [sys.executable, "-c", "from service.main import run; run()", "--port", str(port)]
+    cli = [sys.executable, "-c", "from service.cli import run; run()", "--port", str(port)]
     cli += ["--providers", "CPUExecutionProvider", "--weights-dir", str(imagenet_model_dir)]
     with server_process(cli, {"ALEXNET_PORT": "1"}, port) as url:  # the command line wins
         assert httpx.get(f"{url}/model").json()["providers"] == ["CPUExecutionProvider"]

@@ -91,9 +91,3 @@ class Segment:
     def output(self, slot: int, width: int, features: bool = False) -> np.ndarray:
         start = slot * SLOT_BYTES + INPUT_BYTES + (4 * MAX_CLASSES if features else 0)
         return self.bytes[start : start + 4 * width].view(np.float32)
-
-
-def runtime_dir_root() -> Path | None:
-    """/dev/shm when it is there and writable (memory, not a disk that would write pages back)."""
-    shm = Path("/dev/shm")
-    return shm if shm.is_dir() and os.access(shm, os.W_OK) else None

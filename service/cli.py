@@ -1,0 +1,27 @@
+"""``alexnet-serve``: the settings from the environment and the command line, then the server's
+processes (``service.supervisor``), or with ``--workers 0`` the whole service in this process.
+Imports only what the supervisor needs: the web stack and the model runtime load in the
+processes that use them."""
+
+import logging
+
+from service.core.config import from_command_line
+from service.core.http import raise_descriptor_limit
+
+
+def run(args: list[str] | None = None) -> None:
+    settings = from_command_line(args)
+    logging.basicConfig(
+        level=settings.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s"
+    )
+    raise_descriptor_limit(settings.max_connections + 256)  # + model, pool, log and job files
+    if settings.workers:
+        from service.supervisor import serve_with_fronts
+
+        raise SystemExit(serve_with_fronts(settings))
+    import uvicorn
+
+    from service.core.http import server_config
+    from service.main import create_app
+
+    uvicorn.Server(server_config(create_app(settings), settings)).run()
