@@ -149,6 +149,8 @@ class Settings(CommonSettings):
         for key in ("providers", "cors_origins"):
             if key in data:
                 data[key] = _split(data[key])
+        if data.get("workers") == "":  # a deployment file passing the default through
+            data["workers"] = None
         return data
 
     @model_validator(mode="after")
