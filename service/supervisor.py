@@ -11,6 +11,8 @@ gunicorn would do the same with more moving parts and no engine either.
 """
 
 import contextlib
+import ctypes
+import ctypes.util
 import logging
 import multiprocessing
 import os
@@ -28,6 +30,7 @@ from service.shared_state import ENGINE_ROW, SharedState, front_row, runtime_dir
 from service.tallies import SharedTallies
 
 log = logging.getLogger("service")
+PR_SET_PDEATHSIG = 1
 
 
 def name_process(title: str) -> None:
@@ -38,13 +41,24 @@ def name_process(title: str) -> None:
         setproctitle.setproctitle(f"alexnet-serve: {title}")
 
 
+def end_with_parent(parent: int) -> None:
+    """SIGTERM this process when the supervisor dies, however it dies (SIGKILL included): the
+    kernel sends it (Linux's PR_SET_PDEATHSIG), so no front or engine outlives its server."""
+    with contextlib.suppress(OSError, AttributeError):
+        libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6", use_errno=True)
+        libc.prctl(PR_SET_PDEATHSIG, signal.SIGTERM)
+    if os.getppid() != parent:  # it died before the request took effect
+        os.kill(os.getpid(), signal.SIGTERM)
+
+
 def _logging(settings: Settings) -> None:
     logging.basicConfig(
         level=settings.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s"
     )
 
 
-def engine_main(settings: Settings, shared: SharedState) -> None:
+def engine_main(settings: Settings, shared: SharedState, parent: int) -> None:
+    end_with_parent(parent)
     import uvicorn
 
     from service.core.http import server_config
@@ -56,7 +70,10 @@ def engine_main(settings: Settings, shared: SharedState) -> None:
     uvicorn.Server(config).run()
 
 
-def front_main(settings: Settings, shared: SharedState, index: int, listener: socket.socket) -> None:
+def front_main(
+    settings: Settings, shared: SharedState, index: int, listener: socket.socket, parent: int
+) -> None:
+    end_with_parent(parent)
     import uvicorn
 
     from service.core.http import server_config
@@ -78,7 +95,7 @@ class Supervisor:
     def _start_engine(self) -> None:
         self.shared.tallies.clear_row(ENGINE_ROW)
         self.engine = self.context.Process(  # type: ignore[attr-defined]
-            target=engine_main, args=(self.settings, self.shared), name="alexnet-engine"
+            target=engine_main, args=(self.settings, self.shared, os.getpid()), name="alexnet-engine"
         )
         self.engine.start()
 
@@ -86,7 +103,7 @@ class Supervisor:
         self.shared.tallies.clear_row(front_row(index))
         process = self.context.Process(  # type: ignore[attr-defined]
             target=front_main,
-            args=(self.settings, self.shared, index, self.listener),
+            args=(self.settings, self.shared, index, self.listener, os.getpid()),
             name=f"alexnet-front-{index}",
         )
         process.start()

@@ -285,3 +285,12 @@ def test_a_job_started_through_one_front_is_cancelled_through_the_other(models: 
                 "the job to end",
             )
         assert final["state"] == "cancelled", final
+
+
+def test_a_killed_supervisor_leaves_no_process_behind(models: Path, tmp_path: Path) -> None:
+    with fronted_server(weights_dir(models, tmp_path), tmp_path) as server:
+        below = titled(server.pid, "")
+        assert len(below) >= 5  # two fronts, the engine, their decode workers
+        server.proc.kill()
+        server.proc.wait(timeout=30)
+        wait_until(lambda: not [pid for pid in below if alive(pid)], 60, "the server's processes to end")
