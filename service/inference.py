@@ -8,6 +8,7 @@ enough: ONNX Runtime parallelises inside each call.
 """
 
 import asyncio
+import contextlib
 import logging
 import queue
 import threading
@@ -61,6 +62,17 @@ def _resolve(future: "asyncio.Future[InferenceResult]", value: InferenceResult |
         future.set_result(value)
 
 
+def _answer(job: _Job, value: InferenceResult | BaseException) -> None:
+    """From the batcher thread: resolve ``job``'s future on its event loop."""
+    with contextlib.suppress(RuntimeError):  # its loop is closed: no one waits for the answer
+        job.loop.call_soon_threadsafe(_resolve, job.future, value)
+
+
+# The stop signal in the job queue: an object of its own, so that "stop" can never be mistaken
+# for "nothing held" (None) while the batcher's window is open.
+_STOP = object()
+
+
 class InferenceQueue:
     def __init__(
         self,
@@ -76,8 +88,10 @@ class InferenceQueue:
         self.max_batch_images = max_batch_images
         self.max_batch_delay_s = max_batch_delay_s
         self.max_queue_images = max_queue_images
-        self._jobs: queue.SimpleQueue[_Job | None] = queue.SimpleQueue()
-        self._held: _Job | None = None
+        self._jobs: queue.SimpleQueue[_Job | object] = queue.SimpleQueue()
+        self._held: _Job | None = None  # taken in a window but left for the next call
+        self._stopping = False  # set under the lock: no job is queued after the stop signal
+        self._gathered: list[_Job] = []  # the batch in hand when the stop signal came
         self._admitted = 0
         self._decoding = 0  # admitted images not yet handed to the batcher: the ones worth waiting for
         self._lock = threading.Lock()
@@ -92,8 +106,16 @@ class InferenceQueue:
         self._thread.start()
 
     def stop(self) -> None:
-        self._jobs.put(None)
-        self._thread.join(timeout=30)
+        """Stop the batcher: what has not run yet is answered 503 (shutting down), at once."""
+        with self._lock:
+            self._stopping = True
+            self._jobs.put(_STOP)
+        if not self._thread.is_alive():  # never started, or ended: no one else will answer them
+            self._fail_pending()
+            return
+        self._thread.join(timeout=30)  # at most the inference call in progress
+        if self._thread.is_alive():
+            log.warning("the inference thread is still in an inference call; not waiting for it")
 
     def _refuse(self) -> Overloaded:
         self.metrics.rejected.labels("queue_full").inc()
@@ -144,13 +166,31 @@ class InferenceQueue:
         loop = asyncio.get_running_loop()
         future: asyncio.Future[InferenceResult] = loop.create_future()
         with self._lock:  # queued and no longer decoding in one step, as the batcher sees it
+            if self._stopping:
+                raise Overloaded("server shutting down: retry on another replica")
             self._jobs.put(_Job(classifier, batch, admission.images, future, loop))
             self._decoding -= admission.images
             admission.decoding = False
         return await future
 
+    def _get(self, deadline: float | None) -> _Job | None:
+        """The next job whose request still waits for it, or None for the stop signal; past
+        ``deadline`` (None: wait for ever), ``queue.Empty``."""
+        while True:
+            if deadline is None:
+                item = self._jobs.get()
+            else:  # past the deadline, still take whatever is already waiting
+                remaining = deadline - time.monotonic()
+                item = self._jobs.get(timeout=remaining) if remaining > 0 else self._jobs.get_nowait()
+            if not isinstance(item, _Job):  # the stop signal
+                return None
+            if not item.future.done():  # else its request timed out or went away: drop it
+                return item
+
     def _next_batch(self) -> list[_Job] | None:
-        first = self._held if self._held is not None else self._jobs.get()
+        """The next call's jobs; None once the stop signal is read (what was gathered is then
+        answered by ``_fail_pending``)."""
+        first = self._held if self._held is not None else self._get(None)
         self._held = None
         if first is None:
             return None
@@ -161,17 +201,15 @@ class InferenceQueue:
             # client) the call starts at once instead of idling for the whole delay.
             with self._lock:
                 coming = self._decoding
-            remaining = deadline - time.monotonic() if coming > 0 else 0.0
-            try:  # past the deadline, still take whatever is already waiting
-                job = self._jobs.get(timeout=remaining) if remaining > 0 else self._jobs.get_nowait()
+            try:
+                job = self._get(deadline if coming > 0 else 0.0)
             except queue.Empty:
                 break
+            if job is None:
+                self._gathered = batch
+                return None
             # A job for another model (after a swap) or one that would overfill waits for the next call.
-            if (
-                job is None
-                or job.classifier is not first.classifier
-                or images + job.images > self.max_batch_images
-            ):
+            if job.classifier is not first.classifier or images + job.images > self.max_batch_images:
                 self._held = job
                 break
             batch.append(job)
@@ -179,12 +217,30 @@ class InferenceQueue:
         return batch
 
     def _serve(self) -> None:
-        while (batch := self._next_batch()) is not None:
-            batch = [job for job in batch if not job.future.done()]
-            if batch:
-                self._run(batch)
-        if self._held is not None:
-            self._jobs.put(self._held)
+        try:
+            while (batch := self._next_batch()) is not None:
+                batch = [job for job in batch if not job.future.done()]
+                if batch:
+                    self._run(batch)
+        except Exception:  # logged here; the requests waiting are answered below
+            log.exception("the inference thread failed")
+        finally:
+            self._fail_pending()
+
+    def _fail_pending(self) -> None:
+        """Answer every job not run (gathered, held or queued) with a 503: the batcher has stopped."""
+        with self._lock:
+            self._stopping = True  # also when the thread ended on an error: refuse what comes next
+        pending: list[_Job | object | None] = [*self._gathered, self._held]
+        self._gathered, self._held = [], None
+        while True:
+            try:
+                pending.append(self._jobs.get_nowait())
+            except queue.Empty:
+                break
+        for job in pending:
+            if isinstance(job, _Job):
+                _answer(job, Overloaded("server shutting down: retry on another replica"))
 
     def _joined(self, parts: list[np.ndarray]) -> np.ndarray:
         """The requests' inputs as one array, in a buffer kept between calls: a batch is up to
@@ -200,15 +256,14 @@ class InferenceQueue:
 
     def _run(self, batch: list[_Job]) -> None:
         classifier = batch[0].classifier
-        inputs = self._joined([job.batch for job in batch])
         images = sum(job.images for job in batch)
         started = time.perf_counter()
         try:
-            probabilities = classifier.probabilities(inputs)
+            probabilities = classifier.probabilities(self._joined([job.batch for job in batch]))
         except Exception as exc:
             log.exception("inference failed for a batch of %d images", images)
             for job in batch:
-                job.loop.call_soon_threadsafe(_resolve, job.future, RuntimeError(f"inference failed: {exc}"))
+                _answer(job, RuntimeError(f"inference failed: {exc}"))
             return
         seconds = time.perf_counter() - started
         self.metrics.inference_seconds.observe(seconds)
@@ -217,4 +272,4 @@ class InferenceQueue:
         for job in batch:
             result = InferenceResult(probabilities[offset : offset + job.images], seconds, images)
             offset += job.images
-            job.loop.call_soon_threadsafe(_resolve, job.future, result)
+            _answer(job, result)
