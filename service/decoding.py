@@ -27,7 +27,7 @@ import signal
 import socket
 import struct
 import tempfile
-from collections.abc import Callable
+from collections.abc import Awaitable, Callable
 from multiprocessing.process import BaseProcess
 from typing import Protocol
 
@@ -37,6 +37,7 @@ from alexnet_core.images import ImageInputError, decode_cost  # run in the worke
 from alexnet_core.pipeline import decode_square
 from alexnet_core.resources import keep_freed_memory
 from service.core.metrics import Metrics
+from service.decode_clock import cpu_cap
 
 log = logging.getLogger(__name__)
 
@@ -59,6 +60,7 @@ _GO, _SKIP = b"g", b"s"
 _SQUARE, _REFUSED, _PONG, _COST = 0, 1, 2, 3
 _REPLY = struct.Struct("!BQQQdd")
 _MAX_DETAIL = 4096
+Square = tuple[np.ndarray, float, float]  # the central square, decode and square seconds
 
 
 class Budget(Protocol):
@@ -70,11 +72,19 @@ class Budget(Protocol):
     def release(self, amount: int) -> None: ...
 
 
+class DecodersUnavailable(Exception):
+    """No decode worker runs and none can be started: the server's state, not the image's (503)."""
+
+
 class _Declined(Exception):
     """The budget refused an image the worker had weighed: the worker was told to skip it and is fine."""
 
     def __init__(self, reason: BaseException) -> None:
         self.reason = reason
+
+
+class _NotHandedOver(Exception):
+    """The worker was gone before it had the whole image: another worker may take it."""
 
 
 def _receive_exactly(sock: socket.socket, size: int) -> bytes:
@@ -172,11 +182,14 @@ class _Worker:
 
     async def call(
         self, data: bytes, resize: int, max_pixels: int, max_scans: int, reserve: Callable[[int], None]
-    ) -> tuple[np.ndarray, float, float]:
+    ) -> Square:
         """Weigh, ``reserve(cost)`` (which raises to refuse), decode."""
         loop = asyncio.get_running_loop()
-        await loop.sock_sendall(self.sock, _TASK.pack(_IMAGE, len(data), resize, max_pixels, max_scans))
-        await loop.sock_sendall(self.sock, data)
+        try:
+            await loop.sock_sendall(self.sock, _TASK.pack(_IMAGE, len(data), resize, max_pixels, max_scans))
+            await loop.sock_sendall(self.sock, data)
+        except OSError as exc:  # it could not have read the image: its death is not the image's doing
+            raise _NotHandedOver from exc
         kind, *fields, _, _ = await self._reply()
         if kind == _REFUSED:
             raise await self._refused(loop, fields)
@@ -202,6 +215,16 @@ class _Worker:
         await loop.sock_sendall(self.sock, _TASK.pack(_PING, 0, 0, 0, 0))
         await self._reply()
 
+    def usable(self) -> bool:
+        """Alive with nothing unread in its socket: finds an idle worker killed while it waited."""
+        try:
+            self.sock.recv(1, socket.MSG_PEEK)  # returns: end of stream (dead) or a stray byte
+        except BlockingIOError:  # nothing to read: it waits for a task
+            return self.process.is_alive()
+        except OSError:
+            pass
+        return False
+
     def kill(self) -> None:
         self.sock.close()
         with contextlib.suppress(OSError):
@@ -219,7 +242,7 @@ class _Worker:
 
 class DecodePool:
     def __init__(self, workers: int, timeout_s: float, metrics: Metrics) -> None:
-        self.timeout_s = timeout_s
+        self.timeout_s = timeout_s  # the CPU time one image may use (see CpuCap)
         self.metrics = metrics
         self._context = _context()
         self._size = workers
@@ -227,6 +250,8 @@ class DecodePool:
         self._workers: set[_Worker] = set()
         self._in_progress = 0
         self._stopped = False
+        self._start_error: str | None = None  # why the last start of a worker failed
+        metrics.decode_workers_live.set_function(lambda: len(self._workers))
 
     @property
     def in_progress(self) -> int:
@@ -236,6 +261,12 @@ class DecodePool:
     def pids(self) -> set[int]:
         """The workers' process ids."""
         return {worker.process.pid for worker in self._workers if worker.process.pid is not None}
+
+    @property
+    def unavailable(self) -> str | None:
+        """Why no image can be decoded now, else None."""
+        why = self._start_error or "stopped"
+        return None if self._workers else f"no decode worker runs and none could be started ({why})"
 
     def _count(self, step: int) -> None:
         self._in_progress += step
@@ -266,29 +297,56 @@ class DecodePool:
             worker.process.join(10)
         self._workers.clear()
 
-    def _replace(self, worker: _Worker) -> None:
+    def _replace(self, worker: _Worker, found_dead: bool = False) -> None:
+        if found_dead:
+            log.warning("decode worker %s found dead while idle: replaced", worker.process.pid)
         worker.kill()
         self._workers.discard(worker)
         self._top_up()
 
     def _top_up(self) -> None:
         """Start the workers the pool lacks. One that cannot start now (out of processes or file
-        descriptors) is retried at the next image; meanwhile the pool serves with fewer."""
+        descriptors) is retried at the next image or check; meanwhile the pool serves with fewer."""
         while len(self._workers) < self._size and not self._stopped:
             try:
                 worker = self._start_worker()
-            except OSError:
+            except OSError as exc:
+                self._start_error = f"{type(exc).__name__}: {exc}"
                 log.exception("a decode worker could not be started")
                 return
+            self._start_error = None
             self._idle.put_nowait(worker)
+
+    def check(self) -> int:
+        """Replace idle workers found dead, start missing ones; the number of workers running."""
+        for _ in range(self._idle.qsize()):
+            worker = self._idle.get_nowait()
+            if worker.usable():
+                self._idle.put_nowait(worker)
+            else:
+                self._replace(worker, found_dead=True)
+        self._top_up()
+        return len(self._workers)
+
+    async def _take(self) -> _Worker:
+        """An idle worker that is alive; one found dead (killed while it waited) is replaced."""
+        while True:
+            self._top_up()
+            if (reason := self.unavailable) is not None:
+                self.metrics.rejected.labels("no_decoder").inc()
+                raise DecodersUnavailable(f"server cannot decode images now: {reason}")
+            worker = await self._idle.get()
+            if worker.usable():
+                return worker
+            self._replace(worker, found_dead=True)
 
     async def square(
         self, data: bytes, resize: int, max_pixels: int, max_scans: int, budget: Budget
-    ) -> tuple[np.ndarray, float, float]:
+    ) -> Square:
         """Weigh and decode in a worker, its decode memory reserved against ``budget`` in between
-        and held until the worker's task has really ended: done, failed, timed out or cancelled (a
-        running task is cancelled by killing its worker, which is what cancelling the awaiting
-        coroutine does)."""
+        and held until the worker's task has really ended: done, failed, timed out or cancelled
+        (then its worker is killed). A worker gone before it had the image is replaced and the
+        image retried; the wait for an idle worker is bounded by the caller's (request's) timeout."""
         held = 0
 
         def reserve(amount: int) -> None:
@@ -296,36 +354,47 @@ class DecodePool:
             budget.reserve(amount)
             held = amount
 
+        def call(worker: _Worker) -> Awaitable[Square]:
+            return worker.call(data, resize, max_pixels, max_scans, reserve)
+
         self._count(+1)
         try:
-            if len(self._workers) < self._size:
-                self._top_up()
-            worker = await self._idle.get()
-            try:
-                async with asyncio.timeout(self.timeout_s):
-                    result = await worker.call(data, resize, max_pixels, max_scans, reserve)
-            except ImageInputError:
-                self._idle.put_nowait(worker)  # refused by the decoder: the worker is fine
-                raise
-            except _Declined as declined:
-                self._idle.put_nowait(worker)
-                raise declined.reason from None
-            except TimeoutError:
-                self._replace(worker)
-                self.metrics.rejected.labels("decode_time").inc()
-                raise ImageInputError(
-                    413, f"image too costly: decoding it took over {self.timeout_s:g} s (the server's cap)"
-                ) from None
-            except (EOFError, OSError):  # the decoder crashed or ran out of memory: not the server's fault
-                how = await asyncio.to_thread(worker.exit_description)
-                self._replace(worker)
-                raise ImageInputError(422, f"image could not be decoded: the decoder died ({how})") from None
-            except BaseException:  # cancelled mid-task: its reply would be read by the next task
-                self._replace(worker)
-                raise
-            self._idle.put_nowait(worker)
-            return result
+            for _ in range(3):
+                worker = await self._take()
+                try:
+                    return await self._task(worker, call)
+                except _NotHandedOver:
+                    log.warning("decode worker %s gone before it had the image: retried", worker.process.pid)
+            raise DecodersUnavailable("server cannot decode images now: its decode workers keep dying")
         finally:
             self._count(-1)
             if held:
                 budget.release(held)
+
+    async def _task(self, worker: _Worker, call: Callable[[_Worker], Awaitable[Square]]) -> Square:
+        """One image on ``worker``; then the worker is idle again if fine, else killed and replaced,
+        on every path (a cancellation at any await too: its reply would go to the next task)."""
+        fine = False
+        try:
+            try:
+                async with cpu_cap(worker.process.pid, self.timeout_s):
+                    result = await call(worker)
+            except (ImageInputError, _Declined) as refused:  # by the decoder or the budget: it is fine
+                fine = True
+                raise refused.reason if isinstance(refused, _Declined) else refused from None
+            except TimeoutError:
+                self.metrics.rejected.labels("decode_time").inc()
+                cap_s = self.timeout_s
+                raise ImageInputError(
+                    413, f"image too costly: decoding it took over {cap_s:g} s of CPU time (the server's cap)"
+                ) from None
+            except (EOFError, OSError):  # the decoder crashed or ran out of memory: not the server's fault
+                how = await asyncio.to_thread(worker.exit_description)
+                raise ImageInputError(422, f"image could not be decoded: the decoder died ({how})") from None
+            fine = True
+            return result
+        finally:
+            if fine:
+                self._idle.put_nowait(worker)
+            else:
+                self._replace(worker)

@@ -17,7 +17,8 @@ from alexnet_core.pipeline import Preprocessed
 from service.admission import DecodeBudget
 from service.core.config import Settings
 from service.core.metrics import Metrics
-from service.decoding import DecodePool
+from service.decoding import DecodePool, DecodersUnavailable
+from service.inference import Overloaded
 
 T = TypeVar("T")
 
@@ -61,6 +62,8 @@ class Preparation:
             )
         except ImageInputError as exc:
             raise ImageInputError(exc.status_code, label + exc.detail) from None
+        except DecodersUnavailable as exc:  # the server's state: 503 + Retry-After
+            raise Overloaded(str(exc)) from None
         started = time.perf_counter()
         if meta.input_kind == "square":  # the square is the input: a view, not worth a thread hand-off
             batch = meta.model_input(square)
