@@ -10,6 +10,7 @@ import os
 import signal
 import threading
 from collections.abc import Awaitable, Callable
+from typing import Any, TypeVar
 
 import pytest
 
@@ -24,6 +25,7 @@ from tests.processes import alive
 MAX_PIXELS = 100_000_000
 MAX_SCANS = 64
 MiB = 2**20
+T = TypeVar("T")
 
 
 async def stalled_task(pool: DecodePool, budget: DecodeBudget) -> tuple["asyncio.Task[object]", int]:
@@ -174,7 +176,7 @@ class CountingExecutor(concurrent.futures.ThreadPoolExecutor):
         super().__init__(1)
         self.submitted = 0
 
-    def submit(self, fn, /, *args, **kwargs):  # type: ignore[no-untyped-def]
+    def submit(self, fn: Callable[..., T], /, *args: Any, **kwargs: Any) -> "concurrent.futures.Future[T]":
         self.submitted += 1
         return super().submit(fn, *args, **kwargs)
 
