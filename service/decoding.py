@@ -25,40 +25,25 @@ import logging
 import multiprocessing
 import signal
 import socket
-import struct
 import tempfile
-from collections.abc import Callable
+from collections.abc import Awaitable, Callable
 from multiprocessing.process import BaseProcess
 from typing import Protocol
 
 import numpy as np
 
-from alexnet_core.images import ImageInputError, decode_cost  # run in the workers
-from alexnet_core.pipeline import decode_square
+from alexnet_core.images import ImageInputError  # run in the workers
 from alexnet_core.resources import keep_freed_memory
+from service import decode_worker as w
 from service.core.metrics import Metrics
+from service.decode_clock import cpu_cap
 
 log = logging.getLogger(__name__)
 
 # Imported by the fork server (preload), so every worker forked from it inherits the setting.
 keep_freed_memory()
 
-# A task: the server sends the image (kind, payload length, resize, max pixels, max JPEG scans;
-# then the bytes); the worker weighs it from its header and answers its cost; the server
-# reserves that against the decode budget and answers GO (the worker decodes and answers the
-# square) or SKIP (the worker drops it). Weighing in the worker keeps header parsing, which a
-# crafted file can make cost hundreds of milliseconds of Python, off the event loop's GIL and
-# under the time cap.
-_TASK = struct.Struct("!BQQQQ")
-_IMAGE, _PING = 0, 1
-_GO, _SKIP = b"g", b"s"
-# Worker -> server: kind, then for a cost its bytes; for a square its height, width, channels and
-# timings (its pixels follow); for a refusal its HTTP status and the length of the UTF-8 detail
-# that follows. Plain fields, not pickles: a decoder subverted by hostile bytes must not be able
-# to run code in the server.
-_SQUARE, _REFUSED, _PONG, _COST = 0, 1, 2, 3
-_REPLY = struct.Struct("!BQQQdd")
-_MAX_DETAIL = 4096
+Square = tuple[np.ndarray, float, float]  # the central square, decode and square seconds
 
 
 class Budget(Protocol):
@@ -70,6 +55,10 @@ class Budget(Protocol):
     def release(self, amount: int) -> None: ...
 
 
+class DecodersUnavailable(Exception):
+    """No decode worker runs and none can be started: the server's state, not the image's (503)."""
+
+
 class _Declined(Exception):
     """The budget refused an image the worker had weighed: the worker was told to skip it and is fine."""
 
@@ -77,49 +66,8 @@ class _Declined(Exception):
         self.reason = reason
 
 
-def _receive_exactly(sock: socket.socket, size: int) -> bytes:
-    data = sock.recv(size, socket.MSG_WAITALL) if size else b""
-    if len(data) != size:
-        raise EOFError
-    return data
-
-
-def _refuse(sock: socket.socket, exc: ImageInputError) -> None:
-    detail = exc.detail.encode()[:_MAX_DETAIL]
-    sock.sendall(_REPLY.pack(_REFUSED, exc.status_code, len(detail), 0, 0.0, 0.0) + detail)
-
-
-def _serve(sock: socket.socket) -> None:
-    """A worker's loop: one task at a time, until the server closes the socket or kills it."""
-    # SIGTERM ends a worker at once, even inside a long decode (one C call, where a Python signal
-    # handler would only run once it returns).
-    signal.signal(signal.SIGTERM, signal.SIG_DFL)
-    signal.signal(signal.SIGINT, signal.SIG_IGN)  # Ctrl-C is the server's to handle
-    with contextlib.suppress(ImportError):
-        import setproctitle
-
-        setproctitle.setproctitle("alexnet-serve: decode")
-    try:
-        while True:
-            kind, size, resize, max_pixels, max_scans = _TASK.unpack(_receive_exactly(sock, _TASK.size))
-            if kind == _PING:
-                sock.sendall(_REPLY.pack(_PONG, 0, 0, 0, 0.0, 0.0))
-                continue
-            data = _receive_exactly(sock, size)
-            try:
-                cost = decode_cost(data, resize, max_pixels, max_scans)
-                sock.sendall(_REPLY.pack(_COST, cost.bytes, 0, 0, 0.0, 0.0))
-                if _receive_exactly(sock, 1) != _GO:
-                    continue
-                square, decode_s, square_s = decode_square(data, resize, max_pixels)
-            except ImageInputError as exc:
-                _refuse(sock, exc)
-                continue
-            height, width, channels = square.shape
-            sock.sendall(_REPLY.pack(_SQUARE, height, width, channels, decode_s, square_s))
-            sock.sendall(np.ascontiguousarray(square).data)
-    except (EOFError, ConnectionError):
-        return
+class _NotHandedOver(Exception):
+    """The worker was gone before it had the whole image: another worker may take it."""
 
 
 # The fork server listens on a Unix socket under TMPDIR, whose path must fit sockaddr_un (107 bytes).
@@ -144,7 +92,7 @@ class _Worker:
     def __init__(self, context: multiprocessing.context.BaseContext) -> None:
         self.sock, theirs = socket.socketpair()
         try:
-            self.process: BaseProcess = context.Process(target=_serve, args=(theirs,), daemon=True)  # type: ignore[attr-defined]
+            self.process: BaseProcess = context.Process(target=w.serve, args=(theirs,), daemon=True)  # type: ignore[attr-defined]
             self.process.start()
         except BaseException:
             self.sock.close()
@@ -155,9 +103,9 @@ class _Worker:
 
     async def _reply(self) -> tuple[int, int, int, int, float, float]:
         loop = asyncio.get_running_loop()
-        header = bytearray(_REPLY.size)
+        header = bytearray(w.REPLY.size)
         await self._fill(loop, memoryview(header))
-        return _REPLY.unpack(header)
+        return w.REPLY.unpack(header)
 
     async def _fill(self, loop: asyncio.AbstractEventLoop, view: memoryview) -> None:
         while view:
@@ -168,7 +116,7 @@ class _Worker:
 
     async def _refused(self, loop: asyncio.AbstractEventLoop, fields: list[int]) -> ImageInputError:
         status_code, length = fields[0], fields[1]
-        if not 400 <= status_code < 500 or length > _MAX_DETAIL:
+        if not 400 <= status_code < 500 or length > w.MAX_DETAIL:
             raise EOFError("the worker's refusal is malformed")  # treated as a dead worker
         detail = bytearray(length)
         await self._fill(loop, memoryview(detail))
@@ -182,26 +130,29 @@ class _Worker:
         max_scans: int,
         reserve: Callable[[int], None],
         out: np.ndarray | None = None,
-    ) -> tuple[np.ndarray, float, float]:
+    ) -> Square:
         """Weigh, ``reserve(cost)`` (which raises to refuse), decode (into ``out`` when given)."""
         loop = asyncio.get_running_loop()
-        await loop.sock_sendall(self.sock, _TASK.pack(_IMAGE, len(data), resize, max_pixels, max_scans))
-        await loop.sock_sendall(self.sock, data)
+        try:
+            await loop.sock_sendall(self.sock, w.TASK.pack(w.IMAGE, len(data), resize, max_pixels, max_scans))
+            await loop.sock_sendall(self.sock, data)
+        except OSError as exc:  # it could not have read the image: its death is not the image's doing
+            raise _NotHandedOver from exc
         kind, *fields, _, _ = await self._reply()
-        if kind == _REFUSED:
+        if kind == w.REFUSED:
             raise await self._refused(loop, fields)
-        if kind != _COST:
+        if kind != w.COST:
             raise EOFError("the worker's reply is not a cost")
         try:
             reserve(fields[0])
         except Exception as exc:
-            await loop.sock_sendall(self.sock, _SKIP)
+            await loop.sock_sendall(self.sock, w.SKIP)
             raise _Declined(exc) from None
-        await loop.sock_sendall(self.sock, _GO)
+        await loop.sock_sendall(self.sock, w.GO)
         kind, *fields, decode_s, square_s = await self._reply()
-        if kind == _REFUSED:
+        if kind == w.REFUSED:
             raise await self._refused(loop, fields)
-        if kind != _SQUARE or fields != [resize, resize, 3]:
+        if kind != w.SQUARE or fields != [resize, resize, 3]:
             raise EOFError("the worker's reply is not a square")
         # Received in place (a front's shared slot, or a new array): no copy of the pixels.
         square = np.empty(fields, np.uint8) if out is None else out
@@ -210,8 +161,18 @@ class _Worker:
 
     async def ping(self) -> None:
         loop = asyncio.get_running_loop()
-        await loop.sock_sendall(self.sock, _TASK.pack(_PING, 0, 0, 0, 0))
+        await loop.sock_sendall(self.sock, w.TASK.pack(w.PING, 0, 0, 0, 0))
         await self._reply()
+
+    def usable(self) -> bool:
+        """Alive with nothing unread in its socket: finds an idle worker killed while it waited."""
+        try:
+            self.sock.recv(1, socket.MSG_PEEK)  # returns: end of stream (dead) or a stray byte
+        except BlockingIOError:  # nothing to read: it waits for a task
+            return self.process.is_alive()
+        except OSError:
+            pass
+        return False
 
     def kill(self) -> None:
         self.sock.close()
@@ -230,7 +191,7 @@ class _Worker:
 
 class DecodePool:
     def __init__(self, workers: int, timeout_s: float, metrics: Metrics) -> None:
-        self.timeout_s = timeout_s
+        self.timeout_s = timeout_s  # the CPU time one image may use (see CpuCap)
         self.metrics = metrics
         self._context = _context()
         self._size = workers
@@ -238,6 +199,8 @@ class DecodePool:
         self._workers: set[_Worker] = set()
         self._in_progress = 0
         self._stopped = False
+        self._start_error: str | None = None  # why the last start of a worker failed
+        metrics.decode_workers_live.set_function(lambda: len(self._workers))
 
     @property
     def in_progress(self) -> int:
@@ -247,6 +210,12 @@ class DecodePool:
     def pids(self) -> set[int]:
         """The workers' process ids."""
         return {worker.process.pid for worker in self._workers if worker.process.pid is not None}
+
+    @property
+    def unavailable(self) -> str | None:
+        """Why no image can be decoded now, else None."""
+        why = self._start_error or "stopped"
+        return None if self._workers else f"no decode worker runs and none could be started ({why})"
 
     def _count(self, step: int) -> None:
         self._in_progress += step
@@ -277,21 +246,48 @@ class DecodePool:
             worker.process.join(10)
         self._workers.clear()
 
-    def _replace(self, worker: _Worker) -> None:
+    def _replace(self, worker: _Worker, found_dead: bool = False) -> None:
+        if found_dead:
+            log.warning("decode worker %s found dead while idle: replaced", worker.process.pid)
         worker.kill()
         self._workers.discard(worker)
         self._top_up()
 
     def _top_up(self) -> None:
         """Start the workers the pool lacks. One that cannot start now (out of processes or file
-        descriptors) is retried at the next image; meanwhile the pool serves with fewer."""
+        descriptors) is retried at the next image or check; meanwhile the pool serves with fewer."""
         while len(self._workers) < self._size and not self._stopped:
             try:
                 worker = self._start_worker()
-            except OSError:
+            except OSError as exc:
+                self._start_error = f"{type(exc).__name__}: {exc}"
                 log.exception("a decode worker could not be started")
                 return
+            self._start_error = None
             self._idle.put_nowait(worker)
+
+    def check(self) -> int:
+        """Replace idle workers found dead, start missing ones; the number of workers running."""
+        for _ in range(self._idle.qsize()):
+            worker = self._idle.get_nowait()
+            if worker.usable():
+                self._idle.put_nowait(worker)
+            else:
+                self._replace(worker, found_dead=True)
+        self._top_up()
+        return len(self._workers)
+
+    async def _take(self) -> _Worker:
+        """An idle worker that is alive; one found dead (killed while it waited) is replaced."""
+        while True:
+            self._top_up()
+            if (reason := self.unavailable) is not None:
+                self.metrics.rejected.labels("no_decoder").inc()
+                raise DecodersUnavailable(f"server cannot decode images now: {reason}")
+            worker = await self._idle.get()
+            if worker.usable():
+                return worker
+            self._replace(worker, found_dead=True)
 
     async def square(
         self,
@@ -301,11 +297,11 @@ class DecodePool:
         max_scans: int,
         budget: Budget,
         out: np.ndarray | None = None,
-    ) -> tuple[np.ndarray, float, float]:
+    ) -> Square:
         """Weigh and decode in a worker, its decode memory reserved against ``budget`` in between
-        and held until the worker's task has really ended: done, failed, timed out or cancelled (a
-        running task is cancelled by killing its worker, which is what cancelling the awaiting
-        coroutine does)."""
+        and held until the worker's task has really ended: done, failed, timed out or cancelled
+        (then its worker is killed). A worker gone before it had the image is replaced and the
+        image retried; the wait for an idle worker is bounded by the caller's (request's) timeout."""
         held = 0
 
         def reserve(amount: int) -> None:
@@ -313,36 +309,47 @@ class DecodePool:
             budget.reserve(amount)
             held = amount
 
+        def call(worker: _Worker) -> Awaitable[Square]:
+            return worker.call(data, resize, max_pixels, max_scans, reserve, out)
+
         self._count(+1)
         try:
-            if len(self._workers) < self._size:
-                self._top_up()
-            worker = await self._idle.get()
-            try:
-                async with asyncio.timeout(self.timeout_s):
-                    result = await worker.call(data, resize, max_pixels, max_scans, reserve, out)
-            except ImageInputError:
-                self._idle.put_nowait(worker)  # refused by the decoder: the worker is fine
-                raise
-            except _Declined as declined:
-                self._idle.put_nowait(worker)
-                raise declined.reason from None
-            except TimeoutError:
-                self._replace(worker)
-                self.metrics.rejected.labels("decode_time").inc()
-                raise ImageInputError(
-                    413, f"image too costly: decoding it took over {self.timeout_s:g} s (the server's cap)"
-                ) from None
-            except (EOFError, OSError):  # the decoder crashed or ran out of memory: not the server's fault
-                how = await asyncio.to_thread(worker.exit_description)
-                self._replace(worker)
-                raise ImageInputError(422, f"image could not be decoded: the decoder died ({how})") from None
-            except BaseException:  # cancelled mid-task: its reply would be read by the next task
-                self._replace(worker)
-                raise
-            self._idle.put_nowait(worker)
-            return result
+            for _ in range(3):
+                worker = await self._take()
+                try:
+                    return await self._task(worker, call)
+                except _NotHandedOver:
+                    log.warning("decode worker %s gone before it had the image: retried", worker.process.pid)
+            raise DecodersUnavailable("server cannot decode images now: its decode workers keep dying")
         finally:
             self._count(-1)
             if held:
                 budget.release(held)
+
+    async def _task(self, worker: _Worker, call: Callable[[_Worker], Awaitable[Square]]) -> Square:
+        """One image on ``worker``; then the worker is idle again if fine, else killed and replaced,
+        on every path (a cancellation at any await too: its reply would go to the next task)."""
+        fine = False
+        try:
+            try:
+                async with cpu_cap(worker.process.pid, self.timeout_s):
+                    result = await call(worker)
+            except (ImageInputError, _Declined) as refused:  # by the decoder or the budget: it is fine
+                fine = True
+                raise refused.reason if isinstance(refused, _Declined) else refused from None
+            except TimeoutError:
+                self.metrics.rejected.labels("decode_time").inc()
+                cap_s = self.timeout_s
+                raise ImageInputError(
+                    413, f"image too costly: decoding it took over {cap_s:g} s of CPU time (the server's cap)"
+                ) from None
+            except (EOFError, OSError):  # the decoder crashed or ran out of memory: not the server's fault
+                how = await asyncio.to_thread(worker.exit_description)
+                raise ImageInputError(422, f"image could not be decoded: the decoder died ({how})") from None
+            fine = True
+            return result
+        finally:
+            if fine:
+                self._idle.put_nowait(worker)
+            else:
+                self._replace(worker)

@@ -89,9 +89,13 @@ def create_front_app(settings: Settings, shared: SharedState, index: int) -> Fas
     @app.get("/ready", include_in_schema=False)
     async def ready(request: Request) -> Response:
         """Ready when this front can reach the engine and knows its model; the engine says the rest."""
-        if link.model is None:
-            body = Readiness(ready=False, reason=link.not_ready_reason)
-            return JSONResponse(body.model_dump(), status_code=503)
+        reason = None if link.model is not None else link.not_ready_reason
+        decoder = request.app.state.preparation.decoder
+        decoder.check()  # replaces workers that died while idle
+        if reason is None and (why := decoder.unavailable) is not None:
+            reason = f"{why}: this front cannot decode images; see its log"
+        if reason is not None:
+            return JSONResponse(Readiness(ready=False, reason=reason).model_dump(), status_code=503)
         return await proxy.handle(request)
 
     app.include_router(predict.router)

@@ -8,6 +8,7 @@ enough: ONNX Runtime parallelises inside each call.
 """
 
 import asyncio
+import contextlib
 import logging
 import queue
 import threading
@@ -57,6 +58,15 @@ def _resolve(future: "asyncio.Future[InferenceResult]", value: InferenceResult |
         future.set_result(value)
 
 
+def shutting_down() -> Overloaded:
+    return Overloaded("server shutting down: retry on another replica")
+
+
+# The stop signal in the job queue: an object of its own, so that "stop" can never be mistaken
+# for "nothing held" (None) while the batcher's window is open.
+_STOP = object()
+
+
 class InferenceQueue:
     def __init__(
         self,
@@ -72,8 +82,11 @@ class InferenceQueue:
         self.batching = batching
         self.max_batch_images = max_batch_images
         self.max_batch_delay_s = max_batch_delay_s
-        self._jobs: queue.SimpleQueue[_Job | None] = queue.SimpleQueue()
-        self._held: _Job | None = None
+        self._jobs: queue.SimpleQueue[_Job | object] = queue.SimpleQueue()
+        self._held: _Job | None = None  # taken in a window but left for the next call
+        self._stopping = False  # set under the lock: no job is queued after the stop signal
+        self._gathered: list[_Job] = []  # the batch in hand when the stop signal came
+        self._lock = threading.Lock()
         self._buffer: np.ndarray | None = None  # the last joined batch's memory, reused by the next
         self._thread = threading.Thread(target=self._serve, name="inference", daemon=True)
 
@@ -85,8 +98,16 @@ class InferenceQueue:
         self._thread.start()
 
     def stop(self) -> None:
-        self._jobs.put(None)
-        self._thread.join(timeout=30)
+        """Stop the batcher: what has not run yet is answered 503 (shutting down), at once."""
+        with self._lock:
+            self._stopping = True
+            self._jobs.put(_STOP)
+        if not self._thread.is_alive():  # never started, or ended: no one else will answer them
+            self._fail_pending()
+            return
+        self._thread.join(timeout=30)  # at most the inference call in progress
+        if self._thread.is_alive():
+            log.warning("the inference thread is still in an inference call; not waiting for it")
 
     def check_room(self) -> None:
         self.admission.check_room()
@@ -103,8 +124,13 @@ class InferenceQueue:
         on_done: Done,
         cancelled: Callable[[], bool],
     ) -> None:
-        """Queue one request's input; ``on_done`` gets its result (from the batcher's thread)."""
-        self._jobs.put(_Job(classifier, batch, images, features, on_done, cancelled))
+        """Queue one request's input; ``on_done`` gets its result once (from the batcher's thread,
+        or at once, here, when the batcher has stopped)."""
+        with self._lock:
+            if not self._stopping:
+                self._jobs.put(_Job(classifier, batch, images, features, on_done, cancelled))
+                return
+        on_done(shutting_down())
 
     async def infer(
         self, admission: Admission, classifier: OnnxClassifier, batch: np.ndarray, features: bool = False
@@ -113,14 +139,32 @@ class InferenceQueue:
         future: asyncio.Future[InferenceResult] = loop.create_future()
 
         def on_done(value: InferenceResult | BaseException) -> None:
-            loop.call_soon_threadsafe(_resolve, future, value)
+            with contextlib.suppress(RuntimeError):  # its loop is closed: no one waits for it
+                loop.call_soon_threadsafe(_resolve, future, value)
 
         self.submit(classifier, batch, admission.images, features, on_done, future.done)
         self.admission.handed_over(admission)
         return await future
 
+    def _get(self, deadline: float | None) -> _Job | None:
+        """The next job whose request still waits for it, or None for the stop signal; past
+        ``deadline`` (None: wait for ever), ``queue.Empty``. A cancelled job is answered so."""
+        while True:
+            if deadline is None:
+                item = self._jobs.get()
+            else:  # past the deadline, still take whatever is already waiting
+                remaining = deadline - time.monotonic()
+                item = self._jobs.get(timeout=remaining) if remaining > 0 else self._jobs.get_nowait()
+            if not isinstance(item, _Job):  # the stop signal
+                return None
+            if not item.cancelled():
+                return item
+            item.on_done(asyncio.CancelledError())  # its request timed out or went away
+
     def _next_batch(self) -> list[_Job] | None:
-        first = self._held if self._held is not None else self._jobs.get()
+        """The next call's jobs; None once the stop signal is read (what was gathered is then
+        answered by ``_fail_pending``)."""
+        first = self._held if self._held is not None else self._get(None)
         self._held = None
         if first is None:
             return None
@@ -130,15 +174,17 @@ class InferenceQueue:
             # Wait only while admitted images are still being decoded: with none on the way (a lone
             # client) the call starts at once instead of idling for the whole delay.
             coming = self.admission.decoding.total
-            remaining = deadline - time.monotonic() if coming > 0 else 0.0
-            try:  # past the deadline, still take whatever is already waiting
-                job = self._jobs.get(timeout=remaining) if remaining > 0 else self._jobs.get_nowait()
+            try:
+                job = self._get(deadline if coming > 0 else 0.0)
             except queue.Empty:
                 break
-            # A job for another model (after a swap) or one that would overfill waits for the next call.
+            if job is None:
+                self._gathered = batch
+                return None
+            # A job for another model (after a swap), of other outputs, or one that would overfill
+            # waits for the next call.
             if (
-                job is None
-                or job.classifier is not first.classifier
+                job.classifier is not first.classifier
                 or job.features != first.features
                 or images + job.images > self.max_batch_images
             ):
@@ -149,15 +195,35 @@ class InferenceQueue:
         return batch
 
     def _serve(self) -> None:
-        while (batch := self._next_batch()) is not None:
-            for job in batch:
-                if job.cancelled():
-                    job.on_done(asyncio.CancelledError())
-            batch = [job for job in batch if not job.cancelled()]
-            if batch:
-                self._run(batch)
-        if self._held is not None:
-            self._jobs.put(self._held)
+        try:
+            while (batch := self._next_batch()) is not None:
+                running = []
+                for job in batch:  # one look at each: a job is answered exactly once
+                    if job.cancelled():
+                        job.on_done(asyncio.CancelledError())
+                    else:
+                        running.append(job)
+                if running:
+                    self._run(running)
+        except Exception:  # logged here; the requests waiting are answered below
+            log.exception("the inference thread failed")
+        finally:
+            self._fail_pending()
+
+    def _fail_pending(self) -> None:
+        """Answer every job not run (gathered, held or queued) with a 503: the batcher has stopped."""
+        with self._lock:
+            self._stopping = True  # also when the thread ended on an error: refuse what comes next
+        pending: list[_Job | object | None] = [*self._gathered, self._held]
+        self._gathered, self._held = [], None
+        while True:
+            try:
+                pending.append(self._jobs.get_nowait())
+            except queue.Empty:
+                break
+        for job in pending:
+            if isinstance(job, _Job):
+                job.on_done(shutting_down())
 
     def _joined(self, parts: list[np.ndarray]) -> np.ndarray:
         """The requests' inputs as one array, in a buffer kept between calls: a batch is up to

@@ -16,7 +16,8 @@ from alexnet_core.metadata import ModelMetadata
 from service.admission import DecodeBudget
 from service.core.config import Settings
 from service.core.metrics import Metrics
-from service.decoding import DecodePool
+from service.decoding import DecodePool, DecodersUnavailable
+from service.inference import Overloaded
 
 T = TypeVar("T")
 
@@ -58,6 +59,8 @@ class Preparation:
             )
         except ImageInputError as exc:
             raise ImageInputError(exc.status_code, label + exc.detail) from None
+        except DecodersUnavailable as exc:  # the server's state: 503 + Retry-After
+            raise Overloaded(str(exc)) from None
 
     async def model_input(self, meta: ModelMetadata, squares: list[np.ndarray]) -> np.ndarray:
         """The model's input batch for these squares: the squares themselves for a model that

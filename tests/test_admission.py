@@ -9,11 +9,14 @@ Assertions are on states (status codes, /metrics gauges), polled in steps, not o
 import io
 import json
 import os
+import resource
 import shutil
+import signal
 import socket
 import subprocess
 import sys
 import threading
+import time
 from collections.abc import Callable, Iterator
 from pathlib import Path
 
@@ -27,6 +30,7 @@ from alexnet_core.resources import cgroup_cpu_quota, memory_limit, usable_cpus
 from tests.conftest import cpu_settings, serve
 from tests.free_model import write_free_model
 from tests.images import many_scans_jpeg, photo_jpeg
+from tests.processes import ServerProcess, alive, server_subprocess, wait_until
 
 MiB = 2**20
 
@@ -293,3 +297,90 @@ def test_a_chunked_upload_past_the_upload_budget_is_cut_off(
         assert gauge(c, "alexnet_upload_bytes") == 2 * MiB  # the stalled ones' only
         for sock in stalled:  # else the server's shutdown waits for their body timeout
             sock.close()
+
+
+# --- the decode workers: waiting is load, not the image's cost; a pool that cannot start ---------
+
+
+def children(pid: int) -> list[int]:
+    out = []
+    for task in Path(f"/proc/{pid}/task").iterdir():
+        out += [int(c) for c in (task / "children").read_text().split()]
+    return out
+
+
+def decode_workers(server: ServerProcess) -> list[int]:
+    """The server's decode workers: the leaves of its process tree (forked by its fork server, or
+    spawned by the server itself where TMPDIR is too long a path for the fork server's socket),
+    less multiprocessing's resource tracker and killed ones not reaped yet."""
+    leaves, todo = [], children(server.pid)
+    while todo:
+        pid = todo.pop()
+        below = children(pid)
+        todo += below
+        if not below and alive(pid) and b"resource_tracker" not in Path(f"/proc/{pid}/cmdline").read_bytes():
+            leaves.append(pid)
+    return leaves
+
+
+def test_a_valid_image_that_waits_past_the_decode_cap_is_served_or_503_never_413(
+    free_dir: Path, tmp_path: Path
+) -> None:
+    """The only worker cannot run (SIGSTOP: what waiting for a core on a saturated host looks like
+    to the image) while the wall clock passes the decode cap: the valid image is decoded once the
+    worker runs again, or answered 503 + Retry-After when the request's timeout comes first."""
+    settings = {"decode_workers": 1, "decode_timeout_s": 0.5, "request_timeout_s": 4}
+    with (
+        server_subprocess(free_dir, tmp_path, wait_for="/ready", **settings) as server,
+        httpx.Client(base_url=server.url, timeout=60) as c,
+    ):
+        (worker,) = decode_workers(server)
+        os.kill(worker, signal.SIGSTOP)
+        results: dict[str, httpx.Response] = {}
+        waiting = threading.Thread(target=post, args=(server.url, [("a.jpg", photo_jpeg())], results, "a"))
+        waiting.start()
+        wait_for(lambda: gauge(c, "alexnet_decodes_in_progress") == 1)
+        time.sleep(1.5)  # three times the cap
+        os.kill(worker, signal.SIGCONT)
+        waiting.join()
+        assert results["a"].status_code == 200, results["a"].text
+        os.kill(worker, signal.SIGSTOP)  # now for longer than the request may wait
+        refused = c.post("/predict", files={"file": ("a.jpg", photo_jpeg())})
+        assert refused.status_code == 503 and refused.headers["retry-after"] == "1", refused.text
+        assert "timed out" in refused.json()["detail"]
+        # The stopped worker was killed with the request it held; its replacement serves.
+        assert c.post("/predict", files={"file": ("a.jpg", photo_jpeg())}).status_code == 200
+        assert worker not in decode_workers(server)
+        assert gauge(c, "alexnet_decode_workers_live") == 1
+
+
+def test_no_decode_worker_can_start_ready_is_503_until_they_can(free_dir: Path, tmp_path: Path) -> None:
+    """The decode workers killed (SIGKILL, as the OOM killer does) while the server cannot start
+    new ones (no file descriptor left for their sockets): /ready answers 503 with the reason,
+    /metrics counts no live worker, an image gets 503 + Retry-After; once processes can start
+    again, the pool is whole and the server ready."""
+    with (
+        server_subprocess(free_dir, tmp_path, wait_for="/ready", decode_workers=2) as server,
+        # One keep-alive connection, opened before the server runs out of descriptors.
+        httpx.Client(base_url=server.url, timeout=60) as c,
+    ):
+        assert c.get("/ready").status_code == 200 and gauge(c, "alexnet_decode_workers_live") == 2
+        workers = decode_workers(server)
+        assert len(workers) == 2, workers
+        limits = resource.prlimit(server.pid, resource.RLIMIT_NOFILE)
+        resource.prlimit(server.pid, resource.RLIMIT_NOFILE, (3, limits[1]))
+        try:
+            for pid in workers:
+                os.kill(pid, signal.SIGKILL)
+            wait_until(lambda: not any(alive(pid) for pid in workers), 10, "the workers dead")
+            ready = c.get("/ready")
+            assert ready.status_code == 503, ready.text
+            assert "no decode worker runs and none could be started" in ready.json()["reason"]
+            assert gauge(c, "alexnet_decode_workers_live") == 0
+            refused = c.post("/predict", files={"file": ("a.jpg", photo_jpeg())})
+            assert refused.status_code == 503 and refused.headers["retry-after"] == "1", refused.text
+        finally:
+            resource.prlimit(server.pid, resource.RLIMIT_NOFILE, limits)
+        assert c.get("/ready").status_code == 200
+        assert gauge(c, "alexnet_decode_workers_live") == 2
+        assert c.post("/predict", files={"file": ("a.jpg", photo_jpeg())}).status_code == 200

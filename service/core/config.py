@@ -75,7 +75,7 @@ class Settings(CommonSettings):
         0, ge=0, description="processes that decode images; 0 = two per core" + AUTO_CPUS
     )
     decode_timeout_s: float = Field(
-        5.0, gt=0, description="longest one image may take to decode; then its worker is killed (413)"
+        5.0, gt=0, description="most CPU time one image's decode may use; then its worker is killed (413)"
     )
     decode_memory_mb: float = Field(
         0,

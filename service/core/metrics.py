@@ -55,6 +55,9 @@ class Metrics:
         self.decodes_in_progress = gauge(
             "alexnet_decodes_in_progress", "images queued or decoding in the decode workers"
         )
+        self.decode_workers_live = gauge(
+            "alexnet_decode_workers_live", "decode worker processes running (the pool's size when whole)"
+        )
         self.decode_bytes = gauge("alexnet_decode_bytes", "estimated memory reserved by decodes in progress")
         self.decode_budget = gauge("alexnet_decode_budget_bytes", "server-wide decode budget", "livemax")
         self.upload_bytes = gauge("alexnet_upload_bytes", "request body bytes held by requests in progress")

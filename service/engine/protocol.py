@@ -43,7 +43,7 @@ DONE = struct.Struct("!QBdI")  # request id, status, inference seconds, images i
 
 K_HELLO, K_RUN, K_CANCEL, K_ACK = 1, 2, 3, 4
 K_MODEL, K_DONE = 1, 2
-OK, FAILED, MODEL_GONE, CANCELLED, REFUSED = range(5)
+OK, FAILED, MODEL_GONE, CANCELLED, BUSY = range(5)
 
 
 def frame(kind: int, *parts: bytes) -> bytes:

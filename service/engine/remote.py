@@ -96,6 +96,8 @@ class RemoteEngine:
         except EngineRefused as exc:
             if exc.status == p.MODEL_GONE:
                 raise EngineUnavailable(f"{exc}: send it again") from None
+            if exc.status == p.BUSY:
+                raise EngineUnavailable(str(exc)) from None
             raise RuntimeError(str(exc)) from None
 
     async def run_tensor(self, model: ModelView, batch: np.ndarray, images: int) -> EngineResult:

@@ -17,7 +17,7 @@ import numpy as np
 from alexnet_core.session import OnnxClassifier
 from service.embedding import feature_dim
 from service.engine import protocol as p
-from service.inference import InferenceQueue, InferenceResult
+from service.inference import InferenceQueue, InferenceResult, Overloaded
 from service.model_registry import ModelRegistry
 from service.supervisor import name_process
 
@@ -127,7 +127,11 @@ class _FrontLink(asyncio.Protocol):
 
         def on_done(value: InferenceResult | BaseException) -> None:
             if isinstance(value, BaseException):
-                status = p.CANCELLED if isinstance(value, asyncio.CancelledError) else p.FAILED
+                status = p.FAILED
+                if isinstance(value, asyncio.CancelledError):
+                    status = p.CANCELLED
+                elif isinstance(value, Overloaded):
+                    status = p.BUSY
                 reply = (request_id, status, 0.0, 0, str(value))
             else:
                 segment = self.segment
