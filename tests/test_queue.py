@@ -17,6 +17,7 @@ from PIL import Image
 
 from alexnet_core.session import OnnxClassifier
 from service.core.metrics import Metrics
+from service.image_admission import ImageAdmission
 from service.inference import InferenceQueue, InferenceResult, Overloaded
 from tests.conftest import cpu_settings, serve
 from tests.free_model import write_free_model
@@ -163,7 +164,7 @@ def free_models(tmp_path_factory: pytest.TempPathFactory) -> tuple[OnnxClassifie
 
 
 async def infer(queue: InferenceQueue, classifier: OnnxClassifier, images: int) -> InferenceResult:
-    with queue.admit(images) as admission:
+    with queue.admission.admit(images) as admission:
         crops = np.zeros((images * 10, 3, 224, 224), np.float32)
         return await queue.infer(admission, classifier, crops)
 
@@ -185,12 +186,12 @@ def test_stop_in_every_state_returns_at_once_and_resolves_every_job(
     first, other = free_models
 
     async def scenario() -> None:
-        queue = InferenceQueue(
-            Metrics(), batching=True, max_batch_images=4, max_batch_delay_s=60, max_queue_images=64
-        )
+        metrics = Metrics()
+        admission = ImageAdmission(metrics, limit=64)
+        queue = InferenceQueue(metrics, admission, batching=True, max_batch_images=4, max_batch_delay_s=60)
         queue.start()
         requests: list[asyncio.Task[InferenceResult]] = []
-        with queue.admit(1) as coming:  # an image still decoding: the window stays open for it
+        with admission.admit(1) as coming:  # an image still decoding: the window stays open for it
             if state != "idle":
                 requests.append(asyncio.create_task(infer(queue, first, 2)))
                 await batcher_at_work()
