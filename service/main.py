@@ -3,10 +3,12 @@ same app for ``uvicorn``/``gunicorn`` run by hand (settings from the environment
 
 import asyncio
 import logging
+import tempfile
 from collections.abc import AsyncIterator
 from concurrent.futures import ThreadPoolExecutor
 from contextlib import asynccontextmanager
 from functools import cache
+from pathlib import Path
 
 import uvicorn
 from fastapi import FastAPI
@@ -33,6 +35,7 @@ from service.routers import ensemble, gallery, health, kernels, models, page, pr
 from service.routers import v2 as open_inference
 from service.training_jobs import TrainingManager
 
+log = logging.getLogger(__name__)
 DESCRIPTION = """
 AlexNet (Krizhevsky, Sutskever, Hinton, 2012) on ONNX Runtime. `POST /predict` an image and get
 its top-k classes: the image is resized (shorter side 256), its central 256x256 cut into the
@@ -87,6 +90,46 @@ def _add_middleware(app: FastAPI, settings: Settings, metrics: Metrics, inferenc
     app.add_middleware(RequestMetrics, metrics=metrics)
 
 
+def unwritable(directory: Path) -> str | None:
+    """Why nothing can be created in ``directory`` (made if missing), or None. A real attempt:
+    file modes do not stop root, and only the mount knows it is read-only."""
+    try:
+        directory.mkdir(parents=True, exist_ok=True)
+        with tempfile.TemporaryFile(dir=directory, prefix=".write-probe-"):
+            return None
+    except OSError as exc:
+        return exc.strerror or str(exc)
+
+
+def read_only_reason(settings: Settings) -> str | None:
+    if settings.state_dir is None and (problem := unwritable(settings.weights_dir)):
+        return (
+            f"the weights directory cannot be written ({problem}) and no ALEXNET_STATE_DIR is set: "
+            "set ALEXNET_STATE_DIR to a writable directory for job records, galleries and ACTIVE"
+        )
+    if settings.state_dir is not None and (problem := unwritable(settings.state_dir)):
+        return f"ALEXNET_STATE_DIR cannot be written ({problem}): make it writable or choose another"
+    return None
+
+
+def start_training(
+    settings: Settings, registry: ModelRegistry, read_only: str | None
+) -> TrainingManager | None:
+    """The job manager on the state directory (None where it is read-only)."""
+    if read_only is not None:
+        log.warning("training, galleries and activation are disabled: %s", read_only)
+        return None
+    exports = unwritable(settings.weights_dir) if settings.state_dir is not None else None
+    return TrainingManager(
+        settings.weights_dir,
+        settings.data_root,
+        registry,
+        state_dir=settings.state_path,
+        models_read_only=exports
+        and f"the weights directory, where a job's model goes, cannot be written ({exports})",
+    )
+
+
 def create_app(settings: Settings | None = None) -> FastAPI:
     settings = settings or get_settings()
     # Starlette spools an upload over `spool_max_size` (1 MiB) to a temporary file, which the
@@ -113,16 +156,19 @@ def create_app(settings: Settings | None = None) -> FastAPI:
         app.state.preprocess_pool = pool
         decoder = DecodePool(settings.decode_workers, settings.decode_timeout_s, metrics)
         app.state.preparation = Preparation(settings, pool, decoder, decode_budget)
+        # Where the state cannot be written, training, galleries and activation answer 503.
+        app.state.read_only = registry.read_only = await asyncio.to_thread(read_only_reason, settings)
         await asyncio.gather(asyncio.to_thread(registry.load_at_startup), decoder.warm_up())
         watcher = PointerWatcher(registry)  # replicas sharing the weights volume follow activations
         watcher.start()
-        app.state.training = TrainingManager(settings.weights_dir, settings.data_root, registry)
+        app.state.training = await asyncio.to_thread(start_training, settings, registry, app.state.read_only)
         inference.start()
         try:
             yield
         finally:
             watcher.stop()
-            await app.state.training.shutdown()
+            if app.state.training is not None:
+                await app.state.training.shutdown()
             inference.stop()
             decoder.stop()
             pool.shutdown(wait=True, cancel_futures=True)
@@ -140,6 +186,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     app.state.metrics = metrics
     app.state.registry = registry
     app.state.inference = inference
+    app.state.read_only = None  # why the server cannot write its state: found at start-up
 
     _add_routes(app)
     errors.install(app)
