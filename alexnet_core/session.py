@@ -50,6 +50,37 @@ def provider_list(names: list[str]) -> list[str | tuple[str, dict[str, str]]]:
     return providers
 
 
+PROBE_IMAGES = 2  # more than one: a graph that ignores the batch size shows it
+PROBABILITY_TOLERANCE = 1e-2  # float16 variants sum their softmax rows to 1 within a few 1e-3
+
+
+class ContractError(ValueError):
+    """A model that loads and runs but does not answer what the service relies on."""
+
+
+def check_contract(probs: np.ndarray, meta: ModelMetadata, images: int) -> None:
+    """``probs``, the probabilities for ``images`` probe images, are what the pipeline needs:
+    shape (images, classes), finite, each row in [0, 1] summing to 1."""
+    broken = f"model {meta.version} breaks the output contract:"
+    expected = (images, meta.num_classes)
+    if probs.shape != expected:
+        raise ContractError(f"{broken} it answers shape {probs.shape} for {images} images, not {expected}")
+    values = probs.astype(np.float64)
+    if not np.isfinite(values).all():
+        raise ContractError(f"{broken} its output is not finite (NaN or infinity) for a blank image")
+    sums, low, high = values.sum(axis=1), values.min(), values.max()
+    if np.abs(sums - 1).max() > PROBABILITY_TOLERANCE:
+        raise ContractError(
+            f"{broken} its rows sum to {sums.min():.3g}..{sums.max():.3g}, not to 1 "
+            f"({meta.input_kind} kind: a square-kind model must return probabilities, not logits)"
+        )
+    if low < -PROBABILITY_TOLERANCE or high > 1 + PROBABILITY_TOLERANCE:
+        raise ContractError(
+            f"{broken} its probabilities lie in [{low:.3g}, {high:.3g}], not in [0, 1] "
+            f"({meta.input_kind} kind; a square-kind model must end in a softmax)"
+        )
+
+
 class OnnxClassifier:
     """An exported AlexNet: its metadata and one warmed-up ``InferenceSession``."""
 
@@ -101,14 +132,18 @@ class OnnxClassifier:
         return self.metadata.version
 
     def warm_up(self) -> None:
+        """Runs a probe batch of two images and checks the output contract on it: a model that
+        loads but answers another shape, non-finite values or (square kind) rows that are no
+        probabilities would fail every request; it is refused here like a corrupt file."""
         # The first run allocates buffers and (on CUDA) picks kernels; pay it before serving.
         meta = self.metadata
         if meta.input_kind == "square":
             size = meta.resize_size
-            self.probabilities(np.zeros((1, size, size, 3), dtype=np.uint8))
+            probe = np.zeros((PROBE_IMAGES, size, size, 3), dtype=np.uint8)
         else:
             size = meta.input_size
-            self.probabilities(np.zeros((N_CROPS, 3, size, size), dtype=np.float32))
+            probe = np.zeros((PROBE_IMAGES * N_CROPS, 3, size, size), dtype=np.float32)
+        check_contract(self.probabilities(probe), meta, PROBE_IMAGES)
 
     def logits(self, batch: np.ndarray) -> np.ndarray:
         """(n*10, 3, C, C) crops -> (n*10, classes) logits: the crops kind only (a square-kind

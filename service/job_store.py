@@ -2,14 +2,20 @@
 restarts. One shape: ``JobRecord``; a row is read by column name into it, and the API's
 ``TrainingJob`` is derived from it (``service.routers.train``)."""
 
+import asyncio
+import logging
 import sqlite3
 import threading
+from collections.abc import Callable
 from dataclasses import dataclass, fields
 from pathlib import Path
 from typing import Any
 
 from alexnet_core.training import JobState
 from service.schemas import TrainRequest
+
+log = logging.getLogger(__name__)
+STORAGE_ERRORS = (OSError, sqlite3.Error)  # what writing a record or a run's file may raise
 
 
 @dataclass
@@ -42,6 +48,14 @@ def _to_row(job: JobRecord) -> dict[str, Any]:
     }
 
 
+def refusal(exc: BaseException, reason: str) -> tuple[int, str, int | None]:
+    """Status, detail and Retry-After seconds for a job that could not be recorded: ``exc``, told
+    to a client as ``reason``."""
+    if isinstance(exc, sqlite3.OperationalError) and "locked" in str(exc):
+        return 503, f"the job database is locked by another process ({reason}); retry shortly", 2
+    return 507, f"no room to record the job ({reason}): free space on the server's state disk", None
+
+
 def _from_row(row: sqlite3.Row) -> JobRecord:
     values = {name: row[name] for name in COLUMNS}
     return JobRecord(**values | {
@@ -72,6 +86,22 @@ class JobStore:
         values = ", ".join(f":{name}" for name in COLUMNS)
         with self._lock:
             self._db.execute(f"INSERT OR REPLACE INTO jobs ({names}) VALUES ({values})", _to_row(job))
+
+    async def save_retrying(self, job: JobRecord, give_up: Callable[[], bool]) -> bool:
+        """Saves ``job``, retrying (backing off to every 5 s) while the disk refuses, until it is
+        written (True) or ``give_up()`` (False)."""
+        delay = 0.5
+        while True:
+            try:
+                await asyncio.to_thread(self.save, job)
+                return True
+            except STORAGE_ERRORS as exc:
+                if delay == 0.5 or give_up():
+                    log.error("training job %s ended %s; cannot record it: %s", job.id, job.state.value, exc)
+                if give_up():
+                    return False
+                await asyncio.sleep(delay)
+                delay = min(delay * 2, 5.0)
 
     def get(self, job_id: str) -> JobRecord | None:
         with self._lock:

@@ -3,6 +3,7 @@ fronts (``service.front``). ``alexnet-serve`` (``service.cli``) runs them; ``ser
 the one-process app for ``uvicorn`` run by hand (settings from the environment)."""
 
 import asyncio
+import logging
 from collections.abc import AsyncIterator
 from concurrent.futures import ThreadPoolExecutor
 from contextlib import asynccontextmanager
@@ -40,9 +41,10 @@ from service.preparation import Preparation
 from service.routers import ensemble, gallery, health, kernels, models, page, predict, train
 from service.routers import v2 as open_inference
 from service.shared_state import ENGINE_ROW, SharedState
+from service.state_storage import read_only_reason, start_training
 from service.tallies import DECODE_BYTES, DECODING, IMAGES, Tally
-from service.training_jobs import TrainingManager
 
+log = logging.getLogger(__name__)
 DESCRIPTION = """
 AlexNet (Krizhevsky, Sutskever, Hinton, 2012) on ONNX Runtime. `POST /predict` an image and get
 its top-k classes: the image is resized (shorter side 256), its central 256x256 cut into the
@@ -137,10 +139,12 @@ def create_app(settings: Settings | None = None, shared: SharedState | None = No
         decoder = DecodePool(workers, settings.decode_timeout_s, metrics)
         app.state.preparation = Preparation(settings, pool, decoder, decode_budget)
         app.state.engine = LocalEngine(settings, registry, inference, app.state.preparation, metrics)
+        # Where the state cannot be written, training, galleries and activation answer 503.
+        app.state.read_only = registry.read_only = await asyncio.to_thread(read_only_reason, settings)
         await asyncio.gather(asyncio.to_thread(registry.load_at_startup), decoder.warm_up())
         watcher = PointerWatcher(registry)  # replicas sharing the weights volume follow activations
         watcher.start()
-        app.state.training = TrainingManager(settings.weights_dir, settings.data_root, registry)
+        app.state.training = await asyncio.to_thread(start_training, settings, registry, app.state.read_only)
         inference.start()
         fronts = None
         if shared:
@@ -152,7 +156,8 @@ def create_app(settings: Settings | None = None, shared: SharedState | None = No
             if fronts is not None:
                 fronts.stop()
             watcher.stop()
-            await app.state.training.shutdown()
+            if app.state.training is not None:
+                await app.state.training.shutdown()
             inference.stop()
             decoder.stop()
             pool.shutdown(wait=True, cancel_futures=True)
@@ -171,6 +176,7 @@ def create_app(settings: Settings | None = None, shared: SharedState | None = No
     app.state.registry = registry
     app.state.inference = inference
     app.state.fronts = None
+    app.state.read_only = None  # why the server cannot write its state: found at start-up
 
     _add_routes(app)
     errors.install(app)

@@ -22,10 +22,16 @@ class ModelNotFound(LookupError):
     pass
 
 
+class StateReadOnly(RuntimeError):
+    """Activation is disabled: there is no writable place for the ACTIVE file."""
+
+
 class ModelRegistry:
     def __init__(self, settings: Settings) -> None:
         self.settings = settings
         self.weights_dir = settings.weights_dir
+        self.state_dir = settings.state_path  # where the ACTIVE file is written
+        self.read_only: str | None = None  # why nothing can be written there, when so
         self._current: OnnxClassifier | None = None
         self.not_ready_reason = "model not loaded yet"
         # Told of every change of the model in service (the engine tells the front processes).
@@ -70,14 +76,28 @@ class ModelRegistry:
         return path in self._verified
 
     def public(self, message: object) -> str:
-        """``message`` with the server's paths to the weights directory removed: clients see file
-        names relative to it, never where the server keeps its files."""
+        """``message`` with the server's paths to the weights and state directories removed: clients
+        see file names relative to them, never where the server keeps its files."""
         text = str(message)
-        for root in sorted({str(self.weights_dir.resolve()), str(self.weights_dir.absolute())}, key=len)[
-            ::-1
-        ]:
-            text = text.replace(root + "/", "").replace(root, "the weights directory")
+        roots: dict[str, str] = {}  # the weights directory's name wins where the two are one
+        for directory, name in ((self.weights_dir, "weights"), (self.state_dir, "state")):
+            for root in (str(directory.resolve()), str(directory.absolute())):
+                roots.setdefault(root, f"the {name} directory")
+        for root, name in sorted(roots.items(), key=lambda item: len(item[0]), reverse=True):
+            text = text.replace(root + "/", "").replace(root, name)
         return text
+
+    @property
+    def pointer(self) -> Path:
+        return self.state_dir / ACTIVE_FILE
+
+    def recorded_choice(self) -> Path | None:
+        """The ACTIVE file to follow at start-up: the state directory's; else one shipped in the
+        weights directory (a read-only volume may come with its choice made)."""
+        for pointer in dict.fromkeys((self.pointer, self.weights_dir / ACTIVE_FILE)):
+            if pointer.is_file():
+                return pointer
+        return None
 
     def _load(self, path: Path) -> OnnxClassifier:
         classifier = OnnxClassifier(path, self.settings.providers, self.settings.intra_op_threads)
@@ -99,7 +119,7 @@ class ModelRegistry:
         try:
             if self.settings.model:
                 preferred = [self.find(self.settings.model)]
-            elif (pointer := self.weights_dir / ACTIVE_FILE).is_file():
+            elif pointer := self.recorded_choice():
                 preferred = [self.find(pointer.read_text().strip())]
         except ModelNotFound as exc:
             log.error("%s; trying the other models", exc)
@@ -117,13 +137,16 @@ class ModelRegistry:
         log.warning("%s (weights directory: %s)", self.not_ready_reason, self.weights_dir)
 
     def activate(self, version: str) -> OnnxClassifier:
-        """Load and warm the new model fully, then swap: requests already holding the old one
-        finish on it. Any failure leaves the served model as it was."""
+        """Load and warm the new model fully, record it in the ACTIVE file, then swap: requests
+        already holding the old one finish on it. Any failure (a model that cannot be loaded, an
+        ACTIVE file that cannot be written) leaves the served model and the file as they were."""
+        if self.read_only:
+            raise StateReadOnly(f"activation is disabled: {self.read_only}")
         with self._activation:
             path = self.find(version)
             classifier = self._load(path)
+            files.write_text(self.pointer, path.name)
             self.current = classifier
-            files.write_text(self.weights_dir / ACTIVE_FILE, path.name)
             log.info("activated model %s", classifier.version)
             return classifier
 
@@ -139,9 +162,8 @@ class ModelRegistry:
         before a training job starts: a model that appears later (the job's, not to be activated)
         must not become, as the newest file, what the next start-up serves."""
         with self._activation:
-            pointer = self.weights_dir / ACTIVE_FILE
-            if self.current is not None and not pointer.exists():
-                files.write_text(pointer, self.current.path.name)
+            if self.current is not None and not self.pointer.exists():
+                files.write_text(self.pointer, self.current.path.name)
 
     def follow_pointer(self) -> OnnxClassifier | None:
         """Serve the model the ACTIVE file names when another process sharing the weights
@@ -149,7 +171,7 @@ class ModelRegistry:
         that lags behind must not undo a later activation. None when it names the model served."""
         with self._activation:
             try:
-                name = (self.weights_dir / ACTIVE_FILE).read_text().strip()
+                name = self.pointer.read_text().strip()
             except FileNotFoundError:
                 return None
             current = self.current
@@ -175,7 +197,7 @@ class PointerWatcher:
 
     def _stamp(self) -> tuple[int, int, int] | None:
         try:
-            st = (self.registry.weights_dir / ACTIVE_FILE).stat()
+            st = self.registry.pointer.stat()
         except OSError:
             return None
         return st.st_ino, st.st_size, st.st_mtime_ns

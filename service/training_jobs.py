@@ -21,6 +21,7 @@ import fcntl
 import importlib.util
 import logging
 import os
+import shutil
 import signal
 import sys
 import time
@@ -42,7 +43,7 @@ from alexnet_core.training import (
     last,
     read_events,
 )
-from service.job_store import JobRecord, JobStore
+from service.job_store import STORAGE_ERRORS, JobRecord, JobStore, refusal
 from service.model_registry import ModelRegistry
 from service.schemas import TrainRequest
 from service.training_datasets import DatasetRefused, check_dataset
@@ -56,7 +57,9 @@ OWNER_LOCK = "owner.lock"
 
 
 class JobError(StatusError):
-    pass
+    def __init__(self, status_code: int, detail: str, retry_after_s: int | None = None) -> None:
+        super().__init__(status_code, detail)
+        self.retry_after_s = retry_after_s  # a Retry-After header: the condition passes by itself
 
 
 def read_metrics(run_dir: Path) -> list[dict[str, Any]]:
@@ -90,6 +93,12 @@ def claim(run_dir: Path) -> int | None:
     return fd
 
 
+def _log_failure(task: "asyncio.Task[None]") -> None:
+    """Done-callback of every job task: an exception that escaped it is logged, never lost."""
+    if not task.cancelled() and (exc := task.exception()) is not None:
+        log.error("%s failed", task.get_name(), exc_info=exc)
+
+
 def _is_trainer(pid: int, run_dir: Path) -> bool:
     try:
         cmdline = Path(f"/proc/{pid}/cmdline").read_bytes().split(b"\0")
@@ -101,13 +110,21 @@ def _is_trainer(pid: int, run_dir: Path) -> bool:
 
 
 class TrainingManager:
-    def __init__(self, weights_dir: Path, data_root: Path, registry: ModelRegistry) -> None:
+    """Records and runs in ``state_dir`` (default: the weights directory); models are exported
+    into the weights directory: where it is read-only, ``models_read_only`` says why."""
+
+    def __init__(self, weights_dir: Path, data_root: Path, registry: ModelRegistry,
+                 state_dir: Path | None = None, models_read_only: str | None = None) -> None:  # fmt: skip
         self.weights_dir = weights_dir
         self.data_root = data_root
         self.registry = registry
-        self.runs_dir = weights_dir / "runs"
-        self.store = JobStore(weights_dir / "jobs.sqlite3")
+        self.state_dir = state_dir or weights_dir
+        self.models_read_only = models_read_only
+        self.runs_dir = self.state_dir / "runs"
+        self.store = JobStore(self.state_dir / "jobs.sqlite3")
         self._tasks: dict[str, asyncio.Task[None]] = {}
+        self._unsaved: dict[str, JobRecord] = {}  # ended, their record waiting for room on disk
+        self._starting = asyncio.Lock()  # one check-and-record at a time
         self._processes: dict[str, asyncio.subprocess.Process] = {}
         self._owned: dict[str, int] = {}  # job id -> descriptor holding its owner lock
         self._cancelled: set[str] = set()  # cancelled while queued: their trainer must not start
@@ -161,10 +178,14 @@ class TrainingManager:
             job.error = f"trained and exported, but activation failed: {exc}"
 
     def get(self, job_id: str) -> JobRecord:
-        job = self.store.get(job_id)
+        job = self._unsaved.get(job_id) or self.store.get(job_id)
         if job is None:
             raise JobError(404, f"no training job {job_id!r}")
         return job
+
+    def all(self) -> list[JobRecord]:
+        """Every job, newest first; an ended job whose record is not written yet as it ended."""
+        return [self._unsaved.get(job.id, job) for job in self.store.all()]
 
     def _check_can_start(self) -> None:
         if importlib.util.find_spec("torch") is None:
@@ -172,7 +193,9 @@ class TrainingManager:
                 501,
                 "training needs the export extra on the server: pip install -c constraints.txt '.[export]'",
             )
-        running = [j.id for j in self.store.all() if j.state in ACTIVE_STATES]
+        if self.models_read_only:
+            raise JobError(503, f"training is disabled: {self.models_read_only}")
+        running = [j.id for j in self.all() if j.state in ACTIVE_STATES]
         if running:
             raise JobError(409, f"job {running[0]} is running; one job runs at a time (cancel it or wait)")
 
@@ -184,11 +207,12 @@ class TrainingManager:
 
     async def submit(self, request: TrainRequest) -> JobRecord:
         dataset = await self._dataset(request.dataset)
-        self._check_can_start()  # after the last await: check and record with nothing in between
-        job_id = uuid.uuid4().hex[:12]
-        job = JobRecord(job_id, JobState.queued, request, self.runs_dir / job_id, time.time())
-        job.run_dir.mkdir(parents=True)
-        self._start(job, dataset, resume=False)
+        async with self._starting:  # check and record with no other start in between
+            await asyncio.to_thread(self._check_can_start)
+            job_id = uuid.uuid4().hex[:12]
+            job = JobRecord(job_id, JobState.queued, request, self.runs_dir / job_id, time.time())
+            await asyncio.to_thread(self._prepare, job, dataset, False)
+            self._launch(job)
         return job
 
     async def resume(self, job_id: str) -> JobRecord:
@@ -199,15 +223,19 @@ class TrainingManager:
             raise JobError(
                 409, f"job {job_id} has no checkpoint to resume from (it stopped in its first epoch)"
             )
+        if job_id in self._tasks:
+            raise JobError(409, f"job {job_id} has ended but its record is not written yet; retry shortly")
         if job.pid is not None and _is_trainer(job.pid, job.run_dir):
             # The trainer of a server that was killed, told to stop at start-up and still
             # finishing its batch: a second one on the same run folder would race it.
             raise JobError(409, f"job {job_id}: its last trainer is still stopping; retry in a few seconds")
         dataset = await self._dataset(job.request.dataset)
-        self._check_can_start()
-        job = self.get(job_id)  # as recorded now, after the wait
-        job.state, job.error, job.finished_at = JobState.queued, None, None
-        self._start(job, dataset, resume=True)
+        async with self._starting:
+            await asyncio.to_thread(self._check_can_start)
+            job = await asyncio.to_thread(self.get, job_id)  # as recorded now, after the wait
+            job.state, job.error, job.finished_at = JobState.queued, None, None
+            await asyncio.to_thread(self._prepare, job, dataset, True)
+            self._launch(job)
         return job
 
     def _config(self, job: JobRecord, dataset: Path, resume: bool) -> TrainRun:
@@ -217,24 +245,59 @@ class TrainingManager:
                "data_root": self.data_root, "progress": False}
         )  # fmt: skip
 
-    def _start(self, job: JobRecord, dataset: Path, resume: bool) -> None:
-        fd = claim(job.run_dir)
-        if fd is None:
-            raise JobError(409, f"job {job.id} is owned by another server process")
-        self._owned[job.id] = fd
-        config = self._config(job, dataset, resume)
-        files.write_text(job.run_dir / CONFIG, config.model_dump_json(indent=2))
-        self.store.save(job)
-        self._tasks[job.id] = asyncio.get_running_loop().create_task(self._run(job, job.run_dir / CONFIG))
+    def _prepare(self, job: JobRecord, dataset: Path, resume: bool) -> None:
+        """Claims the job, writes its trainer's config and records it queued (file and database
+        I/O: called in a thread). A failure leaves nothing behind: no record, no lock held, and
+        for a new job no run folder."""
+        try:
+            if not resume:
+                job.run_dir.mkdir(parents=True)
+            fd = claim(job.run_dir)
+            if fd is None:
+                raise JobError(409, f"job {job.id} is owned by another server process")
+            self._owned[job.id] = fd
+            config = self._config(job, dataset, resume)
+            files.write_text(job.run_dir / CONFIG, config.model_dump_json(indent=2))
+            self.store.save(job)
+        except BaseException as exc:
+            with contextlib.suppress(KeyError, OSError):
+                os.close(self._owned.pop(job.id))
+            if not resume:
+                shutil.rmtree(job.run_dir, ignore_errors=True)
+            if isinstance(exc, STORAGE_ERRORS):
+                raise JobError(*refusal(exc, self._reason(exc))) from exc
+            raise
+
+    def _reason(self, exc: BaseException) -> str:
+        """``exc`` for a client: no path of the server's."""
+        if isinstance(exc, OSError) and exc.strerror:
+            return f"{type(exc).__name__}: {exc.strerror}"
+        return self.registry.public(exc)
+
+    def _launch(self, job: JobRecord) -> None:
+        task = asyncio.get_running_loop().create_task(
+            self._run(job, job.run_dir / CONFIG), name=f"training job {job.id}"
+        )
+        task.add_done_callback(_log_failure)
+        self._tasks[job.id] = task
 
     async def _run(self, job: JobRecord, config: Path) -> None:
+        """Runs the job to its end and records that end, whatever fails on the way; its owner
+        lock is held until the record is written (or the server stops)."""
         try:
-            # The served model becomes the recorded choice before this job's model can appear: else,
-            # with nothing ever activated, the next start-up would serve the newest file, this one's.
-            # (In a thread: it waits for an activation in progress.)
-            await asyncio.to_thread(self.registry.pin_current)
-            code = await self._execute(job, config)
-            await asyncio.to_thread(self._finish, job, code)
+            try:
+                # The served model becomes the recorded choice before this job's model can appear:
+                # else, with nothing ever activated, the next start-up would serve the newest file,
+                # this one's. (In a thread: it waits for an activation in progress.)
+                await asyncio.to_thread(self.registry.pin_current)
+                code = await self._execute(job, config)
+                await asyncio.to_thread(self._conclude, job, code)
+            except Exception as exc:
+                log.exception("training job %s: the server could not run it", job.id)
+                await self._stop_trainer(job)
+                job.state, job.finished_at = JobState.failed, time.time()
+                job.error = f"the server could not run this job ({self._reason(exc)}); see the server's log"
+            await self._record_end(job)
         finally:
             self._processes.pop(job.id, None)
             self._tasks.pop(job.id, None)
@@ -258,10 +321,33 @@ class TrainingManager:
         if job.id in self._cancelled:  # cancelled while the trainer was being started
             process.send_signal(signal.SIGTERM)
         job.state, job.pid, job.started_at = JobState.running, process.pid, job.started_at or time.time()
-        self.store.save(job)
+        try:
+            await asyncio.to_thread(self.store.save, job)
+        except STORAGE_ERRORS as exc:  # the trainer runs on; its end is recorded with retries
+            log.warning("training job %s: cannot record it running: %s", job.id, exc)
         return await process.wait()
 
-    def _finish(self, job: JobRecord, code: int) -> None:
+    async def _stop_trainer(self, job: JobRecord) -> None:
+        process = self._processes.get(job.id)
+        if process is None or process.returncode is not None:
+            return
+        process.send_signal(signal.SIGTERM)
+        try:
+            await asyncio.wait_for(process.wait(), timeout=60)
+        except TimeoutError:
+            process.kill()
+            await process.wait()
+
+    async def _record_end(self, job: JobRecord) -> None:
+        """Saves the ended job, shown as ended meanwhile; a server that stops before there is
+        room leaves it to the next start-up, which settles it."""
+        self._unsaved[job.id] = job
+        if await self.store.save_retrying(job, lambda: self._shutting_down):
+            self._unsaved.pop(job.id, None)
+            log.info("training job %s %s", job.id, job.state.value)
+
+    def _conclude(self, job: JobRecord, code: int) -> None:
+        """The job's end, from its trainer's exit code and events (not saved here)."""
         events = read_events(job.run_dir)
         done = last(events, DoneEvent)
         job.finished_at = time.time()
@@ -284,8 +370,6 @@ class TrainingManager:
                 hint = " (out of memory, or killed by hand)" if -code == signal.SIGKILL else ""
                 message = stopped_message(job, f"trainer killed by {name}{hint}")
             job.error = message or f"trainer exited with code {code}; see its train.log"
-        self.store.save(job)
-        log.info("training job %s %s", job.id, job.state.value)
 
     def cancel(self, job_id: str) -> JobRecord:
         job = self.get(job_id)

@@ -1,6 +1,7 @@
 """Settings from the environment (prefix ``ALEXNET_``); every one is listed in the README."""
 
 from functools import cache
+from pathlib import Path
 from typing import Annotated, Literal
 
 from pydantic import BeforeValidator, Field, SecretStr, model_validator
@@ -46,6 +47,11 @@ class Settings(CommonSettings):
     providers: CommaList = Field(
         ["CUDAExecutionProvider", "CPUExecutionProvider"],
         description="ONNX Runtime execution providers in order of preference (comma-separated)",
+    )
+    state_dir: Path | None = Field(
+        None,
+        description="where the server writes its state: training job records and runs, galleries, the "
+        "ACTIVE file; default: weights_dir (a read-only weights_dir without it: those are disabled)",
     )
     intra_op_threads: int = Field(
         0,
@@ -176,6 +182,10 @@ class Settings(CommonSettings):
                 "upload_memory_mb must be at least max_upload_mb, or the largest uploads never fit"
             )
         return self
+
+    @property
+    def state_path(self) -> Path:
+        return self.state_dir or self.weights_dir
 
     @property
     def max_upload_bytes(self) -> int:

@@ -69,7 +69,8 @@ async def _unexpected(request: Request, exc: Exception) -> JSONResponse:
 
 def install(app: FastAPI) -> None:
     async def domain_error(request: Request, exc: ImageInputError | JobError) -> JSONResponse:
-        return error(exc.status_code, exc.detail)
+        retry = getattr(exc, "retry_after_s", None)
+        return error(exc.status_code, exc.detail, {"Retry-After": str(retry)} if retry else None)
 
     async def overloaded(request: Request, exc: Overloaded) -> JSONResponse:
         return error(503, str(exc), {"Retry-After": "1"})

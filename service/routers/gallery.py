@@ -105,15 +105,19 @@ def http_errors() -> Iterator[None]:
 
 async def galleries(request: Request) -> Galleries:
     state = request.app.state
+    if state.read_only:  # no writable place for the galleries' files
+        raise HTTPException(
+            status.HTTP_503_SERVICE_UNAVAILABLE, f"the gallery is disabled: {state.read_only}"
+        )
     if getattr(state, "galleries", None) is None:  # no await before the assignment: no race
-        state.galleries = Galleries(state.settings.weights_dir, state.settings.gallery_max_items)
+        state.galleries = Galleries(state.settings.state_path, state.settings.gallery_max_items)
     return state.galleries
 
 
 async def open_gallery(request: Request, classifier: OnnxClassifier) -> Gallery:
+    store = await galleries(request)
     with http_errors():
         dim = feature_dim(classifier)
-    store = await galleries(request)
     return await asyncio.to_thread(store.get, classifier.version, classifier.sha256, dim)
 
 

@@ -2,11 +2,12 @@ import asyncio
 
 from fastapi import APIRouter, HTTPException, status
 
+from alexnet_core.files import WriteError
 from alexnet_core.session import OnnxClassifier
 from service.core.config import Settings
 from service.core.security import ApiKey
 from service.deps import ClassifierDep, RegistryDep, SettingsDep
-from service.model_registry import ModelNotFound, ModelRegistry
+from service.model_registry import ModelNotFound, ModelRegistry, StateReadOnly
 from service.schemas import BODY, KEYED, ActivateRequest, ModelInfo, error_responses
 
 router = APIRouter(prefix="/model", tags=["model"])
@@ -36,7 +37,16 @@ async def get_model(classifier: ClassifierDep, registry: RegistryDep, settings: 
     "/activate",
     response_model=ModelInfo,
     dependencies=[ApiKey],
-    responses=error_responses(BODY | KEYED | {404: None, 422: "invalid body, or the model cannot be loaded"}),
+    responses=error_responses(
+        BODY
+        | KEYED
+        | {
+            404: None,
+            422: "invalid body, or the model cannot be loaded",
+            503: "activation disabled: no writable state directory",
+            507: "the ACTIVE file cannot be written (disk full): nothing changed",
+        }
+    ),
     summary="Serve another model from the weights directory (switch or roll back)",
 )
 async def activate(body: ActivateRequest, registry: RegistryDep, settings: SettingsDep) -> ModelInfo:
@@ -45,6 +55,13 @@ async def activate(body: ActivateRequest, registry: RegistryDep, settings: Setti
         classifier = await asyncio.to_thread(registry.activate, body.version)
     except ModelNotFound as exc:
         raise HTTPException(status.HTTP_404_NOT_FOUND, str(exc)) from None
+    except StateReadOnly as exc:
+        raise HTTPException(status.HTTP_503_SERVICE_UNAVAILABLE, str(exc)) from None
+    except WriteError as exc:
+        raise HTTPException(
+            status.HTTP_507_INSUFFICIENT_STORAGE,
+            f"model {body.version!r} not activated: {registry.public(exc)}; the served model is unchanged",
+        ) from None
     except Exception as exc:
         raise HTTPException(
             status.HTTP_422_UNPROCESSABLE_CONTENT,

@@ -27,7 +27,12 @@ JOB_ACTION: dict[str, Any] = {
 
 
 async def get_manager(request: Request) -> TrainingManager:
-    return request.app.state.training
+    manager = request.app.state.training
+    if manager is None:  # no writable place for job records and runs
+        raise HTTPException(
+            status.HTTP_503_SERVICE_UNAVAILABLE, f"training is disabled: {request.app.state.read_only}"
+        )
+    return manager
 
 
 ManagerDep = Annotated[TrainingManager, Depends(get_manager)]
@@ -60,7 +65,15 @@ async def view(job: JobRecord) -> TrainingJob:
     "",
     **JOB_ACTION,
     responses=AUTH_ERRORS
-    | error_responses({400: "dataset refused or not found; body not JSON", 413: BODY[413], 501: None}),
+    | error_responses(
+        {
+            400: "dataset refused or not found; body not JSON",
+            413: BODY[413],
+            501: None,
+            503: "training disabled (read-only state or weights), or the job database locked (Retry-After)",
+            507: "no room on disk to record the job",
+        }
+    ),
     summary="Start a training job (one at a time; 409 while one runs)",
 )
 async def start_training(body: TrainRequest, manager: ManagerDep, response: Response) -> TrainingJob:
@@ -71,7 +84,7 @@ async def start_training(body: TrainRequest, manager: ManagerDep, response: Resp
 
 @router.get("", response_model=list[TrainingJob], summary="All training jobs, newest first")
 async def list_jobs(manager: ManagerDep) -> list[TrainingJob]:
-    jobs = await asyncio.to_thread(manager.store.all)
+    jobs = await asyncio.to_thread(manager.all)
     return [await view(job) for job in jobs]
 
 
