@@ -200,7 +200,6 @@ class DecodePool:
         self._in_progress = 0
         self._stopped = False
         self._start_error: str | None = None  # why the last start of a worker failed
-        metrics.decode_workers_live.set_function(lambda: len(self._workers))
 
     @property
     def in_progress(self) -> int:
@@ -217,6 +216,11 @@ class DecodePool:
         why = self._start_error or "stopped"
         return None if self._workers else f"no decode worker runs and none could be started ({why})"
 
+    def _show_live(self) -> None:
+        # Set on every change (not a callback): a callback's value does not reach /metrics in a
+        # server of several processes, whose metrics live in files.
+        self.metrics.decode_workers_live.set(len(self._workers))
+
     def _count(self, step: int) -> None:
         self._in_progress += step
         self.metrics.decodes_in_progress.set(self._in_progress)
@@ -224,6 +228,7 @@ class DecodePool:
     def _start_worker(self) -> _Worker:
         worker = _Worker(self._context)
         self._workers.add(worker)
+        self._show_live()
         return worker
 
     async def warm_up(self, timeout_s: float = 120) -> None:
@@ -245,12 +250,14 @@ class DecodePool:
         for worker in self._workers:
             worker.process.join(10)
         self._workers.clear()
+        self._show_live()
 
     def _replace(self, worker: _Worker, found_dead: bool = False) -> None:
         if found_dead:
             log.warning("decode worker %s found dead while idle: replaced", worker.process.pid)
         worker.kill()
         self._workers.discard(worker)
+        self._show_live()
         self._top_up()
 
     def _top_up(self) -> None:

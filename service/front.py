@@ -67,6 +67,9 @@ def create_front_app(settings: Settings, shared: SharedState, index: int) -> Fas
         app.state.engine = RemoteEngine(settings, link, admission, preparation, metrics)
         await decoder.warm_up()
         link.start()
+        # The port answers once the engine does (it loads the model first), as a server of one
+        # process does: a client that sees /health answer can send its images.
+        await link.announced.wait()
         try:
             yield
         finally:

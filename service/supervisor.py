@@ -135,6 +135,9 @@ class Supervisor:
         """Fronts first (uvicorn lets their requests finish), then the engine; each within the
         grace period, then killed."""
         grace = self.settings.request_timeout_s + 5
+        # The port refuses new connections at once (each front closes its own copy as it stops);
+        # kept open here, the kernel would queue connections that no one will ever answer.
+        self.listener.close()
         fronts = [front for front in self.fronts if front is not None]
         _terminate(fronts, grace)
         if self.engine is not None:

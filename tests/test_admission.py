@@ -329,7 +329,9 @@ def test_a_valid_image_that_waits_past_the_decode_cap_is_served_or_503_never_413
     """The only worker cannot run (SIGSTOP: what waiting for a core on a saturated host looks like
     to the image) while the wall clock passes the decode cap: the valid image is decoded once the
     worker runs again, or answered 503 + Retry-After when the request's timeout comes first."""
-    settings = {"decode_workers": 1, "decode_timeout_s": 0.5, "request_timeout_s": 4}
+    # One process (ALEXNET_WORKERS=0): its pool is the one whose worker is stopped; each front
+    # runs the same pool.
+    settings = {"workers": 0, "decode_workers": 1, "decode_timeout_s": 0.5, "request_timeout_s": 4}
     with (
         server_subprocess(free_dir, tmp_path, wait_for="/ready", **settings) as server,
         httpx.Client(base_url=server.url, timeout=60) as c,
@@ -360,7 +362,9 @@ def test_no_decode_worker_can_start_ready_is_503_until_they_can(free_dir: Path, 
     /metrics counts no live worker, an image gets 503 + Retry-After; once processes can start
     again, the pool is whole and the server ready."""
     with (
-        server_subprocess(free_dir, tmp_path, wait_for="/ready", decode_workers=2) as server,
+        # One process (ALEXNET_WORKERS=0): its descriptor limit is the one lowered; each front
+        # runs the same pool.
+        server_subprocess(free_dir, tmp_path, wait_for="/ready", workers=0, decode_workers=2) as server,
         # One keep-alive connection, opened before the server runs out of descriptors.
         httpx.Client(base_url=server.url, timeout=60) as c,
     ):

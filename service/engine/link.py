@@ -74,6 +74,7 @@ class EngineLink(asyncio.Protocol):
         self._buffer = bytearray()
         self._lost: asyncio.Event | None = None
         self._task: asyncio.Task[None] | None = None
+        self.announced = asyncio.Event()  # the engine has told this front its model once
 
     # connection management
     def start(self) -> None:
@@ -138,6 +139,7 @@ class EngineLink(asyncio.Protocol):
             self.model, self.not_ready_reason = None, info["reason"]
         if self.transport is not None:
             self.transport.write(p.frame(p.K_ACK, p.ACK.pack(seq)))
+        self.announced.set()
 
     def _done(self, body: memoryview) -> None:
         request_id, status, seconds, batch = p.DONE.unpack_from(body)
