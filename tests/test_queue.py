@@ -239,7 +239,9 @@ def test_sigterm_while_aborted_requests_left_the_batch_window_open_exits_at_once
     not after the inference thread's join timeout."""
     write_free_model(tmp_path / "weights" / "free.onnx")
     slow = png_64_megapixels()  # seconds to decode
-    settings = {"decode_workers": 2, "decode_timeout_s": 300, "max_batch_delay_ms": 60_000}
+    # One process (ALEXNET_WORKERS=0): both requests' images decode side by side in its pool, so
+    # the window opens for certain; the engine process runs the same batcher.
+    settings = {"workers": 0, "decode_workers": 2, "decode_timeout_s": 300, "max_batch_delay_ms": 60_000}
     with server_subprocess(tmp_path / "weights", tmp_path, wait_for="/ready", **settings) as server:
         with httpx.Client(base_url=server.url, timeout=30) as c:
             decoding = reset_after_sending(server.port, [("slow.png", slow)])

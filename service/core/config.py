@@ -155,8 +155,9 @@ class Settings(CommonSettings):
         for key in ("providers", "cors_origins"):
             if key in data:
                 data[key] = _split(data[key])
-        if data.get("workers") == "":  # a deployment file passing the default through
-            data["workers"] = None
+        for key in ("workers", "state_dir"):
+            if data.get(key) == "":  # a deployment file passing the default through
+                data[key] = None
         return data
 
     @model_validator(mode="after")
