@@ -1,9 +1,10 @@
 """Feature vectors (fc7 after ReLU, 4096-d) of uploaded images, from the model's second output.
 
 One inference call gives both outputs, so /similar ranks classes and neighbours from one pass.
-The choice everywhere: the **ten-crop mean**, the same ten crops the probabilities average. The
-crops kind outputs features per crop (N*10, 4096), averaged here; the square kind averages in
-its graph and outputs (N, 4096) already.
+The choice everywhere: the **ten-crop mean**, the same crops the probabilities average (the five
+without mirrors for a model trained without flips: ``ModelMetadata.test_crops``). The crops kind
+outputs features per crop (N*crops, 4096), averaged here; the square kind averages in its graph
+and outputs (N, 4096) already.
 """
 
 from dataclasses import dataclass
@@ -14,6 +15,7 @@ from alexnet_core.pipeline import N_CROPS, probabilities
 from alexnet_core.session import OnnxClassifier
 
 AGGREGATION = "ten-crop mean"
+FIVE_CROP_AGGREGATION = "five-crop mean (no mirrors)"
 
 
 class NoFeatures(LookupError):
@@ -24,6 +26,11 @@ class NoFeatures(LookupError):
 class Embedded:
     features: np.ndarray  # (n, dim) float32
     probabilities: np.ndarray  # (n, classes)
+
+
+def aggregation(classifier: OnnxClassifier) -> str:
+    """How an image's crops make its vector (and probabilities), for the model in service."""
+    return AGGREGATION if classifier.metadata.test_crops == N_CROPS else FIVE_CROP_AGGREGATION
 
 
 def features_name(classifier: OnnxClassifier) -> str:
@@ -51,5 +58,6 @@ def embed(classifier: OnnxClassifier, inputs: list[np.ndarray]) -> Embedded:
     )
     if meta.input_kind == "square":  # probabilities and features already per image
         return Embedded(np.asarray(features, np.float32), np.asarray(scores))
-    per_image = features.reshape(len(inputs), N_CROPS, -1).mean(axis=1, dtype=np.float64)
-    return Embedded(per_image.astype(np.float32), probabilities(scores, N_CROPS))
+    crops = meta.test_crops
+    per_image = features.reshape(len(inputs), crops, -1).mean(axis=1, dtype=np.float64)
+    return Embedded(per_image.astype(np.float32), probabilities(scores, crops))
