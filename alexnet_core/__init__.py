@@ -2,7 +2,8 @@
 
 - ``metadata``: what an exported model file says about itself (labels, sizes, normalisation).
 - ``images``: bytes -> upright RGB image (format sniffing, limits, EXIF, modes).
-- ``pipeline``: image -> square -> ten crops, and probabilities -> top-k.
+- ``pipeline``: image -> square -> ten crops (five for a model trained without flips), and
+  probabilities -> top-k.
 - ``session``: one ONNX Runtime session around one model file.
 - ``files``: atomic writes and file hashes.
 

@@ -39,8 +39,18 @@ class ModelMetadata(BaseModel):
     output_name: str = OUTPUT_NAME
     input_kind: Literal["crops", "square"] = Field(
         "crops",
-        description="crops: float32 (N*10, 3, C, C) normalised crops in, logits out; square: uint8 "
-        "(N, S, S, 3) central squares in, ten-crop mean probabilities (N, classes) out",
+        description="crops: float32 (N*test_crops, 3, C, C) normalised crops in, logits out; square: "
+        "uint8 (N, S, S, 3) central squares in, the crops' mean probabilities (N, classes) out",
+    )
+    train_flip: bool | None = Field(
+        None,
+        description="whether training mirrored its images at random; null where not recorded "
+        "(pretrained or random weights, files exported before the record)",
+    )
+    test_crops: Literal[5, 10] = Field(
+        N_CROPS,
+        description="crops averaged per image: 10, the paper's four corners and centre and their "
+        "mirrors; 5, the same without mirrors, for a model trained without flips (train_flip false)",
     )
     features_output: str | None = Field(
         None, description="name of the output holding each image's 4096-d feature vector, if any"
@@ -55,19 +65,24 @@ class ModelMetadata(BaseModel):
 
     @property
     def rows_per_image(self) -> int:
-        """Rows of the model's input batch one image takes: ten crops, or one square."""
-        return 1 if self.input_kind == "square" else N_CROPS
+        """Rows of the model's input batch one image takes: its crops (ten or five), or one square."""
+        return 1 if self.input_kind == "square" else self.test_crops
 
     def model_input(self, square: np.ndarray) -> np.ndarray:
         """An image's central (S, S, 3) uint8 square -> this model's input rows for it: the square
-        itself for a model that crops in its graph, else its ten normalised crops."""
+        itself for a model that crops in its graph, else its normalised crops (ten, or five)."""
         return input_rows(
-            square, self.input_size, self.mean, self.std, square_only=self.input_kind == "square"
+            square,
+            self.input_size,
+            self.mean,
+            self.std,
+            square_only=self.input_kind == "square",
+            crops=self.test_crops,
         )
 
     def preprocess(self, data: bytes, *, max_pixels: int) -> Preprocessed:
         """Image bytes -> what this model's input takes for one image, with its own sizes and
-        normalisation: ten crops, or the central square for a model that crops in its graph.
+        normalisation: its crops, or the central square for a model that crops in its graph.
         ``.batch`` of several images concatenate along axis 0 into one input batch."""
         return preprocess(
             data,
@@ -77,6 +92,7 @@ class ModelMetadata(BaseModel):
             std=self.std,
             max_pixels=max_pixels,
             square_only=self.input_kind == "square",
+            crops=self.test_crops,
         )
 
     def to_props(self) -> dict[str, str]:

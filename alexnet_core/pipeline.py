@@ -7,8 +7,10 @@
 central ``resize`` x ``resize``. ``ten_crop``: four corners and the centre of size ``crop``, then
 the horizontal mirror of each, scaled to [0, 1] and normalised with the model's mean/std.
 ``probabilities``: the softmax of each crop, averaged over an image's ten crops (the paper's test).
+A model trained without flips never saw a mirror: it gets the five crops alone (``five_crop``),
+and their five softmax outputs averaged (``crops_for_training``; ``ModelMetadata.test_crops``).
 
-A model of the ``square`` kind (``ModelMetadata.input_kind``) does ``ten_crop`` onwards in its
+A model of the ``square`` kind (``ModelMetadata.input_kind``) does the crops onwards in its
 graph: for it the host stops at ``center_square`` and sends the (1, S, S, 3) uint8 square.
 
 Training validation and the service both call these functions, so a model is validated with
@@ -23,14 +25,22 @@ from PIL import Image
 
 from alexnet_core.images import decode
 
-N_CROPS = 10
+N_CROPS = 10  # the paper's: five crops and their mirrors
+N_UNMIRRORED = 5  # the five crops alone
+CROP_COUNTS = (N_UNMIRRORED, N_CROPS)
+
+
+def crops_for_training(flip: bool | None) -> int:
+    """Crops per image at test time for a model trained with random flips or not (None: not
+    recorded, the paper's ten): a model that never saw a mirror is not asked about one."""
+    return N_UNMIRRORED if flip is False else N_CROPS
 
 
 @dataclass(frozen=True)
 class Preprocessed:
     """One image, ready to be concatenated with others into the model's input batch."""
 
-    batch: np.ndarray  # crops kind: (10, 3, C, C) float32; square kind: (1, S, S, 3) uint8
+    batch: np.ndarray  # crops kind: (10 or 5, 3, C, C) float32; square kind: (1, S, S, 3) uint8
     decode_s: float
     preprocess_s: float
 
@@ -69,28 +79,49 @@ def crop_offsets(resize: int, crop: int) -> list[tuple[int, int]]:
     return [(0, 0), (0, far), (far, 0), (far, far), (centre, centre)]
 
 
-def ten_crop(square: np.ndarray, crop: int, mean: list[float], std: list[float]) -> np.ndarray:
-    """(S, S, 3) uint8 -> (10, 3, crop, crop) float32: the five crops, then their mirrors."""
+def cut_crops(square: np.ndarray, crop: int, mean: list[float], std: list[float], count: int) -> np.ndarray:
+    """(S, S, 3) uint8 -> (count, 3, crop, crop) float32: the five crops, then (``count`` 10)
+    their mirrors."""
+    if count not in CROP_COUNTS:
+        raise ValueError(f"crops per image must be one of {CROP_COUNTS}, not {count}")
     shift = (np.asarray(mean, dtype=np.float32) * 255.0).reshape(3, 1, 1)
     # Divided, not multiplied by the reciprocal: training (model_export.data) does the same
     # arithmetic, so a validation crop there equals the service's to the last bit.
     scale = (np.asarray(std, dtype=np.float32) * 255.0).reshape(3, 1, 1)
     chw = np.ascontiguousarray(square.transpose(2, 0, 1))  # uint8: 4x less to move than floats
-    out = np.empty((N_CROPS, 3, crop, crop), dtype=np.float32)
+    out = np.empty((count, 3, crop, crop), dtype=np.float32)
     for i, (top, left) in enumerate(crop_offsets(square.shape[0], crop)):
         # Normalised straight into the output batch: no float copy of the whole square.
         np.subtract(chw[:, top : top + crop, left : left + crop], shift, out=out[i])
         out[i] /= scale
-        out[i + 5] = out[i][:, :, ::-1]
+        if count == N_CROPS:
+            out[i + 5] = out[i][:, :, ::-1]
     return out
 
 
+def ten_crop(square: np.ndarray, crop: int, mean: list[float], std: list[float]) -> np.ndarray:
+    """(S, S, 3) uint8 -> (10, 3, crop, crop) float32: the five crops, then their mirrors."""
+    return cut_crops(square, crop, mean, std, N_CROPS)
+
+
+def five_crop(square: np.ndarray, crop: int, mean: list[float], std: list[float]) -> np.ndarray:
+    """(S, S, 3) uint8 -> (5, 3, crop, crop) float32: the five crops, no mirrors."""
+    return cut_crops(square, crop, mean, std, N_UNMIRRORED)
+
+
 def input_rows(
-    square: np.ndarray, crop: int, mean: list[float], std: list[float], *, square_only: bool
+    square: np.ndarray,
+    crop: int,
+    mean: list[float],
+    std: list[float],
+    *,
+    square_only: bool,
+    crops: int = N_CROPS,
 ) -> np.ndarray:
     """An image's central (S, S, 3) uint8 square -> a model's input rows for it: the square itself
-    (1, S, S, 3) for a model that crops in its graph (``square_only``), else its ten normalised crops."""
-    return square[np.newaxis] if square_only else ten_crop(square, crop, mean, std)
+    (1, S, S, 3) for a model that crops in its graph (``square_only``), else its ``crops`` normalised
+    crops (ten, or the five without mirrors)."""
+    return square[np.newaxis] if square_only else cut_crops(square, crop, mean, std, crops)
 
 
 def decode_square(data: bytes, resize: int, max_pixels: int) -> tuple[np.ndarray, float, float]:
@@ -111,12 +142,13 @@ def preprocess(
     std: list[float],
     max_pixels: int,
     square_only: bool = False,
+    crops: int = N_CROPS,
 ) -> Preprocessed:
-    """bytes -> ten normalised crops (or, ``square_only``, the (1, S, S, 3) uint8 square for a model
-    that crops in its graph), timing the decode and the rest apart."""
+    """bytes -> ``crops`` normalised crops (or, ``square_only``, the (1, S, S, 3) uint8 square for a
+    model that crops in its graph), timing the decode and the rest apart."""
     started = time.perf_counter()
     square, decode_s, _ = decode_square(data, resize, max_pixels)
-    batch = input_rows(square, crop, mean, std, square_only=square_only)
+    batch = input_rows(square, crop, mean, std, square_only=square_only, crops=crops)
     return Preprocessed(batch, decode_s, time.perf_counter() - started - decode_s)
 
 

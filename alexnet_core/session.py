@@ -8,7 +8,7 @@ import onnxruntime as ort
 
 from alexnet_core import files
 from alexnet_core.metadata import ModelMetadata
-from alexnet_core.pipeline import N_CROPS, probabilities
+from alexnet_core.pipeline import probabilities
 
 log = logging.getLogger(__name__)
 
@@ -142,11 +142,11 @@ class OnnxClassifier:
             probe = np.zeros((PROBE_IMAGES, size, size, 3), dtype=np.uint8)
         else:
             size = meta.input_size
-            probe = np.zeros((PROBE_IMAGES * N_CROPS, 3, size, size), dtype=np.float32)
+            probe = np.zeros((PROBE_IMAGES * meta.test_crops, 3, size, size), dtype=np.float32)
         check_contract(self.probabilities(probe), meta, PROBE_IMAGES)
 
     def logits(self, batch: np.ndarray) -> np.ndarray:
-        """(n*10, 3, C, C) crops -> (n*10, classes) logits: the crops kind only (a square-kind
+        """(n*crops, 3, C, C) crops -> (n*crops, classes) logits: the crops kind only (a square-kind
         graph averages inside and returns probabilities)."""
         meta = self.metadata
         if meta.input_kind != "crops":
@@ -156,15 +156,16 @@ class OnnxClassifier:
         return self.session.run([meta.output_name], {meta.input_name: batch})[0]
 
     def probabilities(self, batch: np.ndarray) -> np.ndarray:
-        """The concatenated ``Preprocessed.batch`` of n images -> (n, classes): the paper's ten-crop
-        average, on the host for the crops kind, in the graph for the square kind."""
+        """The concatenated ``Preprocessed.batch`` of n images -> (n, classes): the average over
+        each image's crops (the paper's ten, or the five without mirrors: ``test_crops``), on the
+        host for the crops kind, in the graph for the square kind."""
         meta = self.metadata
         if meta.input_kind == "square":
             return self.session.run([meta.output_name], {meta.input_name: batch})[0]
-        return probabilities(self.logits(batch), N_CROPS)
+        return probabilities(self.logits(batch), meta.test_crops)
 
     def features(self, batch: np.ndarray) -> np.ndarray:
-        """(n, 4096): each image's last hidden layer (fc7 after ReLU), averaged over its ten crops."""
+        """(n, 4096): each image's last hidden layer (fc7 after ReLU), averaged over its crops."""
         return self.outputs(batch)[1]
 
     def outputs(self, batch: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
@@ -175,7 +176,8 @@ class OnnxClassifier:
         out, features = self.session.run([meta.output_name, meta.features_output], {meta.input_name: batch})
         if meta.input_kind == "square":
             return out, features
-        probs = probabilities(out, N_CROPS)
-        if features.shape[0] == out.shape[0]:  # one row per crop: the ten-crop mean here
-            features = features.reshape(-1, N_CROPS, features.shape[1]).mean(axis=1, dtype=np.float64)
+        crops = meta.test_crops
+        probs = probabilities(out, crops)
+        if features.shape[0] == out.shape[0]:  # one row per crop: the mean over an image's crops here
+            features = features.reshape(-1, crops, features.shape[1]).mean(axis=1, dtype=np.float64)
         return probs, features.astype(np.float32)

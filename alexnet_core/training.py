@@ -126,7 +126,7 @@ class TrainConfig(BaseModel):
         None, ge=1, description="at most N steps per epoch (quick runs, tests)"
     )
     val10_max_images: Annotated[int | None, Cli(metavar="N", group="running")] = Field(
-        None, ge=1, description="ten-crop validation of the exported model on at most N images (default all)"
+        None, ge=1, description="test-crop validation of the exported model on at most N images (default all)"
     )
 
     @property
@@ -240,7 +240,7 @@ class DoneEvent(_Event):
     event: Literal["done"] = "done"
     model: str | None = None  # the .onnx written, or None without export
     version: str | None = None
-    val10_top1: float | None = None  # the exported model through the service's ten crops
+    val10_top1: float | None = None  # the exported model through the service's crops (ten, or five)
     val10_top5: float | None = None
     val10_images: int = 0
     epochs: int
@@ -299,7 +299,7 @@ class JobProgress(BaseModel):
     loss: float | None = Field(None, description="latest training loss")
     val_top1: float | None = Field(None, description="latest validation top-1 (centre crop)")
     val_top5: float | None = None
-    val10_top1: float | None = Field(None, description="final validation top-1 with the service's ten crops")
+    val10_top1: float | None = Field(None, description="final validation top-1 with the served crops")
 
 
 def job_progress(events: list[Event], state: JobState) -> JobProgress:

@@ -82,8 +82,9 @@ def parser() -> argparse.ArgumentParser:
         dest="input_kind",
         choices=INPUT_KINDS,
         default=DEFAULT_INPUT_KIND,
-        help="square: the model takes uint8 central squares (N, S, S, 3) and does the ten crops, "
-        "normalisation, softmax and ten-crop mean in its graph, with a 'features' output (fc7); "
+        help="square: the model takes uint8 central squares (N, S, S, 3) and does the ten crops (five "
+        "without mirrors for a checkpoint trained without flips), normalisation, softmax and mean "
+        "in its graph, with a 'features' output (fc7); "
         "crops: it takes the host's normalised float crops and returns logits "
         f"(default: {DEFAULT_INPUT_KIND})",
     )
@@ -160,9 +161,9 @@ def main(argv: list[str] | None = None) -> int:
 def _parity_line(result: ExportResult) -> str:
     if result.metadata.input_kind == "square":
         return (
-            "input: uint8 central squares, ten crops in the graph; parity with the host pipeline + "
-            f"torch: max abs probability difference {result.max_abs_diff:.2e}, relative feature "
-            f"difference {result.max_feature_diff:.2e}"
+            f"input: uint8 central squares, {result.metadata.test_crops} crops in the graph; parity "
+            f"with the host pipeline + torch: max abs probability difference {result.max_abs_diff:.2e}, "
+            f"relative feature difference {result.max_feature_diff:.2e}"
         )
     return (
         "input: float crops; parity ONNX Runtime vs torch: max abs logit difference "

@@ -5,9 +5,11 @@ Built with the ``onnx`` package only (no torch), so the service can build one to
 nodes, edges and initializers get a prefix (``m0_``, ``m1_``, …); the members' logits each go
 through a Softmax, a Mean averages them, and a Log makes the graph's ``logits`` output. The service
 applies a softmax to ``logits`` as for any crops-kind model, and softmax(log(p)) = p because the
-mean of probabilities sums to 1: the ensemble is served, batched and ten-cropped like one model.
-Members of the square kind (ten crops in the graph) already output ten-crop probabilities: a
-Mean of those is the ensemble's ``probabilities``.
+mean of probabilities sums to 1: the ensemble is served, batched and cropped like one model.
+Members of the square kind (crops in the graph) already output the crops' mean probabilities: a
+Mean of those is the ensemble's ``probabilities``. All members take the same crops (``test_crops``:
+the paper's ten, or five without mirrors for models trained without flips): the ensemble is
+served with one crop set, so members trained with and without flips are refused together.
 One graph rather than members run one after another: one inference call per batch, and ONNX
 Runtime schedules the members' layers within it.
 
@@ -32,7 +34,7 @@ from alexnet_core.settings import add_weights_dir
 MAX_MEMBERS = 8  # ONNX protobuf files stop at 2 GiB; an AlexNet is about 230 MiB
 # Not mean and std: models trained with different seeds estimate the channel means from different
 # samples of the training images, so the merge adapts each member's input instead (see adapt_input).
-SAME = ("labels", "input_size", "resize_size", "input_name", "input_kind")
+SAME = ("labels", "input_size", "resize_size", "input_name", "input_kind", "test_crops")
 PARITY_TOLERANCE = 1e-5
 
 
@@ -59,7 +61,8 @@ def check_members(metas: list[ModelMetadata]) -> None:
             if getattr(meta, field) != getattr(first, field):
                 raise EnsembleError(
                     f"{meta.version} and {first.version} differ in {field}: one input and one label list "
-                    "must serve all members (same classes, sizes and kind)"
+                    "must serve all members (same classes, sizes, kind and test crops: models trained "
+                    "with and without flips take different crops)"
                 )
 
 
@@ -102,7 +105,7 @@ def merge(models: list[onnx.ModelProto], metas: list[ModelMetadata]) -> onnx.Mod
         graph = model.graph
         nodes.extend(graph.node)
         initializers.extend(graph.initializer)
-        if square:  # already the ten-crop mean of the softmax
+        if square:  # already the mean of the softmax over the crops
             softmaxes.append(prefix + meta.output_name)
         else:
             softmaxes.append(f"{prefix}probabilities")
@@ -132,12 +135,12 @@ def check_parity(output: Path, members: list[Path], metas: list[ModelMetadata]) 
     if meta.input_kind == "square":
         size = meta.resize_size
         batch = rng.integers(0, 256, (2, size, size, 3), dtype=np.uint8)
-        # The square kind's output is already probabilities (softmax, ten-crop mean).
+        # The square kind's output is already probabilities (softmax, mean over the crops).
         as_probabilities = lambda out: out.astype(np.float64)  # noqa: E731
     else:
         size = meta.input_size
-        batch = rng.standard_normal((10, 3, size, size), dtype=np.float32)
-        as_probabilities = probabilities
+        batch = rng.standard_normal((2 * meta.test_crops, 3, size, size), dtype=np.float32)
+        as_probabilities = lambda out: probabilities(out, meta.test_crops)  # noqa: E731
     cpu = ["CPUExecutionProvider"]
 
     def run(path: Path, own: ModelMetadata) -> np.ndarray:
@@ -166,6 +169,8 @@ def build_ensemble(members: list[Path], output: Path, version: str | None = None
             "exported_at": datetime.now(UTC),
             "validation_top1": None,
             "validation_top5": None,
+            # The members' crops are one set (checked); their flips agree, or are not one record.
+            "train_flip": first.train_flip if len({m.train_flip for m in metas}) == 1 else None,
             "features_output": None,
             "members": [m.version for m in metas],
         }

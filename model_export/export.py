@@ -13,7 +13,7 @@ import torch
 
 from alexnet_core import files, model_files
 from alexnet_core.metadata import INPUT_NAME, OUTPUT_NAME, ModelMetadata
-from alexnet_core.pipeline import probabilities, ten_crop
+from alexnet_core.pipeline import crops_for_training, cut_crops, probabilities
 from model_export.features import add_features_output
 from model_export.tencrop import FEATURES_NAME, PROBABILITIES_NAME, TenCropModel
 from model_export.weights import LoadedWeights
@@ -55,7 +55,7 @@ def _to_model_proto(model: torch.nn.Module, input_size: int) -> onnx.ModelProto:
 
 def _square_proto(model: TenCropModel, resize_size: int) -> onnx.ModelProto:
     example = torch.randint(0, 256, (2, resize_size, resize_size, 3), dtype=torch.uint8)
-    # Ten crops per image: the same bound on crops per call as the crops kind.
+    # At most ten crops per image: the same bound on crops per call as the crops kind.
     batch = torch.export.Dim("batch", min=1, max=4096 // 10)
     return _export(model, example, [PROBABILITIES_NAME, FEATURES_NAME], {"images": {0: batch}})
 
@@ -88,8 +88,8 @@ def check_parity(model: torch.nn.Module, onnx_path: Path, input_size: int, seed:
 
 
 def check_square_parity(model: TenCropModel, onnx_path: Path, metadata: ModelMetadata) -> tuple[float, float]:
-    """The square kind against the host pipeline: ``ten_crop`` on the host, torch on the crops,
-    the host's softmax and mean. Returns the max abs probability difference and the max feature
+    """The square kind against the host pipeline: the model's crops cut on the host, torch on
+    them, the host's softmax and mean. Returns the max abs probability difference and the max feature
     difference relative to the largest feature."""
     size = metadata.resize_size
     rng = np.random.default_rng(0)
@@ -97,13 +97,14 @@ def check_square_parity(model: TenCropModel, onnx_path: Path, metadata: ModelMet
     ramp = np.linspace(0, 160, size, dtype=np.float32)
     squares = np.clip(ramp[None, :, None, None] + rng.integers(0, 96, (3, size, size, 3)), 0, 255)
     squares = squares.astype(np.uint8)
+    count = metadata.test_crops
     crops = np.concatenate(
-        [ten_crop(square, metadata.input_size, metadata.mean, metadata.std) for square in squares]
+        [cut_crops(square, metadata.input_size, metadata.mean, metadata.std, count) for square in squares]
     )
     with torch.no_grad():
         batch = torch.from_numpy(crops)
-        expected_probs = probabilities(model.net(batch).numpy())
-        expected_features = model.fc7(batch).numpy().reshape(len(squares), 10, -1).mean(axis=1)
+        expected_probs = probabilities(model.net(batch).numpy(), count)
+        expected_features = model.fc7(batch).numpy().reshape(len(squares), count, -1).mean(axis=1)
     session = ort.InferenceSession(str(onnx_path), providers=["CPUExecutionProvider"])
     probs, features = session.run([PROBABILITIES_NAME, FEATURES_NAME], {INPUT_NAME: squares})
     prob_diff = float(np.max(np.abs(probs - expected_probs)))
@@ -126,9 +127,12 @@ def export_onnx(
     """Export, write the metadata, check parity, then move the file into place atomically: the
     service never sees a half-written or unchecked model at ``output``.
 
-    ``input_kind``: ``square`` takes uint8 central squares and does the ten crops, normalisation,
-    softmax and ten-crop mean in the graph (model_export.tencrop), with a ``features`` output;
-    ``crops`` takes the host's normalised float crops and returns logits."""
+    ``input_kind``: ``square`` takes uint8 central squares and does the crops, normalisation,
+    softmax and mean over the crops in the graph (model_export.tencrop), with a ``features``
+    output; ``crops`` takes the host's normalised float crops and returns logits.
+
+    The crops are the paper's ten, or the five without mirrors for weights trained without flips
+    (``weights.train_flip`` False); the metadata records both (``train_flip``, ``test_crops``)."""
     if input_kind not in INPUT_KINDS:
         raise ExportError(f"unknown input kind {input_kind!r}; choose one of {INPUT_KINDS}")
     started = time.perf_counter()
@@ -148,12 +152,16 @@ def export_onnx(
         trained=weights.trained,
         exported_at=datetime.now(UTC),
         input_kind=input_kind,
+        train_flip=weights.train_flip,
+        test_crops=crops_for_training(weights.train_flip),
         output_name=PROBABILITIES_NAME if square else OUTPUT_NAME,
         features_output=FEATURES_NAME if square else None,
         **(validation or weights.extra),
     )
     if square:
-        wrapper = TenCropModel(model, resize_size, input_size, weights.mean, weights.std).eval()
+        wrapper = TenCropModel(
+            model, resize_size, input_size, weights.mean, weights.std, metadata.test_crops
+        ).eval()
         proto = _square_proto(wrapper, resize_size)
     else:
         proto = _to_model_proto(model, input_size)

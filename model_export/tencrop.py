@@ -7,14 +7,16 @@ and does the rest exactly as ``alexnet_core.pipeline`` does on the host:
     normalise (x - mean*255) / (std*255) -> four corners + centre (pipeline.crop_offsets) -> their
     mirrors -> the network on N*10 crops -> softmax -> mean over each image's ten crops
 
-A second output, ``features``, is the last hidden layer (fc7 after its ReLU) averaged over the
-ten crops: the paper's Figure 4 feature vector, from the same pass.
+A model trained without flips gets ``crops=5``: no mirrors, the mean over the five crops
+(``alexnet_core.pipeline.crops_for_training``). A second output, ``features``, is the last hidden
+layer (fc7 after its ReLU) averaged over the same crops: the paper's Figure 4 feature vector,
+from the same pass.
 """
 
 import torch
 from torch import nn
 
-from alexnet_core.pipeline import N_CROPS, crop_offsets
+from alexnet_core.pipeline import CROP_COUNTS, N_CROPS, crop_offsets
 from model_export.alexnet import AlexNet
 
 PROBABILITIES_NAME = "probabilities"
@@ -23,15 +25,24 @@ FEATURES_NAME = "features"
 
 class TenCropModel(nn.Module):
     def __init__(
-        self, net: AlexNet, resize: int, crop: int, mean: tuple[float, ...], std: tuple[float, ...]
+        self,
+        net: AlexNet,
+        resize: int,
+        crop: int,
+        mean: tuple[float, ...],
+        std: tuple[float, ...],
+        crops: int = N_CROPS,
     ) -> None:
         super().__init__()
         if not isinstance(net.classifier[-1], nn.Linear):
             raise ValueError("the network's last layer must be the fully connected classifier (fc8)")
         if not 0 < crop <= resize:
             raise ValueError(f"crop {crop} must be between 1 and the square's side {resize}")
+        if crops not in CROP_COUNTS:
+            raise ValueError(f"crops per image must be one of {CROP_COUNTS}, not {crops}")
         self.net = net
         self.crop = crop
+        self.crops = crops
         self.offsets = crop_offsets(resize, crop)
         # float32 mean * 255 and std * 255, computed as the host does (alexnet_core.pipeline.ten_crop),
         # so that every normalised value is the host's to the last bit.
@@ -48,14 +59,16 @@ class TenCropModel(nn.Module):
         # zero-pads the *normalised* crop, so folding would change every border output.
         x = (images.permute(0, 3, 1, 2).to(torch.float32) - self.shift) / self.scale
         # Five slices, one concatenation, one reversed slice for the mirrors: no per-image loop.
-        five = torch.stack([x[:, :, top : top + c, left : left + c] for top, left in self.offsets], dim=1)
-        crops = torch.cat([five, five.flip(-1)], dim=1).reshape(n * N_CROPS, 3, c, c)
+        cut = torch.stack([x[:, :, top : top + c, left : left + c] for top, left in self.offsets], dim=1)
+        if self.crops == N_CROPS:
+            cut = torch.cat([cut, cut.flip(-1)], dim=1)
+        crops = cut.reshape(n * self.crops, 3, c, c)
         net = self.net
         hidden = torch.flatten(net.avgpool(net.features(crops)), 1)
         fc7 = net.classifier[:-1](hidden)  # up to fc7's ReLU (dropout is the identity in eval)
         logits = net.classifier[-1](fc7)
-        probabilities = torch.softmax(logits, dim=1).reshape(n, N_CROPS, -1).mean(dim=1)
-        features = fc7.reshape(n, N_CROPS, -1).mean(dim=1)
+        probabilities = torch.softmax(logits, dim=1).reshape(n, self.crops, -1).mean(dim=1)
+        features = fc7.reshape(n, self.crops, -1).mean(dim=1)
         return probabilities, features
 
     @torch.no_grad()

@@ -310,7 +310,8 @@ def train(
     if procs.main and config.export and m.history:
         done = export_validated(config, data.val_samples, cancel, log, len(m.history), position.step)
         print(
-            f"wrote {done.model}: ten-crop top-1 {done.val10_top1:.1%}, top-5 {done.val10_top5:.1%}",
+            f"wrote {done.model}: top-1 {done.val10_top1:.1%}, top-5 {done.val10_top5:.1%} with the "
+            "crops it is served with",
             file=sys.stderr,
         )
     return done

@@ -8,15 +8,17 @@ Layout written (Triton's model repository convention)::
 
 For a model of the ``square`` kind (``alexnet-export --input square``, the default), Triton takes
 one uint8 central square per image, (S, S, 3) RGB, and the graph does the paper's ten crops, their
-mirrors, the normalisation, the softmax and the ten-crop mean: a client resizes the shorter side to
+mirrors, the normalisation, the softmax and the ten-crop mean (five crops and no mirrors for a
+model trained without flips: ``ModelMetadata.test_crops``): a client resizes the shorter side to
 S and cuts the centre (``alexnet_core.pipeline.center_square``), and gets the probabilities (and
 the fc7 ``features``) without running any of our Python. Triton's classification extension
 (``label_filename``) ranks the probabilities of one image.
 
 For the ``crops`` kind, Triton serves the network only: it takes the *preprocessed* float32 tensor.
-The ten-crop preprocessing stays with the client (``alexnet_core.pipeline.preprocess`` does it);
-one image is ten rows of the batch, the client averages the ten softmax outputs, and Triton's
-classification output ranks one row's logits, i.e. one crop.
+The crop preprocessing stays with the client (``alexnet_core.pipeline.preprocess`` does it);
+one image is ten rows of the batch (five for a model trained without flips: no mirrors), the
+client averages their softmax outputs, and Triton's classification output ranks one row's
+logits, i.e. one crop. The config's comments and parameters say which.
 
 Either way the preprocessing values are written into the config's ``parameters`` so that a client
 can read them from Triton's model-configuration endpoint.
@@ -32,8 +34,11 @@ import onnx
 
 from alexnet_core import files
 from alexnet_core.metadata import ModelMetadata
+from alexnet_core.pipeline import N_CROPS
 
-CROPS_PER_IMAGE = 10  # alexnet_core.pipeline.ten_crop: what one image costs in batch rows
+# alexnet_core.pipeline.ten_crop: what one image costs in batch rows at most (the paper's ten
+# crops; a model trained without flips takes five, ModelMetadata.rows_per_image).
+CROPS_PER_IMAGE = N_CROPS
 LABELS_FILE = "labels.txt"
 MODEL_FILE = "model.onnx"  # the ONNX Runtime backend's default model file name
 VERSION = "1"
@@ -124,7 +129,7 @@ def check_model(onnx_path: Path, metadata: ModelMetadata) -> None:
 
 
 def preferred_batch_sizes(max_batch_size: int, rows_per_image: int = CROPS_PER_IMAGE) -> list[int]:
-    """Batch sizes made of whole images (multiples of an image's rows: ten crops, or one square):
+    """Batch sizes made of whole images (multiples of an image's rows: its crops, or one square):
     half the largest and the largest. The batcher waits up to the queue delay for one of them,
     then runs what it has."""
     largest = max_batch_size // rows_per_image * rows_per_image
@@ -145,15 +150,18 @@ def _parameters(metadata: ModelMetadata) -> dict[str, str]:
         "preprocess_mean": json.dumps(metadata.mean),
         "preprocess_std": json.dumps(metadata.std),
     }
+    ten = metadata.test_crops == N_CROPS
     if metadata.input_kind == "square":
+        crops = "the ten crops, mirrors," if ten else "the five crops (without mirrors),"
         parameters["preprocess_client"] = (
             f"shorter side to {side} (bilinear, antialiased), then the central {side}x{side} square, "
-            "uint8 RGB, HWC; the model does the ten crops, mirrors, normalisation, softmax and mean"
+            f"uint8 RGB, HWC; the model does {crops} normalisation, softmax and mean"
         )
     else:
+        mirrors = "and their mirrors" if ten else "without mirrors (trained without flips)"
         parameters["preprocess_crops"] = (
-            f"{CROPS_PER_IMAGE}: four corners and centre of the central {side}x{side} square, and "
-            "their mirrors; average the softmax"
+            f"{metadata.test_crops}: four corners and centre of the central {side}x{side} square, "
+            f"{mirrors}; average the softmax"
         )
         parameters["preprocess_scale"] = "RGB pixels / 255, then (x - mean) / std per channel, NCHW"
     return parameters
@@ -183,17 +191,18 @@ def render_config(
         if role.endswith("output")
         for line in _tensor_lines(out_name, elem, dims, labels=role == "output")
     ]
+    crops = "the paper's ten crops" if metadata.test_crops == N_CROPS else "five crops without mirrors"
     if metadata.input_kind == "square":
         header = [
             "# (model_export/triton.py). One batch row is one image: its uint8 central square",
-            f"# ({metadata.resize_size}x{metadata.resize_size}x3 RGB). The model does the paper's ten crops",
+            f"# ({metadata.resize_size}x{metadata.resize_size}x3 RGB). The model does {crops}",
             "# and returns their mean softmax (and the fc7 features); see the parameters below.",
         ]
     else:
         header = [
             "# (model_export/triton.py). Triton takes preprocessed float32 crops, not images: the",
-            "# ten-crop preprocessing is the client's (alexnet_core.pipeline.preprocess), with the",
-            "# parameters below. One image = 10 batch rows; average their softmax outputs.",
+            f"# preprocessing ({crops}) is the client's (alexnet_core.pipeline.preprocess), with the",
+            f"# parameters below. One image = {metadata.test_crops} batch rows; average their softmax.",
         ]
     lines = [
         "# Triton Inference Server model configuration, written by alexnet-export",

@@ -1,5 +1,6 @@
-"""The end of a run: the ten-crop accuracy of the final weights, measured through the service's
-own pipeline, then one export that carries it in the model's metadata."""
+"""The end of a run: the test-time accuracy of the final weights, measured through the service's
+own pipeline with the crops the exported model will be served (the paper's ten, or the five
+without mirrors for a run without flips), then one export that carries it in the metadata."""
 
 from dataclasses import replace
 from datetime import UTC, datetime
@@ -7,7 +8,7 @@ from datetime import UTC, datetime
 import numpy as np
 import torch
 
-from alexnet_core.pipeline import preprocess, probabilities
+from alexnet_core.pipeline import crops_for_training, preprocess, probabilities
 from alexnet_core.training import DoneEvent, ExportEvent, TrainRun
 from model_export.data import MAX_PIXELS, Sample
 from model_export.engine import Cancelled
@@ -21,16 +22,19 @@ def ten_crop_accuracy(
     weights: LoadedWeights, samples: list[Sample], config: TrainRun, cancel: CancelFlag, per_call: int = 8
 ) -> tuple[float, float]:
     """Top-1/top-5 of ``weights``, each image read from disk as bytes and put through the
-    service's stages (decode, central square, ten crops, averaged softmax) on the CPU. The network
-    runs in torch here; export checks that ONNX Runtime gives the same logits (within 1e-4), so
-    this is the accuracy the exported file has, measured before it exists."""
+    service's stages (decode, central square, crops, averaged softmax) on the CPU, with the crops
+    the export will serve (``crops_for_training(weights.train_flip)``: ten, or five without
+    mirrors). The network runs in torch here; export checks that ONNX Runtime gives the same
+    logits (within 1e-4), so this is the accuracy the exported file has, measured before it exists."""
     model = weights.model.eval()
+    crops_per_image = crops_for_training(weights.train_flip)
     options = {
         "resize": config.resize,
         "crop": config.input_size,
         "max_pixels": MAX_PIXELS,
         "mean": list(weights.mean),
         "std": list(weights.std),
+        "crops": crops_per_image,
     }
     k = min(5, len(weights.classes.labels))
     correct1 = correct5 = 0
@@ -38,9 +42,9 @@ def ten_crop_accuracy(
         if cancel:
             raise Cancelled
         chunk = samples[start : start + per_call]
-        crops = np.concatenate([preprocess(path.read_bytes(), **options).crops for path, _ in chunk])
+        crops = np.concatenate([preprocess(path.read_bytes(), **options).batch for path, _ in chunk])
         logits = model(torch.from_numpy(crops)).numpy()
-        top = np.argsort(-probabilities(logits), axis=1, kind="stable")[:, :k]
+        top = np.argsort(-probabilities(logits, crops_per_image), axis=1, kind="stable")[:, :k]
         labels = np.asarray([label for _, label in chunk])
         correct1 += int((top[:, 0] == labels).sum())
         correct5 += int((top == labels[:, None]).any(axis=1).sum())
@@ -50,8 +54,9 @@ def ten_crop_accuracy(
 def export_validated(
     config: TrainRun, val_samples: list[Sample], cancel: CancelFlag, log: MetricsLog, epochs: int, step: int
 ) -> DoneEvent:
-    """Measure the final checkpoint's ten-crop accuracy, then export it once with that accuracy
-    in its metadata: the file appears in the weights dir (atomically) already validated."""
+    """Measure the final checkpoint's test-time accuracy, then export it once with that accuracy
+    in its metadata: the file appears in the weights dir (atomically) already validated. The
+    checkpoint records this run's flips, so the accuracy and the export use the same crops."""
     weights = load_checkpoint(config.run_dir / "checkpoint.pt")  # the same loader alexnet-export uses
     weights = replace(weights, source=f"trained:{config.run_dir.resolve().name}", extra={})
     version = make_version(weights.model.layout, weights.source, datetime.now(UTC))

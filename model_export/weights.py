@@ -38,6 +38,8 @@ class LoadedWeights:
     mean: tuple[float, ...] = IMAGENET_MEAN
     std: tuple[float, ...] = IMAGENET_STD
     extra: dict[str, object] = field(default_factory=dict)
+    # Whether training mirrored its images (a checkpoint of ours records it); None where unknown.
+    train_flip: bool | None = None
 
 
 def download(url: str, destination: Path, sha256_prefix: str, timeout: float = 30.0) -> Path:
@@ -134,8 +136,9 @@ def load_pretrained(
 
 
 def load_checkpoint(path: Path, layout: Layout | None = None) -> LoadedWeights:
-    """A checkpoint written by ``alexnet-train`` (it names its layout, classes and normalisation)
-    or a bare torchvision-format state dict (ImageNet classes and normalisation assumed)."""
+    """A checkpoint written by ``alexnet-train`` (it names its layout, classes and normalisation,
+    and its run's parameters: whether it flipped images) or a bare torchvision-format state dict
+    (ImageNet classes and normalisation assumed, flips not recorded)."""
     if not path.is_file():
         raise WeightsError(f"checkpoint {path} does not exist")
     try:
@@ -149,6 +152,8 @@ def load_checkpoint(path: Path, layout: Layout | None = None) -> LoadedWeights:
         classes = ImageNetClasses.from_names(list(content["class_names"]))
         model = AlexNet(layout or content.get("layout", "paper"), len(classes.labels))
         load_state_dict_strict(model, content["model"], str(path))
+        config = content.get("config")
+        flip = config.get("flip") if isinstance(config, dict) else None
         return LoadedWeights(
             model,
             f"checkpoint:{path.name}",
@@ -158,6 +163,7 @@ def load_checkpoint(path: Path, layout: Layout | None = None) -> LoadedWeights:
             tuple(content["mean"]),
             tuple(content["std"]),
             {k: content[k] for k in ("validation_top1", "validation_top5") if k in content},
+            flip if isinstance(flip, bool) else None,
         )
     state = content
     head = state.get("classifier.6.weight")

@@ -2,18 +2,26 @@
 (``OnnxClassifier.outputs``, run by the batcher like every inference).
 
 One inference call gives both outputs, so /similar ranks classes and neighbours from one pass.
-The choice everywhere: the **ten-crop mean**, the same ten crops the probabilities average. The
-crops kind outputs features per crop (N*10, 4096), averaged in ``OnnxClassifier.outputs``; the
-square kind averages in its graph and outputs (N, 4096) already.
+The choice everywhere: the **ten-crop mean**, the same crops the probabilities average (the five
+without mirrors for a model trained without flips: ``ModelMetadata.test_crops``). The crops kind
+outputs features per crop (N*crops, 4096), averaged in ``OnnxClassifier.outputs``; the square
+kind averages in its graph and outputs (N, 4096) already.
 """
 
+from alexnet_core.pipeline import N_CROPS
 from alexnet_core.session import OnnxClassifier
 
 AGGREGATION = "ten-crop mean"
+FIVE_CROP_AGGREGATION = "five-crop mean (no mirrors)"
 
 
 class NoFeatures(LookupError):
     """The model in service was exported without a features output."""
+
+
+def aggregation(classifier: OnnxClassifier) -> str:
+    """How an image's crops make its vector (and probabilities), for the model in service."""
+    return AGGREGATION if classifier.metadata.test_crops == N_CROPS else FIVE_CROP_AGGREGATION
 
 
 def features_name(classifier: OnnxClassifier) -> str:

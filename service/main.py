@@ -48,7 +48,8 @@ log = logging.getLogger(__name__)
 DESCRIPTION = """
 AlexNet (Krizhevsky, Sutskever, Hinton, 2012) on ONNX Runtime. `POST /predict` an image and get
 its top-k classes: the image is resized (shorter side 256), its central 256x256 cut into the
-paper's ten 224x224 crops (corners, centre, mirrors), and the ten softmax outputs averaged.
+paper's ten 224x224 crops (corners, centre, mirrors), and the ten softmax outputs averaged. A model
+trained without flips (where a mirror changes the class) gets the five crops without mirrors.
 """
 
 

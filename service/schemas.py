@@ -58,7 +58,9 @@ class Prediction(BaseModel):
     index: int = Field(description="class index in the model's output")
     wnid: str | None = Field(description="WordNet ID (ImageNet classes)")
     label: str
-    probability: float = Field(ge=0, le=1, description="mean of the ten crops' softmax outputs")
+    probability: float = Field(
+        ge=0, le=1, description="mean of the crops' softmax outputs (ten, or five for a model without flips)"
+    )
 
 
 class Timings(BaseModel):

@@ -88,7 +88,7 @@ def check_repository(
 
     # Dynamic batching on batches of whole images, within the batch limit.
     batching = config.dynamic_batching
-    rows = 1 if square else CROPS_PER_IMAGE
+    rows = 1 if square else meta.test_crops
     assert config.HasField("dynamic_batching") and batching.max_queue_delay_microseconds > 0
     assert list(batching.preferred_batch_size) == sorted(set(batching.preferred_batch_size))
     assert batching.preferred_batch_size, "no preferred batch size"

@@ -74,7 +74,7 @@ class Settings(CommonSettings):
     preprocess_threads: int = Field(
         0,
         ge=0,
-        description="threads that cut a crops-kind model's ten crops and parse Open Inference Protocol "
+        description="threads that cut a crops-kind model's crops and parse Open Inference Protocol "
         "bodies (off the event loop); 0 = one per core" + AUTO_CPUS,
     )
     decode_workers: int = Field(

@@ -26,7 +26,7 @@ from starlette.datastructures import UploadFile as StarletteUpload
 from alexnet_core.session import OnnxClassifier
 from service.core.security import ApiKey
 from service.deps import ClassifierDep, EngineDep, SettingsDep
-from service.embedding import AGGREGATION, NoFeatures, feature_dim
+from service.embedding import AGGREGATION, NoFeatures, aggregation, feature_dim
 from service.engine.local import EngineResult
 from service.gallery import ID_PATTERN, Galleries, Gallery, GalleryBusy, GalleryError, Item, thumbnail
 from service.preparation import read_uploads
@@ -40,12 +40,14 @@ MAX_LABEL = 200
 
 class Embedding(BaseModel):
     filename: str | None
-    vector: list[float] = Field(description="fc7 after ReLU, the ten-crop mean")
+    vector: list[float] = Field(description="fc7 after ReLU, the mean over the image's crops")
 
 
 class EmbedResponse(BaseModel):
     model_version: str
-    aggregation: str = Field(AGGREGATION, description="how an image's ten crops make one vector")
+    aggregation: str = Field(
+        AGGREGATION, description="how an image's crops make one vector: the ten, or five without mirrors"
+    )
     dim: int
     results: list[Embedding]
 
@@ -161,12 +163,13 @@ EmbedderDep = Annotated[Embedder, Depends()]
     "/embed",
     response_model=EmbedResponse,
     responses=error_responses(UPLOAD_ERRORS),
-    summary="Feature vector (fc7, 4096-d, ten-crop mean) of each image",
+    summary="Feature vector (fc7, 4096-d, mean over its crops) of each image",
 )
 async def embed_images(embedder: EmbedderDep, uploads: Uploads) -> EmbedResponse:
     result = await embedder.embed_uploads(uploads)
     return EmbedResponse(
         model_version=embedder.classifier.version,
+        aggregation=aggregation(embedder.classifier),
         dim=result.features.shape[1],
         results=[
             Embedding(filename=u.filename, vector=v.tolist())
@@ -198,6 +201,7 @@ async def similar(
     meta = classifier.metadata
     return SimilarResponse(
         model_version=classifier.version,
+        aggregation=aggregation(classifier),
         neighbours=[Neighbour(**_item(n.item).model_dump(), distance=n.distance) for n in found],
         predictions=top_k_predictions(result.probabilities[0], top_k, meta.labels, meta.wnids),
     )

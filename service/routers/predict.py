@@ -65,6 +65,9 @@ def top_k_predictions(
     responses=ERRORS,
     dependencies=[Depends(single_file_part)],
     summary="Top-k classes of one or more images (the paper's ten-crop average)",
+    description="The softmax outputs of an image's crops, averaged: the paper's ten (corners, centre "
+    "and their mirrors), or the five without mirrors for a model trained without flips (its "
+    "`test_crops` in `GET /model`).",
 )
 async def predict(
     request: Request,

@@ -18,7 +18,7 @@ from fastapi import APIRouter, HTTPException, Request, Response
 from fastapi.responses import JSONResponse
 
 from alexnet_core.images import ImageInputError
-from alexnet_core.pipeline import N_CROPS, top_k
+from alexnet_core.pipeline import top_k
 from service.core.config import Settings
 from service.deps import EngineDep, MetricsDep, PoolDep, SettingsDep
 from service.engine.local import Engine, ServedModel
@@ -130,7 +130,7 @@ def model_tensor(tensor: InputTensor, classifier: ServedModel, max_files: int) -
     if len(tensor.shape) != len(shape) or tensor.shape[1:] != shape[1:] or tensor.shape[0] < 1:
         raise bad(f"input {tensor.name!r}: shape {tensor.shape}, expected {shape} (-1: any batch)")
     assert isinstance(tensor.value, np.ndarray)
-    per_image = N_CROPS if classifier.metadata.input_kind == "crops" else 1
+    per_image = classifier.metadata.rows_per_image
     if tensor.shape[0] % per_image:
         raise bad(f"input {tensor.name!r}: {tensor.shape[0]} crops, not a multiple of {per_image} per image")
     images = tensor.shape[0] // per_image
