@@ -1,20 +1,31 @@
 """One command for a GPU host: what the engine and the service really do there, as one JSON.
 
-    python -m benchmarks.gpu_check [--quick] [--providers LIST] [--out FILE]
+    python -m benchmarks.gpu_check [--quick] [--providers LIST] [--workers N] [--out FILE]
 
+Opens a one-node probe session first: with CUDA asked for and not given (no GPU, or missing
+CUDA / cuDNN libraries: ONNX Runtime falls back to the CPU silently), it stops there, as it does
+at any later session without CUDA, with the reason on stderr and in the JSON and exit status 3.
 Exports random-weight torchvision-layout models of both input kinds (``square``: uint8 central
 squares in, the ten crops in the graph; ``crops``: float crops in) and an fp16 variant of each
 (``model_export.precision``), then:
 
 1. engine: ``OnnxClassifier.probabilities`` (the call the service makes: for the crops kind it
    includes the host-side softmax) at 1, 8 and 32 images per call, on the requested providers;
-2. service: ``alexnet-serve`` in a subprocess on the same providers, ``POST /predict`` over
-   loopback HTTP with a 640x427 JPEG at concurrency 1, 16 and 64 (images/s, latency, refusals).
+2. in process: ``ModelMetadata.preprocess`` of a 640x427 JPEG, one process per core, no HTTP;
+3. service: ``alexnet-serve`` on the same providers (its fronts: ``--workers``, else one per
+   core; one engine; room in its queue for every client), ``POST /predict`` with that JPEG at
+   concurrency 1, 16, 64 and 256: images/s, latency, refusals, and per point the whole machine's
+   busy share, the server's and the load generator's CPU, each kind of server process's CPU per
+   image (front, engine, decode: /proc) and the engine's mean batch (``/metrics``); then the
+   server's memory by kind of process;
+4. targets (``benchmarks/gpu_http.py``): ``/predict`` at 64 and 256 clients >= 3,500 images/s and
+   p50 at 1 client <= 4 ms (square kind, the export's default), and for each kind served >= 0.8 x
+   min(the best engine point of the same model, 2.).
 
 The JSON (stdout; progress on stderr) records the providers each ONNX Runtime session really got
-(``session.get_providers()``: ORT falls back to the CPU silently when CUDA libraries are missing)
-and the device (``nvidia-smi``, else the CPU model). ``--quick`` (for CPU-only hosts and CI): the
-square kind's fp16 variant only, 1 and 8 images, concurrency 1 and 16, few requests.
+(``session.get_providers()``) and the device (``nvidia-smi``, else the CPU model). ``--quick``
+(for CPU-only hosts and CI): the square kind's fp16 variant only, 1 and 8 images, the square
+kind served at concurrency 1 and 16 (its targets at 16), few requests.
 """
 
 import argparse
@@ -27,25 +38,26 @@ import subprocess
 import sys
 import tempfile
 import time
-from collections import Counter
-from collections.abc import Iterator
-from contextlib import contextmanager
 from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
 import numpy as np
+import onnxruntime as ort
 
-from alexnet_core.session import OnnxClassifier
-from benchmarks.load import Upload, run_load
+from alexnet_core.session import OnnxClassifier, provider_list
+from benchmarks.gpu_http import (
+    ProvidersMissing,
+    bench_http,
+    ceilings,
+    log,
+    preprocessing_on_all_cores,
+    require_providers,
+    targets,
+)
 from benchmarks.report import add_out_option, write_report
-from benchmarks.server import server_process
 
 Json = dict[str, Any]
-
-
-def log(message: str) -> None:
-    print(f"[gpu_check] {message}", file=sys.stderr, flush=True)
 
 
 def device_info() -> Json:
@@ -98,6 +110,7 @@ def random_batch(classifier: OnnxClassifier, images: int) -> np.ndarray:
 def bench_engine(path: Path, providers: list[str], batches: tuple[int, ...], budget_s: float) -> Json:
     started = time.perf_counter()
     classifier = OnnxClassifier(path, providers)  # warms up with one image
+    require_providers(providers, classifier.session.get_providers(), f"the engine session of {path.stem}")
     out: Json = {
         "providers": classifier.session.get_providers(),
         "load_s": round(time.perf_counter() - started, 2),
@@ -129,53 +142,20 @@ def bench_engine(path: Path, providers: list[str], batches: tuple[int, ...], bud
     return out
 
 
-@contextmanager
-def server(model: Path, providers: list[str]) -> Iterator[tuple[str, Json]]:
-    """``alexnet-serve`` in a subprocess (benchmarks/server.py) on these providers, until /ready:
-    its URL and its /ready answer."""
-    settings = {
-        "ALEXNET_WEIGHTS_DIR": str(model.parent),
-        "ALEXNET_MODEL": model.stem,
-        "ALEXNET_PROVIDERS": ",".join(providers),
-    }
-    with server_process(settings) as process:
-        yield process.url, process.ready
+def probe_providers(providers: list[str]) -> list[str]:
+    """The providers a session gets here, from a one-node graph: a host without a working CUDA
+    is told in a second rather than after minutes of exports."""
+    from onnx import TensorProto, helper
+
+    value = helper.make_tensor_value_info("x", TensorProto.FLOAT, [1])
+    graph = helper.make_graph([helper.make_node("Identity", ["x"], ["y"])], "probe", [value], [])
+    graph.output.append(helper.make_tensor_value_info("y", TensorProto.FLOAT, [1]))
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)], ir_version=9)
+    session = ort.InferenceSession(model.SerializeToString(), providers=provider_list(providers))
+    return session.get_providers()
 
 
-def load_point(url: str, upload: Upload, concurrency: int, requests: int) -> Json:
-    """``requests`` POST /predict from ``concurrency`` closed-loop clients (the shared load
-    generator), bounded by the count only: an hour is no bound for a point."""
-    outcomes, wall = run_load(url, upload, concurrency, max_requests=requests, duration_s=3600)
-    statuses = Counter(str(o.status) for o in outcomes)
-    ms = sorted(o.seconds * 1000 for o in outcomes if o.status == 200)
-    return {
-        "concurrency": concurrency,
-        "requests": requests,
-        "statuses": dict(sorted(statuses.items())),
-        "images_per_s": round(len(ms) / wall, 1),
-        "p50_ms": round(ms[len(ms) // 2], 1) if ms else None,
-        "p95_ms": round(ms[min(len(ms) - 1, int(len(ms) * 0.95))], 1) if ms else None,
-    }
-
-
-def bench_http(model: Path, providers: list[str], concurrencies: tuple[int, ...], requests: int) -> Json:
-    from tests.images import photo_jpeg
-
-    upload = Upload.of(photo_jpeg("china.jpg"), "photo.jpg")
-    with server(model, providers) as (url, ready):
-        load_point(url, upload, max(concurrencies), max(concurrencies))  # warm every batch size
-        points = []
-        for concurrency in concurrencies:
-            points.append(load_point(url, upload, concurrency, max(requests, 2 * concurrency)))
-            log(f"http {model.stem} concurrency {concurrency}: {points[-1]['images_per_s']} images/s")
-    return {
-        "server_providers": ready.get("providers"),
-        "model_version": ready.get("model_version"),
-        "points": points,
-    }
-
-
-def main(argv: list[str] | None = None) -> int:
+def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p = argparse.ArgumentParser(prog="python -m benchmarks.gpu_check", description=__doc__.split("\n")[0])
     p.add_argument("--quick", action="store_true", help="a few minutes on a CPU-only host (see above)")
     p.add_argument(
@@ -183,16 +163,53 @@ def main(argv: list[str] | None = None) -> int:
         default="CUDAExecutionProvider,CPUExecutionProvider",
         help="ONNX Runtime providers in order of preference (default: CUDA, then CPU)",
     )
-    p.add_argument("--requests", type=int, help="requests per concurrency level (default 200, quick 16)")
+    p.add_argument(
+        "--requests",
+        type=int,
+        help="requests per concurrency level, 4 per client at least (quick: 2); default 1000, quick 16",
+    )
+    p.add_argument(
+        "--workers",
+        type=int,
+        help="the server's front processes (ALEXNET_WORKERS; 0: one process; default: one per core)",
+    )
     add_out_option(p)
-    args = p.parse_args(argv)
-    providers = [name.strip() for name in args.providers.split(",") if name.strip()]
-    batches = (1, 8) if args.quick else (1, 8, 32)
-    concurrencies = (1, 16) if args.quick else (1, 16, 64)
-    requests = args.requests or (16 if args.quick else 200)
-    started = time.perf_counter()
-    import onnxruntime as ort
+    return p.parse_args(argv)
 
+
+def measure(report: Json, args: argparse.Namespace, providers: list[str], workdir: Path) -> None:
+    """Fills ``report`` section by section, so that a run stopped by ProvidersMissing keeps what
+    it measured before."""
+    from tests.images import photo_jpeg
+
+    report["probe_providers"] = probe_providers(providers)
+    require_providers(providers, report["probe_providers"], "a probe session")
+    models = export_models(workdir, args.quick)
+    report["engine"] = {}
+    for name, path in models.items():
+        batches = (1, 8) if args.quick else (1, 8, 32)
+        report["engine"][name] = bench_engine(path, providers, batches, 1.0 if args.quick else 3.0)
+    photo = photo_jpeg("china.jpg")  # 640x427
+    concurrencies = (1, 16) if args.quick else (1, 16, 64, 256)
+    requests = args.requests or (16 if args.quick else 1000)
+    per_client = 2 if args.quick else 4
+    report["in_process"], report["http"] = {}, {}
+    for name in ("square",) if args.quick else ("square", "crops"):
+        # Before the server starts: the preprocessing has the machine to itself.
+        report["in_process"][name] = preprocessing_on_all_cores(
+            models[name], photo, 2.0 if args.quick else 5.0
+        )
+        report["http"][name] = bench_http(
+            models[name], photo, providers, concurrencies, requests, per_client, args.workers
+        )
+    report["ceilings"] = ceilings(report)
+    report["targets"] = [t.model_dump() for t in targets(report)]
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parse_args(argv)
+    providers = [name.strip() for name in args.providers.split(",") if name.strip()]
+    started = time.perf_counter()
     report: Json = {
         "when": datetime.now(UTC).isoformat(timespec="seconds"),
         "quick": args.quick,
@@ -201,19 +218,20 @@ def main(argv: list[str] | None = None) -> int:
         "onnxruntime": ort.__version__,
         "device": device_info(),
     }
-    with tempfile.TemporaryDirectory(prefix="gpu-check-") as tmp:
-        models = export_models(Path(tmp), args.quick)
-        report["engine"] = {
-            name: bench_engine(path, providers, batches, 1.0 if args.quick else 3.0)
-            for name, path in models.items()
-        }
-        http_models = ("square",) if args.quick else ("square", "crops")
-        report["http"] = {
-            name: bench_http(models[name], providers, concurrencies, requests) for name in http_models
-        }
+    status = 0
+    try:
+        with tempfile.TemporaryDirectory(prefix="gpu-check-") as tmp:
+            measure(report, args, providers, Path(tmp))
+    except ProvidersMissing as exc:
+        report["error"] = str(exc)
+        log(f"FAILED: {exc}")
+        status = 3
     report["seconds"] = round(time.perf_counter() - started, 1)
     write_report(json.dumps(report, indent=2), args.out)
-    return 0
+    for target in report.get("targets", []):
+        verdict = "met" if target["met"] else "MISSED"
+        log(f"[{verdict}] {target['target']}: {target['value']} vs {target['limit']}")
+    return status
 
 
 if __name__ == "__main__":
