@@ -113,6 +113,38 @@ def check_square_parity(model: TenCropModel, onnx_path: Path, metadata: ModelMet
     return prob_diff, feature_diff
 
 
+def _metadata(
+    weights: LoadedWeights,
+    version: str,
+    input_size: int,
+    resize_size: int,
+    input_kind: InputKind,
+    validation: dict[str, float] | None,
+) -> ModelMetadata:
+    """What the exported file says about itself (``alexnet_core.metadata``)."""
+    model, square = weights.model, input_kind == "square"
+    return ModelMetadata(
+        version=version,
+        layout=model.layout,
+        labels=weights.classes.labels,
+        wnids=weights.classes.wnids,
+        input_size=input_size,
+        resize_size=resize_size,
+        mean=list(weights.mean),
+        std=list(weights.std),
+        source=weights.source,
+        source_sha256=weights.sha256,
+        trained=weights.trained,
+        exported_at=datetime.now(UTC),
+        input_kind=input_kind,
+        train_flip=weights.train_flip,
+        test_crops=crops_for_training(weights.train_flip),
+        output_name=PROBABILITIES_NAME if square else OUTPUT_NAME,
+        features_output=FEATURES_NAME if square else None,
+        **(validation or weights.extra),
+    )
+
+
 def export_onnx(
     weights: LoadedWeights,
     output: Path,
@@ -138,26 +170,7 @@ def export_onnx(
     started = time.perf_counter()
     model = weights.model.eval()
     square = input_kind == "square"
-    metadata = ModelMetadata(
-        version=version or output.stem,
-        layout=model.layout,
-        labels=weights.classes.labels,
-        wnids=weights.classes.wnids,
-        input_size=input_size,
-        resize_size=resize_size,
-        mean=list(weights.mean),
-        std=list(weights.std),
-        source=weights.source,
-        source_sha256=weights.sha256,
-        trained=weights.trained,
-        exported_at=datetime.now(UTC),
-        input_kind=input_kind,
-        train_flip=weights.train_flip,
-        test_crops=crops_for_training(weights.train_flip),
-        output_name=PROBABILITIES_NAME if square else OUTPUT_NAME,
-        features_output=FEATURES_NAME if square else None,
-        **(validation or weights.extra),
-    )
+    metadata = _metadata(weights, version or output.stem, input_size, resize_size, input_kind, validation)
     if square:
         wrapper = TenCropModel(
             model, resize_size, input_size, weights.mean, weights.std, metadata.test_crops
