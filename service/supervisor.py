@@ -168,7 +168,8 @@ def _bind(settings: Settings) -> socket.socket:
 def serve_with_fronts(settings: Settings) -> int:
     name_process("supervisor")
     assert settings.workers
-    runtime = Path(tempfile.mkdtemp(prefix="alexnet-serve-", dir=runtime_dir_root()))
+    # Named for this process: an operator (or a test) can tell whose it is.
+    runtime = Path(tempfile.mkdtemp(prefix=f"alexnet-serve-{os.getpid()}-", dir=runtime_dir_root()))
     context = multiprocessing.get_context("spawn")
     shared = SharedState(runtime, SharedTallies(1 + settings.workers, context), settings.workers)
     shared.metrics_dir.mkdir()
