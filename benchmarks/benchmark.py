@@ -70,6 +70,9 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--json", action="store_true", help="JSON report on stdout (the table goes to stderr)")
     p.add_argument("--quick", action="store_true", help="fewer repetitions: about 1-2 minutes")
     p.add_argument("--tune", action="store_true", help="also compare server settings (adds a few minutes)")
+    p.add_argument(
+        "--workers", type=int, help="the server's front processes (ALEXNET_WORKERS; 0: one process)"
+    )
     p.add_argument("--batches", help="crops per raw engine call, comma-separated (default 10,40,80)")
     p.add_argument(
         "--threads", type=int, default=0, help="ORT intra-op (and torch) threads; 0 = one per core"
@@ -150,7 +153,8 @@ def measure(
         "small": Upload.of(images["small"], "china.jpg"),
         "large": Upload.of(images["large"], "12mp.jpg"),
     }
-    configurations = {"batching_on": {}, "batching_off": {"ALEXNET_BATCHING": "false"}}
+    processes = {} if args.workers is None else {"ALEXNET_WORKERS": str(args.workers)}
+    configurations = {"batching_on": processes, "batching_off": {**processes, "ALEXNET_BATCHING": "false"}}
     for mode, settings in configurations.items() if "e2e" not in skip else ():
         engine.recheck(mode, plan)
         report.e2e[mode] = bench_e2e(model, providers, uploads, plan, settings, label=mode)
