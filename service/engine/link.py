@@ -159,7 +159,10 @@ class EngineLink(asyncio.Protocol):
         """Slots for one request; admission bounds the images in progress by the slots' number."""
         if len(self.free_slots) < images:
             raise EngineUnavailable("no free slot: more images in progress than this front holds")
-        taken, self.free_slots = self.free_slots[:images], self.free_slots[images:]
+        # The slots given back last are taken first: their pages are in memory and in cache, and
+        # the segment's untouched pages stay unallocated.
+        taken = self.free_slots[-images:]
+        del self.free_slots[-images:]
         return taken
 
     def give_back(self, slots: list[int]) -> None:
