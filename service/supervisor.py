@@ -42,13 +42,16 @@ def name_process(title: str) -> None:
 
 
 def end_with_parent(parent: int) -> None:
-    """SIGTERM this process when the supervisor dies, however it dies (SIGKILL included): the
-    kernel sends it (Linux's PR_SET_PDEATHSIG), so no front or engine outlives its server."""
+    """End this process when the supervisor dies without stopping it (SIGKILL, a crash): the
+    kernel sends SIGKILL then (Linux's PR_SET_PDEATHSIG), so no front or engine outlives its
+    server, and the server ends as one process would: at once, its locks released, a training
+    job's process left for the next start to settle. A stop asked of the supervisor (SIGTERM)
+    is graceful: it stops its processes in order before it exits."""
     with contextlib.suppress(OSError, AttributeError):
         libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6", use_errno=True)
-        libc.prctl(PR_SET_PDEATHSIG, signal.SIGTERM)
+        libc.prctl(PR_SET_PDEATHSIG, signal.SIGKILL)
     if os.getppid() != parent:  # it died before the request took effect
-        os.kill(os.getpid(), signal.SIGTERM)
+        os.kill(os.getpid(), signal.SIGKILL)
 
 
 def _logging(settings: Settings) -> None:

@@ -233,14 +233,18 @@ def test_gallery_adds_through_both_fronts_all_survive_a_restart(models: Path, tm
     statuses: list[int] = []
 
     def add(index: int) -> None:
-        with httpx.Client(timeout=120) as client:  # a connection each: spread over the fronts
-            r = client.post(
-                f"{url}/gallery",
-                data={"id": f"item-{index}", "label": f"label {index}"},
-                files={"file": ("a.jpg", image, "image/jpeg")},
-                headers=AUTH,
-            )
-            statuses.append(r.status_code)
+        for _ in range(60):  # a client that honours 503 + Retry-After (the queue holds 64 images)
+            with httpx.Client(timeout=120) as client:  # a connection each: spread over the fronts
+                r = client.post(
+                    f"{url}/gallery",
+                    data={"id": f"item-{index}", "label": f"label {index}"},
+                    files={"file": ("a.jpg", image, "image/jpeg")},
+                    headers=AUTH,
+                )
+            if r.status_code != 503:
+                break
+            time.sleep(float(r.headers["retry-after"]))
+        statuses.append(r.status_code)
 
     with fronted_server(weights, tmp_path) as server:
         url = server.url
@@ -276,7 +280,7 @@ def test_a_job_started_through_one_front_is_cancelled_through_the_other(models: 
             wait_until(lambda: httpx.get(url, timeout=30).json()["state"] == "running", 300, "running")
             assert httpx.get(f"{server.url}/train", timeout=30).json()[0]["id"] == started.json()["id"]
             cancelled = httpx.delete(url, headers=AUTH, timeout=60)
-        assert cancelled.status_code == 200, cancelled.text
+        assert cancelled.status_code == 202, cancelled.text  # accepted: the trainer stops within a batch
         with stopped(second):
             final = wait_until(
                 lambda: (j := httpx.get(url, timeout=30).json())["state"] not in ("queued", "running") and j,
