@@ -94,8 +94,12 @@ class Supervisor:
         self.stopping = threading.Event()
         self.engine: BaseProcess | None = None
         self.fronts: list[BaseProcess | None] = [None] * shared.fronts
+        self.started_at: dict[str, float] = {}  # by process name: when it was last started
+        self.backoff: dict[str, float] = {}
+        self.retry_at: dict[str, float] = {}
 
     def _start_engine(self) -> None:
+        self.started_at["engine"] = time.monotonic()
         self.shared.tallies.clear_row(ENGINE_ROW)
         self.engine = self.context.Process(  # type: ignore[attr-defined]
             target=engine_main, args=(self.settings, self.shared, os.getpid()), name="alexnet-engine"
@@ -103,6 +107,7 @@ class Supervisor:
         self.engine.start()
 
     def _start_front(self, index: int) -> None:
+        self.started_at[f"front {index}"] = time.monotonic()
         self.shared.tallies.clear_row(front_row(index))
         process = self.context.Process(  # type: ignore[attr-defined]
             target=front_main,
@@ -124,15 +129,37 @@ class Supervisor:
         for index in range(self.shared.fronts):
             self._start_front(index)
         while not self.stopping.wait(0.1):
-            if self.engine is not None and not self.engine.is_alive():
+            if self.engine is not None and not self.engine.is_alive() and self._due("engine", self.engine):
                 log.error("the engine process ended (exit code %s); starting another", self.engine.exitcode)
                 self._forget(self.engine)
                 self._start_engine()
             for index, front in enumerate(self.fronts):
-                if front is not None and not front.is_alive():
+                if front is not None and not front.is_alive() and self._due(f"front {index}", front):
                     log.error("front %d ended (exit code %s); starting another", index, front.exitcode)
                     self._forget(front)
                     self._start_front(index)
+
+    def _due(self, name: str, process: BaseProcess) -> bool:
+        """Whether a process that ended may be started again now. One that keeps ending soon
+        after it starts (a broken install, no memory) is restarted after 1, 2, 4... up to 30 s,
+        not ten times a second."""
+        now = time.monotonic()
+        if name not in self.retry_at:
+            started = self.started_at.get(name, 0.0)
+            quick = now - started < 10
+            self.backoff[name] = min(30.0, 2 * self.backoff.get(name, 0.5)) if quick else 0.0
+            self.retry_at[name] = now + self.backoff[name]
+            if quick:
+                log.error(
+                    "%s ended %.1f s after it started; next start in %.0f s",
+                    name,
+                    now - started,
+                    self.backoff[name],
+                )
+        if now < self.retry_at[name]:
+            return False
+        del self.retry_at[name]
+        return True
 
     def stop(self) -> None:
         """Fronts first (uvicorn lets their requests finish), then the engine; each within the
