@@ -13,7 +13,6 @@ from alexnet_core.session import OnnxClassifier
 from service.core.config import Settings
 from service.core.metrics import Metrics
 from service.engine.local import Engine, ServedModel
-from service.inference import InferenceQueue
 from service.model_registry import ModelRegistry
 from service.preparation import Preparation
 
@@ -30,7 +29,6 @@ def _app_state(name: str) -> Callable[[Request], Coroutine[Any, Any, Any]]:
 
 get_settings = _app_state("settings")
 get_registry = _app_state("registry")
-get_queue = _app_state("inference")
 get_metrics = _app_state("metrics")
 get_pool = _app_state("preprocess_pool")
 get_preparation = _app_state("preparation")
@@ -66,7 +64,6 @@ async def single_file_part(request: Request) -> None:
 
 SettingsDep = Annotated[Settings, Depends(get_settings)]
 RegistryDep = Annotated[ModelRegistry, Depends(get_registry)]
-QueueDep = Annotated[InferenceQueue, Depends(get_queue)]
 MetricsDep = Annotated[Metrics, Depends(get_metrics)]
 PoolDep = Annotated[ThreadPoolExecutor, Depends(get_pool)]
 PreparationDep = Annotated[Preparation, Depends(get_preparation)]

@@ -3,7 +3,6 @@ and the Open Inference Protocol, with inference in the engine process (``RemoteE
 other request goes to the engine process's app (``PrimaryProxy``). Fronts load no model."""
 
 import contextlib
-import logging
 from collections.abc import AsyncIterator
 from concurrent.futures import ThreadPoolExecutor
 from contextlib import asynccontextmanager
@@ -31,7 +30,6 @@ from service.schemas import Health, Readiness
 from service.shared_state import SharedState, front_row
 from service.tallies import DECODE_BYTES, DECODING, IMAGES, UPLOAD_BYTES
 
-log = logging.getLogger(__name__)
 METHODS = ["GET", "HEAD", "POST", "PUT", "PATCH", "DELETE", "OPTIONS"]
 
 

@@ -90,10 +90,6 @@ class InferenceQueue:
         self._buffer: np.ndarray | None = None  # the last joined batch's memory, reused by the next
         self._thread = threading.Thread(target=self._serve, name="inference", daemon=True)
 
-    @property
-    def admitted(self) -> int:
-        return self.admission.admitted.total
-
     def start(self) -> None:
         self._thread.start()
 

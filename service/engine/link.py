@@ -6,7 +6,6 @@ import asyncio
 import contextlib
 import itertools
 import json
-import logging
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -15,8 +14,6 @@ import numpy as np
 from alexnet_core.metadata import ModelMetadata
 from service.engine import protocol as p
 from service.image_admission import Overloaded
-
-log = logging.getLogger(__name__)
 
 
 class EngineUnavailable(Overloaded):
