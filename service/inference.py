@@ -14,7 +14,6 @@ import queue
 import threading
 import time
 from collections.abc import Callable
-from contextlib import AbstractAsyncContextManager
 from dataclasses import dataclass
 
 import numpy as np
@@ -104,12 +103,6 @@ class InferenceQueue:
         self._thread.join(timeout=30)  # at most the inference call in progress
         if self._thread.is_alive():
             log.warning("the inference thread is still in an inference call; not waiting for it")
-
-    def check_room(self) -> None:
-        self.admission.check_room()
-
-    def admit_within(self, images: int, timeout_s: float) -> AbstractAsyncContextManager[Admission]:
-        return self.admission.admit_within(images, timeout_s)
 
     def submit(
         self,

@@ -184,7 +184,7 @@ def create_app(settings: Settings | None = None, shared: SharedState | None = No
     if shared:
         _primary_middleware(app, settings)
     else:
-        add_middleware(app, settings, metrics, inference, None)
+        add_middleware(app, settings, metrics, admission, None)
     return app
 
 

@@ -63,16 +63,11 @@ class Preparation:
             raise Overloaded(str(exc)) from None
 
     async def model_input(self, meta: ModelMetadata, squares: list[np.ndarray]) -> np.ndarray:
-        """The model's input batch for these squares: the squares themselves for a model that
-        crops in its graph (a view for one image), else their ten float crops each, cut in the
-        pool's threads (numpy lets go of the GIL)."""
+        """``input_batch``; a crops-kind model's crops cut in the pool's threads (numpy lets go of
+        the GIL), a square-kind's batch made here (a view: not worth a thread hand-off)."""
         if meta.input_kind == "square":
-            return squares[0][None] if len(squares) == 1 else np.stack(squares)
-
-        def cut() -> np.ndarray:
-            return np.concatenate([meta.model_input(square) for square in squares])
-
-        return await asyncio.get_running_loop().run_in_executor(self.pool, cut)
+            return input_batch(meta, squares)
+        return await asyncio.get_running_loop().run_in_executor(self.pool, input_batch, meta, squares)
 
     async def squares(
         self, meta: ModelMetadata, images: list[bytes], labels: list[str], outs: list[np.ndarray | None]
@@ -82,6 +77,14 @@ class Preparation:
         the others (and kills their decodes)."""
         work = [self.square(meta, *args) for args in zip(images, labels, outs, strict=True)]
         return await together(work)
+
+
+def input_batch(meta: ModelMetadata, squares: list[np.ndarray]) -> np.ndarray:
+    """The model's input batch for these central squares: the squares themselves for a model that
+    crops in its graph (a view for one image), else each one's normalised crops."""
+    if meta.input_kind == "square":
+        return squares[0][None] if len(squares) == 1 else np.stack(squares)
+    return np.concatenate([meta.model_input(square) for square in squares])
 
 
 async def together(work: "list[Coroutine[Any, Any, T]]") -> list[T]:

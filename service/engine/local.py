@@ -50,8 +50,6 @@ class EngineResult:
 class Engine(Protocol):
     def served(self) -> ServedModel: ...
 
-    def check_room(self) -> None: ...
-
     async def run(
         self,
         model: Any,
@@ -99,9 +97,6 @@ class LocalEngine:
             raise no_model(self.registry.not_ready_reason)
         return classifier
 
-    def check_room(self) -> None:
-        self.inference.check_room()
-
     async def run(
         self,
         model: OnnxClassifier,
@@ -117,7 +112,8 @@ class LocalEngine:
 
         async def work() -> EngineResult:
             inference, meta = self.inference, model.metadata
-            async with inference.admit_within(len(images), self.settings.request_timeout_s) as admission:
+            admit = inference.admission.admit_within
+            async with admit(len(images), self.settings.request_timeout_s) as admission:
                 decoded = await self.preparation.squares(meta, images, labels, [None] * len(images))
                 started = time.perf_counter()
                 batch = await self.preparation.model_input(meta, [square for square, _, _ in decoded])
@@ -137,7 +133,9 @@ class LocalEngine:
 
     async def run_tensor(self, model: OnnxClassifier, batch: np.ndarray, images: int) -> EngineResult:
         """The model's own input (Open Inference Protocol tensors), through the same batcher."""
-        async with self.inference.admit_within(images, self.settings.request_timeout_s) as admission:
+        async with self.inference.admission.admit_within(
+            images, self.settings.request_timeout_s
+        ) as admission:
             result = await self.inference.infer(admission, model, batch)
         return EngineResult(
             result.probabilities, None, [0.0] * images, [0.0] * images, result.seconds, result.batch_images

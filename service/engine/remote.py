@@ -39,9 +39,6 @@ class RemoteEngine:
             raise no_model(self.link.not_ready_reason)
         return model
 
-    def check_room(self) -> None:
-        self.admission.check_room()
-
     @staticmethod
     def _fits(model: ModelView) -> None:
         meta = model.metadata

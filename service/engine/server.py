@@ -12,13 +12,12 @@ from collections.abc import Callable
 from concurrent.futures import Executor
 from pathlib import Path
 
-import numpy as np
-
 from alexnet_core.session import OnnxClassifier
 from service.embedding import feature_dim
 from service.engine import protocol as p
 from service.inference import InferenceQueue, InferenceResult, Overloaded
 from service.model_registry import ModelRegistry
+from service.preparation import input_batch
 from service.supervisor import name_process
 
 log = logging.getLogger(__name__)
@@ -41,7 +40,7 @@ class _FrontLink(asyncio.Protocol):
         self.server = server
         self.buffer = bytearray()
         self.segment: p.Segment | None = None
-        self.cancelled: set[int] = set()
+        self.pending: dict[int, bool] = {}  # requests not yet answered: cancelled or not
         self.acked = 0
         self.closed = False
         self.loop = asyncio.get_running_loop()
@@ -71,7 +70,8 @@ class _FrontLink(asyncio.Protocol):
             self.run(body)
         elif kind == p.K_CANCEL:
             (request_id,) = p.CANCEL.unpack(body)
-            self.cancelled.add(request_id)
+            if request_id in self.pending:  # a cancel that crossed its answer is moot
+                self.pending[request_id] = True
         elif kind == p.K_ACK:
             (self.acked,) = p.ACK.unpack(body)
             self.server.acked_changed()
@@ -88,7 +88,7 @@ class _FrontLink(asyncio.Protocol):
     def done(
         self, request_id: int, status: int, seconds: float = 0.0, batch: int = 0, detail: str = ""
     ) -> None:
-        self.cancelled.discard(request_id)
+        self.pending.pop(request_id, None)
         if not self.closed:
             message = p.DONE.pack(request_id, status, seconds, batch) + detail.encode()[:4096]
             self.transport.write(p.frame(p.K_DONE, message))
@@ -104,20 +104,20 @@ class _FrontLink(asyncio.Protocol):
             raise ValueError("a request for slots the front never announced")
         meta = classifier.metadata
         squares = [self.segment.square(slot, meta.resize_size) for slot in slots]
+        self.pending[request_id] = False
         on_done = self._answer(request_id, slots, classifier, bool(features))
-        cancelled: Callable[[], bool] = lambda: self.closed or request_id in self.cancelled  # noqa: E731
+        cancelled: Callable[[], bool] = lambda: self.closed or self.pending.get(request_id, False)  # noqa: E731
+
+        def submit() -> None:
+            batch = input_batch(meta, squares)
+            self.server.inference.submit(classifier, batch, images, bool(features), on_done, cancelled)
+
         if meta.input_kind == "square":  # the squares are the input: views of the slots, no copy
-            batch = squares[0][None] if images == 1 else np.stack(squares)
-            self.server.inference.submit(classifier, batch, images, bool(features), on_done, cancelled)
+            submit()
             return
+        # The crops kind: the float crops are cut in the pool's threads (numpy lets go of the GIL).
 
-        # The crops kind: the ten float crops are cut here, in the pool's threads (numpy lets go of
-        # the GIL), from the squares the fronts decoded.
-        def crops() -> None:
-            batch = np.concatenate([meta.model_input(square) for square in squares])
-            self.server.inference.submit(classifier, batch, images, bool(features), on_done, cancelled)
-
-        future = self.loop.run_in_executor(self.server.pool, crops)
+        future = self.loop.run_in_executor(self.server.pool, submit)
         future.add_done_callback(lambda f: f.exception() and on_done(f.exception()))  # type: ignore[arg-type]
 
     def _answer(
