@@ -59,20 +59,27 @@ def render(figure: Figure, fmt: str) -> bytes:
     return buffer.getvalue()
 
 
+class PlotError(Exception):
+    """A figure could not be drawn from the results given (a file missing, unreadable, or of
+    another shape)."""
+
+
 def render_all(results: Path, out: Path, formats: tuple[str, ...] = ("svg",)) -> list[Path]:
-    """Writes every plot in every format; only files whose bytes change are rewritten."""
-    out.mkdir(parents=True, exist_ok=True)
-    data, written = Results(results), []
+    """Draws every plot, then writes them all (none when one fails); files whose bytes are the
+    same are left untouched."""
+    data, rendered = Results(results), dict[Path, bytes]()
     with style():
         for name in FIGURES:
-            figure = draw(name, data)
-            for fmt in formats:
-                path = out / f"{name}.{fmt}"
-                content = render(figure, fmt)
-                if not path.exists() or path.read_bytes() != content:
-                    path.write_bytes(content)
-                written.append(path)
-    return written
+            try:
+                figure = draw(name, data)
+            except (OSError, KeyError, IndexError, TypeError, ValueError, StopIteration) as exc:
+                raise PlotError(f"{name}: {type(exc).__name__}: {exc}") from exc
+            rendered.update({out / f"{name}.{fmt}": render(figure, fmt) for fmt in formats})
+    out.mkdir(parents=True, exist_ok=True)
+    for path, content in rendered.items():
+        if not path.exists() or path.read_bytes() != content:
+            path.write_bytes(content)
+    return list(rendered)
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -83,8 +90,8 @@ def main(argv: list[str] | None = None) -> int:
     args = p.parse_args(argv)
     try:
         paths = render_all(args.results, args.out, tuple(args.format))
-    except (OSError, KeyError, ValueError) as exc:
-        print(f"error: cannot draw the plots from {args.results}: {exc!r}", file=sys.stderr)
+    except PlotError as exc:
+        print(f"error: cannot draw the plots from {args.results}: {exc}", file=sys.stderr)
         return 1
     for path in paths:
         print(path)

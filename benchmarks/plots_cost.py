@@ -13,9 +13,14 @@ from benchmarks.plotting import (
     figure,
     image_label,
     points,
+    server_model,
 )
 
 # --------------------------------------------------------------------------- where the time goes
+
+
+def throughput(rows: list[Json]) -> tuple[list[int], list[float]]:
+    return [p["concurrency"] for p in rows], [p["images_per_s"] for p in rows]
 
 
 def clients(count: int) -> str:
@@ -44,20 +49,17 @@ def kind_bars(ax: Axes, x: float, kinds: dict[str, float], width: float, seen: s
 def overhead(one: Json, fronts: Json, h200: Json) -> Figure:
     """Server CPU per image with an engine that costs nothing, by kind of process, against the
     model's own preprocessing in one process (the floor)."""
-    clients = 16
-    hosts = [
-        ("2 cores,\none process", one, True),
-        ("2 cores,\nfronts", fronts, True),
-        (f"{len(h200['meta']['cores_available'])} cores (H200 host),\none process", h200, False),
-    ]
+    concurrency, runs = 16, (one, fronts, h200)
     fig = Figure(figsize=(9, 4), layout="constrained")
     seen: set[str] = set()
     for ax, image in zip(fig.subplots(1, 2), ("small", "large"), strict=True):
-        for x, (_, run, by_kind) in enumerate(hosts):
+        names = []
+        for x, run in enumerate(runs):
             result = run["images"][image]
-            point = at(result["server"]["all"], clients)
-            if by_kind and point.get("cpu_ms_per_image_by_kind"):
-                kind_bars(ax, x, point["cpu_ms_per_image_by_kind"], 0.55, seen)
+            point = at(result["server"]["all"], concurrency)
+            kinds = point.get("cpu_ms_per_image_by_kind") or {}
+            if kinds:
+                kind_bars(ax, x, kinds, 0.55, seen)
             else:
                 label = "whole server (not split by process)" if "total" not in seen else None
                 ax.bar(x, point["server_cpu_ms_per_image"], 0.55, color="C5", label=label)
@@ -66,10 +68,12 @@ def overhead(one: Json, fronts: Json, h200: Json) -> Figure:
             label = "model preprocessing alone, one process" if "floor" not in seen else None
             ax.hlines(floor, x - 0.35, x + 0.35, colors="k", linewidth=2, label=label)
             seen.add("floor")
-        ax.set_xticks(range(len(hosts)), [h[0] for h in hosts], fontsize=7)
+            model = "fronts + engine" if "front" in kinds else "one process" if kinds else "not split"
+            names.append(f"{run['meta']['machine'].split(', ')[1]},\n{model}")
+        ax.set_xticks(range(len(runs)), names, fontsize=7)
         ax.set(
             ylabel="server CPU ms per image",
-            title=f"{result['width']}x{result['height']} JPEG, {clients} clients",
+            title=f"{result['width']}x{result['height']} JPEG, {clients(concurrency)}",
         )
     fig.legend(loc="outside lower center", ncols=3)
     fig.suptitle("serving overhead: CPU per image with an engine that costs nothing (benchmarks.overhead)")
@@ -100,7 +104,8 @@ def latency_breakdown(run: Json) -> Figure:
     ax.barh(ys, rest, left=spent, color="C7", label="the rest of p50: HTTP, upload, waiting for the engine")
     ax.set_yticks(ys, [r[0] for r in rows])
     ax.set(
-        xlabel="ms (medians)", title="where a request's time goes on the 2-core CPU host (2 fronts + engine)"
+        xlabel="ms (medians)",
+        title=f"where a request's time goes ({run['meta']['machine']}, {server_model(run)})",
     )
     fig.legend(loc="outside lower center", ncols=2)
     return fig
@@ -119,45 +124,32 @@ def latency_breakdown(run: Json) -> Figure:
 def process_model(one: Json, fronts: Json, e2e_one: Json, e2e_fronts: Json) -> Figure:
     fig = Figure(figsize=(9, 4), layout="constrained")
     free, real = fig.subplots(1, 2)
-    models = (("one process (ALEXNET_WORKERS=0)", "C1"), ("2 fronts + engine (the default)", "C0"))
     images = (("small", "o-"), ("large", "s--"))
-    for (_, colour), run in zip(models, (one, fronts), strict=True):
+    handles = []
+    for colour, overhead_run, e2e_run in (("C1", one, e2e_one), ("C0", fronts, e2e_fronts)):
+        model = server_model(e2e_run)
+        kinds = overhead_run["images"]["small"]["server"]["all"][0].get("cpu_ms_per_image_by_kind", {})
+        if ("front" in kinds) != (model != "one process"):
+            raise ValueError(f"the free-engine and AlexNet runs paired as {model!r} ran different servers")
+        handles.append(Line2D([], [], color=colour, label=model))
         for image, style in images:
-            rows = run["images"][image]["server"]["all"]
-            free.plot(
-                [p["concurrency"] for p in rows], [p["images_per_s"] for p in rows], style, color=colour
-            )
-    for (_, colour), run in zip(models, (e2e_one, e2e_fronts), strict=True):
-        for image, style in images:
-            rows = points(run, image)
-            real.plot(
-                [p["concurrency"] for p in rows], [p["images_per_s"] for p in rows], style, color=colour
-            )
-    for ax, run in ((free, fronts), (real, e2e_fronts)):
-        measured = sorted(
-            {p["concurrency"] for p in points(run, "small")}
-            if ax is real
-            else {p["concurrency"] for p in run["images"]["small"]["server"]["all"]}
-        )
-        clients_axis(ax, measured)
+            measured = overhead_run["images"][image]["server"]["all"]
+            for ax, rows in ((free, measured), (real, points(e2e_run, image))):
+                ax.plot(*throughput(rows), style, color=colour)
+    clients_axis(free, [p["concurrency"] for p in fronts["images"]["small"]["server"]["all"]])
+    clients_axis(real, [p["concurrency"] for p in points(e2e_fronts, "small")])
+    for ax in (free, real):
         ax.set(ylabel="images/s", ylim=(0, None))
     small, large = (fronts["images"][i] for i in ("small", "large"))
     free.set_title(f"an engine that costs nothing ({small['width']}x{small['height']} JPEG)", fontsize=9)
     real.set_title(f"AlexNet on the CPU ({image_label(e2e_fronts, 'small')})", fontsize=9)
-    handles = [Line2D([], [], color=c, label=m) for m, c in models]
+    large_label = f"the {large['width']}x{large['height']} JPEG"
     handles += [
         Line2D([], [], color="k", linestyle="-", marker="o", label="the small JPEG (in the titles)"),
-        Line2D(
-            [],
-            [],
-            color="k",
-            linestyle="--",
-            marker="s",
-            label=f"the {large['width']}x{large['height']} JPEG",
-        ),
+        Line2D([], [], color="k", linestyle="--", marker="s", label=large_label),
     ]
     fig.legend(handles=handles, loc="outside lower center", ncols=2)
-    fig.suptitle("one process or fronts + engine: the same 2-core host, runs side by side")
+    fig.suptitle(f"one process or fronts + engine: the same host ({fronts['meta']['machine']}), side by side")
     return fig
 
 

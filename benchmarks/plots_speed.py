@@ -35,8 +35,9 @@ def clients_cpu(run: Json) -> Figure:
     )
     tput.set_ylim(0, engine * 1.15)
     tput.legend(loc="lower right")
-    meta = run["meta"]
-    fig.suptitle(f"CPU host ({meta['machine']}, {meta['cpu_model']}): 2 fronts + engine, batching on")
+    meta, settings = run["meta"], run["e2e"]["batching_on"]["settings"]
+    chosen = ", ".join(f"{k}={v}" for k, v in settings.items()) or "default settings"
+    fig.suptitle(f"CPU host ({meta['machine']}, {meta['cpu_model']}): server with {chosen}, batching on")
     return fig
 
 
@@ -61,8 +62,8 @@ def clients_gpu(gpu: Json) -> Figure:
     tput.legend(loc="center right")
     device = gpu["device"]
     fig.suptitle(
-        f"GPU host ({device['gpus'][0].split(',')[0]}, {device['cpus']} cores, "
-        f"ONNX Runtime {gpu['onnxruntime']} on CUDA): one-process server"
+        f"GPU host ({device['gpus'][0].split(',')[0]}, {device['cpus']} cores): server on ONNX Runtime "
+        f"{gpu['onnxruntime']}, {gpu['http']['square']['server_providers'][0]}"
     )
     return fig
 
@@ -78,18 +79,19 @@ def clients_gpu(gpu: Json) -> Figure:
     "overhead-h200-16core.json",
 )
 def service_vs_engine(cpu: Json, cpu_host: Json, gpu: Json, gpu_host: Json) -> Figure:
+    gpu_name = gpu["device"]["gpus"][0].split(",")[0].removeprefix("NVIDIA ")
     groups = {
-        "2-core CPU host": (
+        f"{len(cpu_host['meta']['cores_available'])}-core CPU host": (
             engine_best(cpu),
             max(p["images_per_s"] for p in points(cpu, "small")),
             cpu_host["images"]["small"]["in_process"]["all"]["images_per_s"],
         ),
-        "H200 host, square kind": (
+        f"{gpu_name} host, square kind": (
             max(b["images_per_s"] for b in gpu["engine"]["square"]["batches"]),
             max(p["images_per_s"] for p in gpu["http"]["square"]["points"]),
             gpu_host["images"]["small"]["in_process"]["all"]["images_per_s"],
         ),
-        "H200 host, crops kind": (
+        f"{gpu_name} host, crops kind": (
             max(b["images_per_s"] for b in gpu["engine"]["crops"]["batches"]),
             max(p["images_per_s"] for p in gpu["http"]["crops"]["points"]),
             None,
@@ -110,6 +112,7 @@ def service_vs_engine(cpu: Json, cpu_host: Json, gpu: Json, gpu_host: Json) -> F
         bar_labels(ax, ax.bar(xs, ys, width, color=f"C{n}", label=name))
     ax.set_xticks(range(len(groups)), list(groups))
     plain_log_y(ax)
+    ax.set_ylim(bottom=5)
     ax.set(
         ylabel="images/s, log scale",
         title="what the service delivers against the engine alone and the host's preprocessing",
@@ -125,6 +128,7 @@ def peers(anchors: Json, gpu: Json) -> Figure:
         for a in anchors["figures"]
     ]
     square = gpu["engine"]["square-fp16"]["batches"]
+    clients = ", ".join(str(p["concurrency"]) for p in gpu["http"]["square"]["points"])
     rows += [
         (
             "ours: engine alone, fp16",
@@ -135,7 +139,7 @@ def peers(anchors: Json, gpu: Json) -> Figure:
         ),
         (
             "ours: POST /predict",
-            f"same host, {gpu['device']['cpus']} cores decoding; best of 1, 16, 64 clients",
+            f"same host, {gpu['device']['cpus']} cores decoding; best of {clients} clients",
             max(p["images_per_s"] for p in gpu["http"]["square"]["points"]),
             None,
             "end to end, JPEG in",
@@ -150,10 +154,11 @@ def peers(anchors: Json, gpu: Json) -> Figure:
         bars = ax.barh(
             y, value, color=colour, hatch="//" if system.startswith("ours") else None, edgecolor="w"
         )
-        if high is not None:
-            ax.barh(y, high - value, left=value, color=colour, alpha=0.4)
-        label = f"{value:,.0f}" if high is None else f"{value:,.0f}-{high:,.0f}"
-        ax.bar_label(bars, labels=[label], padding=2 if high is None else 40, fontsize=7)
+        label = f"{value:,.0f}"
+        if high is not None:  # a published range: its upper part lighter, labelled at its end
+            bars = ax.barh(y, high - value, left=value, color=colour, alpha=0.4)
+            label = f"{value:,.0f}-{high:,.0f}"
+        ax.bar_label(bars, labels=[label], padding=2, fontsize=7)
     ax.set_yticks(ys, [f"{r[0]}\n{r[1]}" for r in rows], fontsize=7)
     ax.set_xscale("log")
     ax.xaxis.set_major_formatter(ScalarFormatter())

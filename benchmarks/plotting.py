@@ -83,6 +83,14 @@ def points(run: Json, image: str, mode: str = "batching_on") -> list[Json]:
     return sorted(rows, key=lambda p: p["concurrency"])
 
 
+def server_model(run: Json) -> str:
+    """How the benchmark's server ran, from the settings it recorded."""
+    workers = run["e2e"]["batching_on"]["settings"].get("ALEXNET_WORKERS")
+    if workers is None:
+        return "default process model"
+    return "one process" if workers == "0" else f"{workers} fronts + engine"
+
+
 def engine_best(run: Json) -> float:
     """The engine alone measured right before the default server (10 crops per image)."""
     raw = run["raw_ort"]

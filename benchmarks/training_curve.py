@@ -41,14 +41,14 @@ def measure(epochs: int, seed: int, command_line: str) -> dict[str, Any]:
     sys.path.insert(0, str(REPO_ROOT))
     from tests.digits import write_digits  # the test suite's dataset writer: one definition
 
-    started = time.perf_counter()
+    started, started_at = time.perf_counter(), datetime.now(UTC).isoformat(timespec="seconds")
     with tempfile.TemporaryDirectory(prefix="training-curve-") as tmp:
         data = write_digits(Path(tmp) / "data", size=32, seed=0, held_out_per_class=20)
         command = train(data.root, Path(tmp) / "run", epochs, seed)
         events = read_events(Path(tmp) / "run")
     return {
         "meta": {
-            "started_at": datetime.now(UTC).isoformat(timespec="seconds"),
+            "started_at": started_at,
             "command": command_line,
             "trainer": " ".join(command),
             "data": f"python tests/digits.py DATA --held-out 20 ({data.train} train, {data.val} val)",
