@@ -10,6 +10,7 @@ from pathlib import Path
 
 import matplotlib
 import pytest
+from PIL import Image
 
 from benchmarks.plots import MODULES, render, style
 from benchmarks.plotting import FIGURES, Results, draw
@@ -29,7 +30,7 @@ def plots(*args: str) -> "subprocess.CompletedProcess[str]":
 @pytest.fixture(scope="module")
 def rendered(tmp_path_factory: pytest.TempPathFactory) -> Path:
     out = tmp_path_factory.mktemp("images")
-    done = plots("--out", str(out))
+    done = plots("--out", str(out), "--format", "svg", "png")
     assert done.returncode == 0, done.stderr[-3000:]
     return out
 
@@ -55,6 +56,8 @@ def test_the_page_embeds_every_plot_and_each_is_drawn_with_data(rendered: Path) 
         assert svg.is_file(), f"{name}.svg was not drawn"
         # Axes, ticks and legend alone make a dozen paths; data adds lines, markers and bars.
         assert len(drawn_paths(svg)) >= 20, f"{name}.svg holds too little to be a plot of data"
+        with Image.open(rendered / f"{name}.png") as png:
+            assert png.format == "PNG" and png.width >= 800 and len(png.getcolors(1 << 24) or ()) > 16
 
 
 def test_the_page_names_the_results_each_plot_reads() -> None:
