@@ -99,7 +99,7 @@ class TrainConfig(BaseModel):
     init: Init = Field(
         "caffe",
         description="caffe: biases 0.1, fc6/fc7 N(0, 0.005), learns out of the box; paper: N(0, 0.01) "
-        "and biases 1, as published, stays at chance (see README); default: PyTorch's",
+        "and biases 1, as published, stays at chance (see docs/api/training.md); default: PyTorch's",
     )
     input_scaling: InputScaling = Field(
         "paper",

@@ -1,5 +1,5 @@
 """``POST /predict`` over real HTTP against ``alexnet-serve`` in a subprocess, overload far above
-capacity, and the end-to-end / raw-engine ratios and targets the README reports."""
+capacity, and the end-to-end / raw-engine ratios and targets the docs report."""
 
 from pathlib import Path
 

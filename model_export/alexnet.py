@@ -107,7 +107,7 @@ def weight_layers(model: AlexNet) -> list[nn.Conv2d | nn.Linear]:
 def initialise(model: AlexNet, init: Init) -> None:
     """``paper``: weights N(0, 0.01), biases 1 in conv2, conv4, conv5, fc6, fc7 and 0 elsewhere.
     ``caffe``: the reference Caffe model's variant (biases 0.1, fc6/fc7 weights N(0, 0.005)),
-    which learns from scratch where the paper's constants stay at chance (see the README).
+    which learns from scratch where the paper's constants stay at chance (see docs/api/training.md).
     ``default``: PyTorch's own initialisation, left as constructed."""
     if init == "default":
         return

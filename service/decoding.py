@@ -28,7 +28,7 @@ import socket
 import tempfile
 from collections.abc import Awaitable, Callable
 from multiprocessing.process import BaseProcess
-from typing import Protocol
+from typing import NamedTuple, Protocol
 
 import numpy as np
 
@@ -43,7 +43,14 @@ log = logging.getLogger(__name__)
 # Imported by the fork server (preload), so every worker forked from it inherits the setting.
 keep_freed_memory()
 
-Square = tuple[np.ndarray, float, float]  # the central square, decode and square seconds
+
+class DecodedSquare(NamedTuple):
+    """An image's central square (the side the model resizes to) and the seconds its decode and
+    its resize-and-cut took in the worker."""
+
+    pixels: np.ndarray
+    decode_s: float
+    square_s: float
 
 
 class Budget(Protocol):
@@ -130,7 +137,7 @@ class _Worker:
         max_scans: int,
         reserve: Callable[[int], None],
         out: np.ndarray | None = None,
-    ) -> Square:
+    ) -> DecodedSquare:
         """Weigh, ``reserve(cost)`` (which raises to refuse), decode (into ``out`` when given)."""
         loop = asyncio.get_running_loop()
         try:
@@ -157,7 +164,7 @@ class _Worker:
         # Received in place (a front's shared slot, or a new array): no copy of the pixels.
         square = np.empty(fields, np.uint8) if out is None else out
         await self._fill(loop, memoryview(square).cast("B"))
-        return square, decode_s, square_s
+        return DecodedSquare(square, decode_s, square_s)
 
     async def ping(self) -> None:
         loop = asyncio.get_running_loop()
@@ -296,7 +303,7 @@ class DecodePool:
                 return worker
             self._replace(worker, found_dead=True)
 
-    async def square(
+    async def decode_square(
         self,
         data: bytes,
         resize: int,
@@ -304,7 +311,7 @@ class DecodePool:
         max_scans: int,
         budget: Budget,
         out: np.ndarray | None = None,
-    ) -> Square:
+    ) -> DecodedSquare:
         """Weigh and decode in a worker, its decode memory reserved against ``budget`` in between
         and held until the worker's task has really ended: done, failed, timed out or cancelled
         (then its worker is killed). A worker gone before it had the image is replaced and the
@@ -316,7 +323,7 @@ class DecodePool:
             budget.reserve(amount)
             held = amount
 
-        def call(worker: _Worker) -> Awaitable[Square]:
+        def call(worker: _Worker) -> Awaitable[DecodedSquare]:
             return worker.call(data, resize, max_pixels, max_scans, reserve, out)
 
         self._count(+1)
@@ -333,7 +340,9 @@ class DecodePool:
             if held:
                 budget.release(held)
 
-    async def _task(self, worker: _Worker, call: Callable[[_Worker], Awaitable[Square]]) -> Square:
+    async def _task(
+        self, worker: _Worker, call: Callable[[_Worker], Awaitable[DecodedSquare]]
+    ) -> DecodedSquare:
         """One image on ``worker``; then the worker is idle again if fine, else killed and replaced,
         on every path (a cancellation at any await too: its reply would go to the next task)."""
         fine = False

@@ -118,7 +118,7 @@ class Gallery:
             self.broken = exc.detail
 
     # --- the database ----------------------------------------------------------------------------
-    def _public(self, exc: object) -> str:
+    def _redact_paths(self, exc: object) -> str:
         text = str(exc)
         for path in sorted({str(self.dir.resolve()), str(self.dir.absolute())}, key=len, reverse=True):
             text = text.replace(path, self.name)
@@ -135,12 +135,12 @@ class Gallery:
                 raise GalleryBusy(
                     503, f"{self.name} is busy: another process held its database over {BUSY_TIMEOUT_S:g} s"
                 ) from None
-            detail = f"{self.name}: its database cannot be used: {self._public(exc)}"
+            detail = f"{self.name}: its database cannot be used: {self._redact_paths(exc)}"
             if not self.path.exists():
                 self.broken = detail
             raise GalleryError(503, detail) from None
         except sqlite3.DatabaseError as exc:
-            self.broken = f"{self.name}: {DATABASE} is corrupt and not served: {self._public(exc)}"
+            self.broken = f"{self.name}: {DATABASE} is corrupt and not served: {self._redact_paths(exc)}"
             raise GalleryError(503, self.broken) from None
 
     @contextmanager
@@ -183,7 +183,7 @@ class Gallery:
         try:
             self.dir.mkdir(parents=True, exist_ok=True)
         except OSError as exc:
-            raise GalleryError(503, f"{self.name} cannot be created: {self._public(exc)}") from None
+            raise GalleryError(503, f"{self.name} cannot be created: {self._redact_paths(exc)}") from None
         migrated = False
         with self._connect(create=True) as db:
             if db.execute("PRAGMA journal_mode").fetchone()[0] != "wal":

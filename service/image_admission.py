@@ -14,8 +14,17 @@ from service.core.metrics import Metrics
 from service.tallies import LocalTally, Tally
 
 
-class Overloaded(Exception):
-    """The server cannot take this request now (queue full, timed out): 503 + Retry-After."""
+class ServiceUnavailable(Exception):
+    """The server cannot answer this request now, through no fault of the request (shutting down,
+    no decoder, no engine): 503 + Retry-After."""
+
+
+class Overloaded(ServiceUnavailable):
+    """Too much work in progress to take this request (images admitted, decode memory)."""
+
+
+class TimedOut(ServiceUnavailable):
+    """The request's work did not finish within the server's request timeout."""
 
 
 @dataclass
@@ -69,14 +78,14 @@ class ImageAdmission:
 
     @asynccontextmanager
     async def admit_within(self, images: int, timeout_s: float) -> AsyncIterator[Admission]:
-        """``admit``, and the request's work within its time limit: past it, ``Overloaded`` (a 503
-        with Retry-After), counted as a timeout."""
+        """``admit``, and the request's work within its time limit: past it, ``TimedOut`` (a 503
+        with Retry-After)."""
         with self.admit(images) as admission:
             try:
                 async with asyncio.timeout(timeout_s):
                     yield admission
             except TimeoutError:
                 self.metrics.rejected.labels("timeout").inc()
-                raise Overloaded(
+                raise TimedOut(
                     f"timed out after {timeout_s:g} s waiting for inference: server overloaded"
                 ) from None

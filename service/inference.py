@@ -20,9 +20,9 @@ import numpy as np
 
 from alexnet_core.session import OnnxClassifier
 from service.core.metrics import Metrics
-from service.image_admission import Admission, ImageAdmission, Overloaded
+from service.image_admission import Admission, ImageAdmission, ServiceUnavailable
 
-__all__ = ["Admission", "InferenceQueue", "InferenceResult", "Overloaded"]
+__all__ = ["Admission", "InferenceQueue", "InferenceResult", "ServiceUnavailable"]
 
 log = logging.getLogger(__name__)
 
@@ -57,8 +57,8 @@ def _resolve(future: "asyncio.Future[InferenceResult]", value: InferenceResult |
         future.set_result(value)
 
 
-def shutting_down() -> Overloaded:
-    return Overloaded("server shutting down: retry on another replica")
+def shutting_down() -> ServiceUnavailable:
+    return ServiceUnavailable("server shutting down: retry on another replica")
 
 
 # The stop signal in the job queue: an object of its own, so that "stop" can never be mistaken

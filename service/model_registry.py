@@ -75,7 +75,7 @@ class ModelRegistry:
     def is_verified(self, path: Path) -> bool:
         return path in self._verified
 
-    def public(self, message: object) -> str:
+    def redact_paths(self, message: object) -> str:
         """``message`` with the server's paths to the weights and state directories removed: clients
         see file names relative to them, never where the server keeps its files."""
         text = str(message)
@@ -130,7 +130,7 @@ class ModelRegistry:
                 return
             except Exception as exc:
                 log.error("cannot load %s: %s", path.name, exc)
-                problems.append(f"{path.name}: {self.public(exc)}")
+                problems.append(f"{path.name}: {self.redact_paths(exc)}")
         found = "; ".join([f"{len(candidates)} *.onnx files found", *problems[:3]])
         # Names relative to the weights directory: /ready answers anyone.
         self.not_ready_reason = f"no loadable model in the weights directory ({found}): {NO_MODEL_HINT}"

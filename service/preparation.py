@@ -16,8 +16,8 @@ from alexnet_core.metadata import ModelMetadata
 from service.admission import DecodeBudget
 from service.core.config import Settings
 from service.core.metrics import Metrics
-from service.decoding import DecodePool, DecodersUnavailable
-from service.inference import Overloaded
+from service.decoding import DecodedSquare, DecodePool, DecodersUnavailable
+from service.image_admission import ServiceUnavailable
 
 T = TypeVar("T")
 
@@ -47,20 +47,20 @@ class Preparation:
     def __init__(self, settings: Settings, pool: Executor, decoder: DecodePool, budget: DecodeBudget) -> None:
         self.settings, self.pool, self.decoder, self.budget = settings, pool, decoder, budget
 
-    async def square(
+    async def decoded_square(
         self, meta: ModelMetadata, data: bytes, label: str = "", out: np.ndarray | None = None
-    ) -> tuple[np.ndarray, float, float]:
-        """The image's central square (into ``out`` when given), decode and square seconds.
+    ) -> DecodedSquare:
+        """The image's central square (into ``out`` when given), with its decode and square seconds.
         ``label`` prefixes an error's detail (which file of the request it was)."""
         settings = self.settings
         try:
-            return await self.decoder.square(
+            return await self.decoder.decode_square(
                 data, meta.resize_size, settings.max_pixels, settings.max_jpeg_scans, self.budget, out=out
             )
         except ImageInputError as exc:
             raise ImageInputError(exc.status_code, label + exc.detail) from None
         except DecodersUnavailable as exc:  # the server's state: 503 + Retry-After
-            raise Overloaded(str(exc)) from None
+            raise ServiceUnavailable(str(exc)) from None
 
     async def model_input(self, meta: ModelMetadata, squares: list[np.ndarray]) -> np.ndarray:
         """``input_batch``; a crops-kind model's crops cut in the pool's threads (numpy lets go of
@@ -69,13 +69,13 @@ class Preparation:
             return input_batch(meta, squares)
         return await asyncio.get_running_loop().run_in_executor(self.pool, input_batch, meta, squares)
 
-    async def squares(
+    async def decoded_squares(
         self, meta: ModelMetadata, images: list[bytes], labels: list[str], outs: list[np.ndarray | None]
-    ) -> list[tuple[np.ndarray, float, float]]:
+    ) -> list[DecodedSquare]:
         """All of a request's squares (each decoded into its ``outs`` where given: a front's shared
         slots), with their decode and square seconds, as one task group: the first failure cancels
         the others (and kills their decodes)."""
-        work = [self.square(meta, *args) for args in zip(images, labels, outs, strict=True)]
+        work = [self.decoded_square(meta, *args) for args in zip(images, labels, outs, strict=True)]
         return await together(work)
 
 

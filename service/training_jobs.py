@@ -272,7 +272,7 @@ class TrainingManager:
         """``exc`` for a client: no path of the server's."""
         if isinstance(exc, OSError) and exc.strerror:
             return f"{type(exc).__name__}: {exc.strerror}"
-        return self.registry.public(exc)
+        return self.registry.redact_paths(exc)
 
     def _launch(self, job: JobRecord) -> None:
         task = asyncio.get_running_loop().create_task(

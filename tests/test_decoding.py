@@ -18,7 +18,7 @@ from alexnet_core.images import ImageInputError
 from alexnet_core.pipeline import decode_square
 from service.admission import DecodeBudget
 from service.core.metrics import Metrics
-from service.decoding import DecodePool
+from service.decoding import DecodedSquare, DecodePool
 from tests.images import photo_jpeg
 from tests.processes import alive
 
@@ -28,12 +28,12 @@ MiB = 2**20
 T = TypeVar("T")
 
 
-async def stalled_task(pool: DecodePool, budget: DecodeBudget) -> tuple["asyncio.Task[object]", int]:
+async def stalled_task(pool: DecodePool, budget: DecodeBudget) -> tuple["asyncio.Task[DecodedSquare]", int]:
     """A decode handed to the pool's one worker while that worker is stopped (SIGSTOP): the task
     stays in the worker's hands, whatever the machine's load, until the test acts on it."""
     (pid,) = pool.pids
     os.kill(pid, signal.SIGSTOP)
-    task = asyncio.create_task(pool.square(photo_jpeg(), 256, MAX_PIXELS, MAX_SCANS, budget))
+    task = asyncio.create_task(pool.decode_square(photo_jpeg(), 256, MAX_PIXELS, MAX_SCANS, budget))
     for _ in range(100):
         await asyncio.sleep(0.01)
         if pool.in_progress == 1:
@@ -70,7 +70,7 @@ def test_a_worker_that_dies_mid_decode_is_a_422_and_is_replaced() -> None:
         assert "the decoder died (killed by SIGKILL)" in refused.value.detail
         assert budget.used == 0 and pool.in_progress == 0
         assert victim not in pool.pids and len(pool.pids) == 1
-        square, _, _ = await pool.square(photo_jpeg(), 256, MAX_PIXELS, MAX_SCANS, budget)
+        square = (await pool.decode_square(photo_jpeg(), 256, MAX_PIXELS, MAX_SCANS, budget)).pixels
         assert square.shape == (256, 256, 3)
 
     with_pool(scenario)
@@ -86,7 +86,7 @@ def test_a_cancelled_decode_kills_its_worker_and_the_pool_serves_on() -> None:
         assert budget.used == 0 and pool.in_progress == 0
         assert victim not in pool.pids
         data = photo_jpeg()
-        square, _, _ = await pool.square(data, 256, MAX_PIXELS, MAX_SCANS, budget)
+        square = (await pool.decode_square(data, 256, MAX_PIXELS, MAX_SCANS, budget)).pixels
         assert (square == decode_square(data, 256, MAX_PIXELS)[0]).all()  # the same pixels as in-process
 
     with_pool(scenario)
@@ -100,13 +100,13 @@ def test_refused_images_keep_their_worker() -> None:
         before = pool.pids
         budget = DecodeBudget(1024 * MiB, Metrics())
         with pytest.raises(ImageInputError) as refused:
-            await pool.square(photo_jpeg()[:5000], 256, MAX_PIXELS, MAX_SCANS, budget)
+            await pool.decode_square(photo_jpeg()[:5000], 256, MAX_PIXELS, MAX_SCANS, budget)
         assert refused.value.status_code == 422, refused.value.detail
         tight = DecodeBudget(MiB, Metrics())  # a 640x427 photo weighs about 3 MiB
         with pytest.raises(ImageInputError) as refused:
-            await pool.square(photo_jpeg(), 256, MAX_PIXELS, MAX_SCANS, tight)
+            await pool.decode_square(photo_jpeg(), 256, MAX_PIXELS, MAX_SCANS, tight)
         assert refused.value.status_code == 413 and "decode budget of 1 MiB" in refused.value.detail
-        square, _, _ = await pool.square(photo_jpeg(), 256, MAX_PIXELS, MAX_SCANS, budget)
+        square = (await pool.decode_square(photo_jpeg(), 256, MAX_PIXELS, MAX_SCANS, budget)).pixels
         assert square.shape == (256, 256, 3)
         assert pool.pids == before and budget.used == tight.used == 0
 
@@ -122,7 +122,7 @@ async def assert_whole(pool: DecodePool, size: int, budget: DecodeBudget) -> Non
     each of them decodes."""
     assert budget.used == 0 and pool.in_progress == 0
     for _ in range(size):  # one after the other: each takes the worker idle the longest
-        square, _, _ = await pool.square(photo_jpeg(), 256, MAX_PIXELS, MAX_SCANS, budget)
+        square = (await pool.decode_square(photo_jpeg(), 256, MAX_PIXELS, MAX_SCANS, budget)).pixels
         assert square.shape == (256, 256, 3)
     assert len(pool.pids) == size and all(alive(pid) for pid in pool.pids), pool.pids
     assert live_gauge(pool) == size
@@ -147,7 +147,7 @@ def test_idle_workers_killed_are_replaced_and_the_image_decoded_by_a_live_one() 
             os.kill(pid, signal.SIGKILL)
         for pid in victims:
             wait_dead(pid)
-        square, _, _ = await pool.square(photo_jpeg(), 256, MAX_PIXELS, MAX_SCANS, budget)
+        square = (await pool.decode_square(photo_jpeg(), 256, MAX_PIXELS, MAX_SCANS, budget)).pixels
         assert square.shape == (256, 256, 3)
         assert not victims & pool.pids
         await assert_whole(pool, 3, budget)
@@ -188,14 +188,14 @@ async def reach(state: str, pool: DecodePool, budget: DecodeBudget) -> "asyncio.
     (pid,) = pool.pids
     if state == "waiting-for-a-worker":  # the one worker busy with another image
         await stalled_task(pool, budget)
-        task = asyncio.create_task(pool.square(photo_jpeg(), 256, MAX_PIXELS, MAX_SCANS, budget))
+        task = asyncio.create_task(pool.decode_square(photo_jpeg(), 256, MAX_PIXELS, MAX_SCANS, budget))
     elif state == "sending":  # more than the socket's buffers hold, to a stopped worker
         os.kill(pid, signal.SIGSTOP)
         data = photo_jpeg() + bytes(16 * MiB)  # trailing bytes: still a valid JPEG
-        task = asyncio.create_task(pool.square(data, 256, MAX_PIXELS, MAX_SCANS, budget))
+        task = asyncio.create_task(pool.decode_square(data, 256, MAX_PIXELS, MAX_SCANS, budget))
     elif state == "decoding":  # weighed, reserved, told to go, then stopped
         stopping = StopsTheWorkerOnReserve(pool)
-        task = asyncio.create_task(pool.square(photo_jpeg(), 256, MAX_PIXELS, MAX_SCANS, stopping))
+        task = asyncio.create_task(pool.decode_square(photo_jpeg(), 256, MAX_PIXELS, MAX_SCANS, stopping))
     else:  # "describing-a-dead-worker": killed mid-decode, its exit status being read in a thread
         executor = CountingExecutor()
         asyncio.get_running_loop().set_default_executor(executor)
@@ -251,7 +251,7 @@ def test_an_image_that_waits_for_a_core_past_the_cap_is_not_refused() -> None:
         await asyncio.sleep(3 * pool.timeout_s)
         assert not task.done(), task
         os.kill(pid, signal.SIGCONT)
-        square, _, _ = await task
+        square = (await task).pixels
         assert square.shape == (256, 256, 3) and pid in pool.pids
 
     with_pool(scenario, timeout_s=0.5)

@@ -18,7 +18,7 @@ from PIL import Image
 from alexnet_core.session import OnnxClassifier
 from service.core.metrics import Metrics
 from service.image_admission import ImageAdmission
-from service.inference import InferenceQueue, InferenceResult, Overloaded
+from service.inference import InferenceQueue, InferenceResult, ServiceUnavailable
 from tests.conftest import cpu_settings, serve
 from tests.free_model import write_free_model
 from tests.images import photo_jpeg
@@ -213,10 +213,10 @@ def test_stop_in_every_state_returns_at_once_and_resolves_every_job(
             done, pending = await asyncio.wait(requests, timeout=5) if requests else (set(), set())
             assert not pending, f"{len(pending)} requests left waiting"
             for task in done:
-                assert task.cancelled() or isinstance(task.exception(), Overloaded | None), task
+                assert task.cancelled() or isinstance(task.exception(), ServiceUnavailable | None), task
             # A request whose images finish decoding after the stop is refused, not left waiting.
             crops = np.zeros((10, 3, 224, 224), np.float32)
-            with pytest.raises(Overloaded, match="shutting down"):
+            with pytest.raises(ServiceUnavailable, match="shutting down"):
                 await asyncio.wait_for(queue.infer(coming, first, crops), 1)
 
     asyncio.run(asyncio.wait_for(scenario(), 120))

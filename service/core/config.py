@@ -1,4 +1,5 @@
-"""Settings from the environment (prefix ``ALEXNET_``); every one is listed in the README."""
+"""Settings from the environment (prefix ``ALEXNET_``); docs/configuration.md lists every one, generated
+from this module when the docs site is built."""
 
 from functools import cache
 from pathlib import Path

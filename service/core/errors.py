@@ -13,7 +13,7 @@ from starlette.requests import ClientDisconnect
 from starlette.routing import Match
 
 from alexnet_core.images import ImageInputError
-from service.image_admission import Overloaded
+from service.image_admission import ServiceUnavailable
 from service.training_jobs import JobError
 
 log = logging.getLogger("service")
@@ -72,12 +72,12 @@ def install(app: FastAPI) -> None:
         retry = getattr(exc, "retry_after_s", None)
         return error(exc.status_code, exc.detail, {"Retry-After": str(retry)} if retry else None)
 
-    async def overloaded(request: Request, exc: Overloaded) -> JSONResponse:
+    async def unavailable(request: Request, exc: ServiceUnavailable) -> JSONResponse:
         return error(503, str(exc), {"Retry-After": "1"})
 
     app.add_exception_handler(ImageInputError, domain_error)  # type: ignore[arg-type]
     app.add_exception_handler(JobError, domain_error)  # type: ignore[arg-type]
-    app.add_exception_handler(Overloaded, overloaded)  # type: ignore[arg-type]
+    app.add_exception_handler(ServiceUnavailable, unavailable)  # type: ignore[arg-type]
     app.add_exception_handler(RequestValidationError, _validation_error)  # type: ignore[arg-type]
     # Starlette's own (404 no route, 405 wrong method) as well as FastAPI's subclass.
     app.add_exception_handler(HTTPException, _http_error)  # type: ignore[arg-type]

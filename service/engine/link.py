@@ -13,10 +13,10 @@ import numpy as np
 
 from alexnet_core.metadata import ModelMetadata
 from service.engine import protocol as p
-from service.image_admission import Overloaded
+from service.image_admission import ServiceUnavailable
 
 
-class EngineUnavailable(Overloaded):
+class EngineUnavailable(ServiceUnavailable):
     """The engine is not reachable, or went away with this request: 503 + Retry-After."""
 
 

@@ -114,19 +114,19 @@ class LocalEngine:
             inference, meta = self.inference, model.metadata
             admit = inference.admission.admit_within
             async with admit(len(images), self.settings.request_timeout_s) as admission:
-                decoded = await self.preparation.squares(meta, images, labels, [None] * len(images))
+                decoded = await self.preparation.decoded_squares(meta, images, labels, [None] * len(images))
                 started = time.perf_counter()
-                batch = await self.preparation.model_input(meta, [square for square, _, _ in decoded])
+                batch = await self.preparation.model_input(meta, [each.pixels for each in decoded])
                 cut_s = (time.perf_counter() - started) / len(images)
                 result = await inference.infer(admission, model, batch, features)
             return EngineResult(
                 result.probabilities,
                 result.features,
-                [decode_s for _, decode_s, _ in decoded],
-                [square_s + cut_s for _, _, square_s in decoded],
+                [each.decode_s for each in decoded],
+                [each.square_s + cut_s for each in decoded],
                 result.seconds,
                 result.batch_images,
-                [square for square, _, _ in decoded] if squares else None,
+                [each.pixels for each in decoded] if squares else None,
             )
 
         return await cancelled_with(cancel_on, work(), self.metrics)

@@ -70,7 +70,7 @@ class RemoteEngine:
                 slots = link.take_slots(len(images))
                 try:
                     outs = [link.segment.square(slot, side) for slot in slots]
-                    squares = await self.preparation.squares(model.metadata, images, labels, outs)
+                    decoded = await self.preparation.decoded_squares(model.metadata, images, labels, outs)
                 except BaseException:
                     link.give_back(slots)
                     raise
@@ -79,8 +79,8 @@ class RemoteEngine:
             return EngineResult(
                 answer.probabilities,
                 answer.features,
-                [decode_s for _, decode_s, _ in squares],
-                [square_s for _, _, square_s in squares],
+                [each.decode_s for each in decoded],
+                [each.square_s for each in decoded],
                 answer.seconds,
                 answer.batch_images,
             )

@@ -15,7 +15,7 @@ from pathlib import Path
 from alexnet_core.session import OnnxClassifier
 from service.embedding import feature_dim
 from service.engine import protocol as p
-from service.inference import InferenceQueue, InferenceResult, Overloaded
+from service.inference import InferenceQueue, InferenceResult, ServiceUnavailable
 from service.model_registry import ModelRegistry
 from service.preparation import input_batch
 from service.supervisor import name_process
@@ -130,7 +130,7 @@ class _FrontLink(asyncio.Protocol):
                 status = p.FAILED
                 if isinstance(value, asyncio.CancelledError):
                     status = p.CANCELLED
-                elif isinstance(value, Overloaded):
+                elif isinstance(value, ServiceUnavailable):
                     status = p.BUSY
                 reply = (request_id, status, 0.0, 0, str(value))
             else:

@@ -62,7 +62,7 @@ async def _activate_or_remove(registry: ModelRegistry, version: str, output: Pat
         model_files.manifest_path(output).unlink(missing_ok=True)
         raise HTTPException(
             status.HTTP_422_UNPROCESSABLE_CONTENT,
-            f"the ensemble {version!r} cannot be served, so it was not kept: {registry.public(exc)}",
+            f"the ensemble {version!r} cannot be served, so it was not kept: {registry.redact_paths(exc)}",
         ) from None
 
 
@@ -100,10 +100,10 @@ async def ensemble(body: EnsembleRequest, registry: RegistryDep, settings: Setti
         # Reading, merging and checking several 200+ MB graphs: off the event loop.
         await asyncio.to_thread(build_ensemble, paths, output, version)
     except EnsembleError as exc:
-        raise HTTPException(status.HTTP_422_UNPROCESSABLE_CONTENT, registry.public(exc)) from None
+        raise HTTPException(status.HTTP_422_UNPROCESSABLE_CONTENT, registry.redact_paths(exc)) from None
     except (WriteError, onnx.checker.ValidationError) as exc:
         raise HTTPException(
-            status.HTTP_422_UNPROCESSABLE_CONTENT, f"cannot build the ensemble: {registry.public(exc)}"
+            status.HTTP_422_UNPROCESSABLE_CONTENT, f"cannot build the ensemble: {registry.redact_paths(exc)}"
         ) from None
     finally:
         _building.release()

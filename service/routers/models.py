@@ -60,11 +60,12 @@ async def activate(body: ActivateRequest, registry: RegistryDep, settings: Setti
     except WriteError as exc:
         raise HTTPException(
             status.HTTP_507_INSUFFICIENT_STORAGE,
-            f"model {body.version!r} not activated: {registry.public(exc)}; the served model is unchanged",
+            f"model {body.version!r} not activated: {registry.redact_paths(exc)}; "
+            "the served model is unchanged",
         ) from None
     except Exception as exc:
         raise HTTPException(
             status.HTTP_422_UNPROCESSABLE_CONTENT,
-            f"model {body.version!r} cannot be loaded: {registry.public(exc)}",
+            f"model {body.version!r} cannot be loaded: {registry.redact_paths(exc)}",
         ) from None
     return await asyncio.to_thread(model_info, classifier, registry, settings)

@@ -11,6 +11,7 @@ inference queue (admission, batching, backpressure), like /predict. Errors: ``{"
 
 import asyncio
 import functools
+from concurrent.futures import Executor
 from typing import Any
 
 import numpy as np
@@ -20,10 +21,11 @@ from fastapi.responses import JSONResponse
 from alexnet_core.images import ImageInputError
 from alexnet_core.pipeline import top_k
 from service.core.config import Settings
+from service.core.metrics import Metrics
 from service.deps import EngineDep, MetricsDep, PoolDep, SettingsDep
 from service.engine.local import Engine, ServedModel
 from service.engine.remote import TensorElsewhere
-from service.image_admission import Overloaded
+from service.image_admission import ServiceUnavailable
 from service.routers.v2_codec import (
     HEADER_LENGTH,
     InputTensor,
@@ -174,9 +176,15 @@ def classification(probabilities: np.ndarray, k: int, labels: list[str]) -> np.n
 
 
 async def run_inference(
-    request: Request, name: str, version: str | None, engine: Engine, deps: dict[str, Any]
+    request: Request,
+    name: str,
+    version: str | None,
+    *,
+    engine: Engine,
+    settings: Settings,
+    pool: Executor,
+    metrics: Metrics,
 ) -> Response:
-    settings, pool = deps["settings"], deps["pool"]
     classifier = served(engine, name, version)
     body = await request.body()
     # Off the event loop: JSON tensors can be tens of MB of numbers.
@@ -202,7 +210,7 @@ async def run_inference(
             return await request.app.state.proxy.forward(request, body)
     else:
         raise bad(f"unknown input {tensor.name!r}: {classifier.metadata.input_name!r} or {BYTES_INPUT!r}")
-    deps["metrics"].images.inc(images)
+    metrics.images.inc(images)
     probabilities = result.probabilities.astype(np.float32)
     tensors = [
         OutputTensor(OUTPUT, "BYTES", classification(probabilities, k, classifier.metadata.labels), binary)
@@ -232,10 +240,11 @@ async def infer(
     metrics: MetricsDep,
     version: str | None = None,
 ) -> Response:
-    deps = {"settings": settings, "pool": pool, "metrics": metrics}
     try:
-        return await run_inference(request, name, version, engine, deps)
+        return await run_inference(
+            request, name, version, engine=engine, settings=settings, pool=pool, metrics=metrics
+        )
     except ProtocolError as exc:
         return error(exc)
-    except Overloaded as exc:
+    except ServiceUnavailable as exc:
         return error(ProtocolError(503, str(exc), {"Retry-After": "1"}))
