@@ -1,8 +1,7 @@
 """MkDocs hook: the configuration page's tables, generated at build time from the settings models
 (``service.core.config.Settings``, ``alexnet_core.training.TrainRun`` and ``service.schemas.TrainRequest``)
 so that the page cannot drift from the code. Each marker ``<!-- settings:NAME -->`` in a page is
-replaced by its table. It also gives the site a benchmarks page when the checkout has none
-(``docs/benchmarks.md`` is written by ``python -m benchmarks.plots``)."""
+replaced by its table."""
 
 import html
 import sys
@@ -23,7 +22,6 @@ from alexnet_core.training import Cli, TrainRun  # noqa: E402
 from service.core.config import Settings  # noqa: E402
 from service.schemas import TrainRequest  # noqa: E402
 
-BENCHMARKS_PAGE = "benchmarks.md"
 BOUNDS = (
     (annotated_types.Ge, "ge", "≥"),
     (annotated_types.Gt, "gt", ">"),
@@ -143,21 +141,3 @@ def on_page_markdown(markdown: str, **_: Any) -> str:
         if marker in markdown:
             markdown = markdown.replace(marker, table())
     return markdown
-
-
-def benchmarks_fallback() -> str:
-    results = sorted((ROOT / "benchmarks" / "results").glob("*.json"))
-    listing = "\n".join(f"- `benchmarks/results/{path.name}`" for path in results)
-    return (
-        "# Benchmarks\n\nThis checkout has no plots page: `python -m benchmarks.plots` renders the "
-        "committed results below into `docs/images/*.svg` and this page. How to run each benchmark: "
-        "[Development](development.md#benchmarks).\n\n" + listing + "\n"
-    )
-
-
-def on_files(files: Any, config: Any) -> Any:
-    from mkdocs.structure.files import File
-
-    if files.get_file_from_path(BENCHMARKS_PAGE) is None:
-        files.append(File.generated(config, BENCHMARKS_PAGE, content=benchmarks_fallback()))
-    return files
