@@ -122,8 +122,8 @@ def run_on_ray(settings: Settings) -> int:
     import ray
 
     ray.init(address=settings.ray, log_to_driver=False)
-    http = {"host": settings.host, "port": settings.port, "location": settings.ray_proxy_location}
-    serve.start(http_options=http)
+    http = {"host": settings.host, "port": settings.port}
+    serve.start(proxy_location=settings.ray_proxy_location, http_options=http)
     model = initial_model(settings)
     deploy(settings, model)
     log.info("serving %s on the Ray cluster at %s (HTTP port %d)", model, settings.ray, settings.port)
