@@ -73,7 +73,9 @@ COPY alexnet_core ./alexnet_core
 COPY model_export ./model_export
 COPY service ./service
 # A regular (non-editable) install: the final stage gets /opt/venv only, not the sources.
-RUN pip install -c constraints.txt ".[export]" \
+# EXTRAS=export,cluster: an image for the nodes of a Ray cluster (docker-compose.cluster.yml).
+ARG EXTRAS=export
+RUN pip install -c constraints.txt ".[${EXTRAS}]" \
     && python -c "import onnxruntime, service.main, model_export.cli"
 
 # ---------------------------------------------------------------------------------------------

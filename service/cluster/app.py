@@ -26,6 +26,7 @@ from service.model_registry import NO_MODEL_HINT, ModelNotFound, ModelRegistry
 
 log = logging.getLogger(__name__)
 FRONT, ENGINE = "Front", "Engine"
+APP = "alexnet"  # the Serve application's name
 
 
 @serve.ingress()
@@ -98,7 +99,7 @@ def application(settings: Settings, model: str) -> serve.Application:
 
 def deploy(settings: Settings, model: str) -> None:
     """Deploy (or update in place) the app; returns once every replica serves ``model``."""
-    serve.run(application(settings, model), name=settings.ray_app_name, route_prefix="/")
+    serve.run(application(settings, model), name=APP, route_prefix="/")
 
 
 def initial_model(settings: Settings) -> str:

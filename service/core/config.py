@@ -150,7 +150,6 @@ class Settings(CommonSettings):
         description="address of a Ray cluster (host:port of `ray start --head`): deploy the service there "
         "as a Ray Serve application (HTTP on host:port of every node) and exit; unset = this host only",
     )
-    ray_app_name: str = Field("alexnet", description="the Serve application's name in the cluster")
     ray_fronts_min: int = Field(1, ge=1, description="fewest HTTP front replicas (autoscaled on requests)")
     ray_fronts_max: int = Field(4, ge=1, description="most HTTP front replicas")
     ray_target_ongoing: float = Field(
@@ -177,7 +176,7 @@ class Settings(CommonSettings):
         for key in ("providers", "cors_origins"):
             if key in data:
                 data[key] = _split(data[key])
-        for key in ("workers", "state_dir"):
+        for key in ("workers", "state_dir", "ray"):
             if data.get(key) == "":  # a deployment file passing the default through
                 data[key] = None
         return data
