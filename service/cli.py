@@ -16,8 +16,10 @@ def run(args: list[str] | None = None) -> None:
         level=settings.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s"
     )
     if settings.ray:  # the cluster's replicas serve; this process deploys and exits
-        from service.cluster.app import run_on_ray
-
+        try:
+            from service.cluster.app import run_on_ray
+        except ModuleNotFoundError as exc:
+            raise SystemExit(f"--ray needs the `cluster` extra ({exc}): pip install '.[cluster]'") from None
         raise SystemExit(run_on_ray(settings))
     raise_descriptor_limit(settings.max_connections + 256)  # + model, pool, log and job files
     if settings.workers:

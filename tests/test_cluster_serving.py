@@ -152,7 +152,8 @@ class Hammer:
                 return 0, repr(exc)
             if r.status_code != 503:
                 return r.status_code, r.json()["model_version"] if r.status_code == 200 else r.text
-            assert "retry-after" in r.headers, r.text  # a 503 says when to come back
+            if "retry-after" not in r.headers:  # a 503 must say when to come back
+                return 503, f"no Retry-After: {r.text}"
             self.refused += 1
             time.sleep(float(r.headers["retry-after"]))
         return 503, "still refused after 60 tries"
