@@ -11,6 +11,8 @@ shows the config in service."""
 
 import hashlib
 import logging
+import math
+from dataclasses import dataclass
 from functools import partial
 from typing import Any
 
@@ -33,8 +35,8 @@ APP = "alexnet"  # the Serve application's name
 class Front:
     """An HTTP front replica: the app's routes, its gates and its images' decoding."""
 
-    def __init__(self, settings: Settings, engine: DeploymentHandle) -> None:
-        self.settings, self.engine = settings, engine
+    def __init__(self, settings: Settings, plan: "Plan", engine: DeploymentHandle) -> None:
+        self.settings, self.plan, self.engine = settings, plan, engine
         self.registry = ClusterRegistry(settings, self._check, self._update_config)
 
     def __serve_build_asgi_app__(self) -> FastAPI:
@@ -48,7 +50,7 @@ class Front:
         return self.engine.describe.remote(name).result()
 
     def _update_config(self, name: str) -> None:
-        deploy(self.settings, name)
+        deploy(self.settings, name, self.plan)
 
 
 def code_version(settings: Settings) -> str:
@@ -56,25 +58,36 @@ def code_version(settings: Settings) -> str:
     return hashlib.sha256(settings.model_dump_json().encode()).hexdigest()[:16]
 
 
-def engine_replicas(settings: Settings) -> tuple[int, dict[str, float]]:
-    """How many engine replicas, and what each takes: one GPU each where the cluster has GPUs and
-    the settings name the CUDA provider, else a CPU."""
+@dataclass(frozen=True)
+class Plan:
+    """What the cluster looked like at deployment: kept by the fronts, so that an activation
+    deploys the same replicas (a change there would restart them instead of reconfiguring)."""
+
+    engines: int
+    engine_resources: dict[str, float]  # one GPU each, or a CPU
+    fronts_per_node: int  # the fronts spread over the nodes: a node removed takes only its share
+
+
+def make_plan(settings: Settings) -> Plan:
+    """One engine replica per GPU where the cluster has GPUs and the settings name the CUDA
+    provider, else one on a CPU (or ``ray_engines``); the fronts spread over the nodes."""
     import ray
 
     gpus = int(ray.cluster_resources().get("GPU", 0))
+    nodes = max(1, sum(1 for node in ray.nodes() if node["Alive"]))
+    per_node = math.ceil(max(settings.ray_fronts_min, settings.ray_fronts_max) / nodes)
     if gpus and "CUDAExecutionProvider" in settings.providers:
-        return settings.ray_engines or gpus, {"num_gpus": 1}
-    return settings.ray_engines or 1, {"num_cpus": 1}
+        return Plan(settings.ray_engines or gpus, {"num_gpus": 1}, per_node)
+    return Plan(settings.ray_engines or 1, {"num_cpus": 1}, per_node)
 
 
-def application(settings: Settings, model: str) -> serve.Application:
+def application(settings: Settings, model: str, plan: Plan) -> serve.Application:
     """The app serving ``model`` (a file name in the weights directory)."""
     config = {"model": model}
     version = code_version(settings)
-    replicas, resources = engine_replicas(settings)
     engine = serve.deployment(EngineReplica, name=ENGINE).options(
-        num_replicas=replicas,
-        ray_actor_options=resources,
+        num_replicas=plan.engines,
+        ray_actor_options=plan.engine_resources,
         user_config=config,
         max_ongoing_requests=settings.max_queue_images,
         version=version,
@@ -87,6 +100,7 @@ def application(settings: Settings, model: str) -> serve.Application:
             "target_ongoing_requests": settings.ray_target_ongoing,
         },
         ray_actor_options={"num_cpus": 0},  # fronts wait on I/O; their decode workers are processes
+        max_replicas_per_node=plan.fronts_per_node,
         user_config=config,
         max_ongoing_requests=settings.ray_max_ongoing,
         max_queued_requests=settings.ray_max_queued,
@@ -94,12 +108,13 @@ def application(settings: Settings, model: str) -> serve.Application:
         version=version,
         _internal=True,
     )
-    return front.bind(settings, engine.bind(settings))
+    return front.bind(settings, plan, engine.bind(settings))
 
 
-def deploy(settings: Settings, model: str) -> None:
+def deploy(settings: Settings, model: str, plan: Plan | None = None) -> None:
     """Deploy (or update in place) the app; returns once every replica serves ``model``."""
-    serve.run(application(settings, model), name=APP, route_prefix="/")
+    plan = plan or make_plan(settings)
+    serve.run(application(settings, model, plan), name=APP, route_prefix="/")
 
 
 def initial_model(settings: Settings) -> str:
