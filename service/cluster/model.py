@@ -90,7 +90,13 @@ class ClusterRegistry(ModelRegistry):
         with self._activation:
             path = self.find(version)
             described = self._check(path.name)
+            served = self.current
             files.write_text(self.pointer, path.name)
-            self._update_config(path.name)
+            try:
+                self._update_config(path.name)
+            except BaseException:  # the cluster still serves the model before: so says the file
+                if served is not None:
+                    files.write_text(self.pointer, served.path.name)
+                raise
             log.info("activated model %s across the cluster", described.file)
             return self.show(described)
