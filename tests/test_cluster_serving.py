@@ -239,3 +239,22 @@ def test_node_removed_under_load_then_capacity_restored(deployed: Deployed) -> N
     assert all(offset < removed - removing + 10 and status == 500 for offset, status in lost), lost
     assert len(lost) <= 2 * hammer.clients
     assert sum(1 for a in hammer.answers if a[0] > back and a[1] == 200) >= 6
+
+
+def test_requests_beyond_the_fronts_queue_get_503_with_retry_after(deployed: Deployed) -> None:
+    """Serve's proxy refuses what no front can take nor queue: 503 + Retry-After, as on one host."""
+    from service.cluster.app import deploy, initial_model
+
+    narrow = {"ray_fronts_min": 1, "ray_fronts_max": 1, "ray_max_ongoing": 1, "ray_max_queued": 1}
+    settings = deployed.settings.model_copy(update=narrow)
+    deploy(settings, initial_model(settings))
+    answers: list[httpx.Response] = []
+    with httpx.Client(base_url=deployed.url, timeout=120) as client:
+        threads = [threading.Thread(target=lambda: answers.append(predict(client))) for _ in range(8)]
+        for thread in threads:
+            thread.start()
+        for thread in threads:
+            thread.join(timeout=300)
+    statuses = sorted(r.status_code for r in answers)
+    assert 200 in statuses and 503 in statuses and set(statuses) == {200, 503}, statuses
+    assert all(r.headers.get("retry-after") == "1" for r in answers if r.status_code == 503)
