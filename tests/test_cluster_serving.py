@@ -181,6 +181,20 @@ def test_activation_reaches_every_replica_with_no_failed_request(deployed: Deplo
     assert set(fronts) == {OTHER}
 
 
+def test_a_model_that_does_not_load_changes_nothing(deployed: Deployed, weights: Path) -> None:
+    broken = weights / "broken.onnx"
+    broken.write_bytes(b"not a model")
+    try:
+        auth, body = {"Authorization": f"Bearer {KEY}"}, {"version": "broken"}
+        r = httpx.post(f"{deployed.url}/model/activate", json=body, headers=auth, timeout=300)
+    finally:
+        broken.unlink()
+    assert r.status_code == 422, r.text
+    assert "cannot be loaded" in r.json()["detail"] and "Traceback" not in r.text
+    assert (weights / "ACTIVE").read_text() == f"{OTHER}.onnx"
+    assert httpx.get(f"{deployed.url}/model", timeout=60).json()["version"] == OTHER
+
+
 def test_galleries_written_through_two_front_replicas(deployed: Deployed) -> None:
     """Eight adds at once: two fronts taking at most four each, so both write."""
     headers = {"Authorization": f"Bearer {KEY}"}

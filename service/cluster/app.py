@@ -18,6 +18,7 @@ from typing import Any
 
 from fastapi import FastAPI
 from ray import serve
+from ray.exceptions import RayTaskError
 from ray.serve.handle import DeploymentHandle
 
 from service.cluster.engine import EngineReplica, RayEngine
@@ -47,7 +48,10 @@ class Front:
         self.registry.show(described)
 
     def _check(self, name: str) -> Description:
-        return self.engine.describe.remote(name).result()
+        try:
+            return self.engine.describe.remote(name).result()
+        except RayTaskError as exc:  # the engine replica's own error, without Ray's traceback
+            raise exc.cause from None
 
     def _update_config(self, name: str) -> None:
         deploy(self.settings, name, self.plan)
