@@ -3,6 +3,8 @@ the same API and answers as the one-host server, activation applied on every rep
 failed request, a node removed under load, galleries written through two front replicas."""
 
 import os
+import subprocess
+import sys
 import threading
 import time
 from collections.abc import Iterator
@@ -15,6 +17,7 @@ import numpy as np
 import pytest
 
 from benchmarks.server import free_port
+from service.core.config import Settings
 from tests.conftest import cpu_settings, serve
 from tests.images import encode, photo
 from tests.processes import wait_until
@@ -41,21 +44,31 @@ def weights(imagenet_model_dir: Path, tmp_path_factory: pytest.TempPathFactory) 
     return weights
 
 
-def cluster_settings(weights: Path, port: int) -> Any:
-    # Two fronts taking at most 4 requests each: 8 at once reach both. One engine per node.
-    return cpu_settings(
-        weights,
-        port=port,
-        api_key=KEY,
-        decode_workers=2,
-        intra_op_threads=1,
-        preprocess_threads=1,
-        ray_engines=2,
-        ray_fronts_min=2,
-        ray_fronts_max=2,
-        ray_max_ongoing=4,
-        ray_proxy_location="HeadOnly",  # the nodes share this host's ports
-    )
+# Two fronts taking at most 4 requests each: 8 at once reach both. One engine per node.
+CLUSTER_SETTINGS = {
+    "providers": "CPUExecutionProvider",
+    "api_key": KEY,
+    "decode_workers": 2,
+    "intra_op_threads": 1,
+    "preprocess_threads": 1,
+    "ray_engines": 2,
+    "ray_fronts_min": 2,
+    "ray_fronts_max": 2,
+    "ray_max_ongoing": 4,
+    "ray_proxy_location": "HeadOnly",  # the nodes share this host's ports
+}
+
+
+def deploy_with_the_command(weights: Path, port: int, address: str) -> Any:
+    """``alexnet-serve --ray ADDRESS``, configured by ALEXNET_* variables as users do; it deploys
+    and exits, the cluster serves. The settings it deployed with, as a ``Settings``."""
+    values = {**CLUSTER_SETTINGS, "weights_dir": weights, "data_root": weights / "data", "port": port}
+    env = {k: v for k, v in os.environ.items() if not k.startswith("ALEXNET_")}
+    env |= {f"ALEXNET_{key.upper()}": str(value) for key, value in values.items()}
+    command = [sys.executable, "-c", "from service.cli import run; run()", "--ray", address]
+    done = subprocess.run(command, env=env, capture_output=True, text=True, timeout=600)
+    assert done.returncode == 0, done.stderr[-3000:]
+    return Settings(_env_file=None, **{**values, "providers": ["CPUExecutionProvider"]})
 
 
 @dataclass
@@ -75,14 +88,8 @@ def deployed(weights: Path) -> Iterator[Deployed]:
     except Exception as exc:  # no Ray runtime here: say why, run the rest of the suite
         pytest.skip(f"a local Ray cluster cannot start here: {exc}")
     try:
-        from ray import serve
-
-        from service.cluster.app import deploy, initial_model
-
         port = free_port()
-        settings = cluster_settings(weights, port)
-        serve.start(proxy_location="HeadOnly", http_options={"host": "127.0.0.1", "port": port})
-        deploy(settings, initial_model(settings))
+        settings = deploy_with_the_command(weights, port, cluster.address)
         yield Deployed(f"http://127.0.0.1:{port}", cluster, settings)
     finally:
         context.__exit__(None, None, None)
