@@ -4,6 +4,7 @@ Ray cluster may run on the machine), and the cluster is stopped by its own handl
 ``ray stop``, which ends every Ray process of the machine."""
 
 import os
+import shutil
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
@@ -60,4 +61,5 @@ def local_cluster(nodes: int = 2, cpus: int = 1) -> Iterator[Any]:
     finally:
         ray.shutdown()
         cluster.shutdown()
+        shutil.rmtree(root, ignore_errors=True)  # logs and sockets: nothing left in /tmp
 
