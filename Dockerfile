@@ -75,6 +75,9 @@ COPY service ./service
 # A regular (non-editable) install: the final stage gets /opt/venv only, not the sources.
 RUN pip install -c constraints.txt ".[export]" \
     && python -c "import onnxruntime, service.main, model_export.cli"
+# EXTRAS=cluster: an image for the nodes of a Ray cluster (docker-compose.cluster.yml).
+ARG EXTRAS=""
+RUN if [ -n "${EXTRAS}" ]; then pip install -c constraints.txt ".[${EXTRAS}]"; fi
 
 # ---------------------------------------------------------------------------------------------
 FROM ${CUDA_IMAGE} AS runtime

@@ -1,5 +1,6 @@
 """``alexnet-serve``: the settings from the environment and the command line, then the server's
-processes (``service.supervisor``), or with ``--workers 0`` the whole service in this process.
+processes (``service.supervisor``), or with ``--workers 0`` the whole service in this process, or
+with ``--ray ADDRESS`` a Ray Serve application on that cluster (``service.cluster``).
 Imports only what the supervisor needs: the web stack and the model runtime load in the
 processes that use them."""
 
@@ -14,6 +15,12 @@ def run(args: list[str] | None = None) -> None:
     logging.basicConfig(
         level=settings.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s"
     )
+    if settings.ray:  # the cluster's replicas serve; this process deploys and exits
+        try:
+            from service.cluster.app import run_on_ray
+        except ModuleNotFoundError as exc:
+            raise SystemExit(f"--ray needs the `cluster` extra ({exc}): pip install '.[cluster]'") from None
+        raise SystemExit(run_on_ray(settings))
     raise_descriptor_limit(settings.max_connections + 256)  # + model, pool, log and job files
     if settings.workers:
         from service.supervisor import serve_with_fronts

@@ -36,5 +36,7 @@ def features_name(classifier: OnnxClassifier) -> str:
 
 def feature_dim(classifier: OnnxClassifier) -> int:
     name = features_name(classifier)
+    if (known := getattr(classifier, "feature_width", None)) is not None:  # a view without a session
+        return known
     shape = next(o.shape for o in classifier.session.get_outputs() if o.name == name)
     return shape[-1] if isinstance(shape[-1], int) else 4096  # fc7's width where not stated

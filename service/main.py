@@ -4,7 +4,7 @@ the one-process app for ``uvicorn`` run by hand (settings from the environment).
 
 import asyncio
 import logging
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable
 from concurrent.futures import ThreadPoolExecutor
 from contextlib import asynccontextmanager
 from functools import cache
@@ -32,7 +32,7 @@ from service.core.middleware import (
 )
 from service.core.security import needs_key, scope_checker
 from service.decoding import DecodePool
-from service.engine.local import LocalEngine
+from service.engine.local import Engine, LocalEngine
 from service.engine.server import EngineServer
 from service.image_admission import ImageAdmission
 from service.inference import InferenceQueue
@@ -52,6 +52,10 @@ paper's ten 224x224 crops (corners, centre, mirrors), and the ten softmax output
 trained without flips (where a mirror changes the class) gets the five crops without mirrors.
 """
 
+
+# How the app reaches its engine: ``LocalEngine`` in this process, or another implementation of
+# the protocol with the same arguments (``service.cluster``: the engine replicas of a Ray cluster).
+EngineFactory = Callable[[Settings, ModelRegistry, InferenceQueue, Preparation, Metrics], Engine]
 
 ROUTERS = (
     predict.router,
@@ -112,13 +116,19 @@ def _primary_middleware(app: FastAPI, settings: Settings) -> None:
     app.add_middleware(ApiKeyGate, routes=keyed, check=scope_checker(settings))
 
 
-def create_app(settings: Settings | None = None, shared: SharedState | None = None) -> FastAPI:
+def create_app(
+    settings: Settings | None = None,
+    shared: SharedState | None = None,
+    registry: ModelRegistry | None = None,
+    engine: EngineFactory = LocalEngine,
+) -> FastAPI:
     """The whole service in this process; with ``shared``, the engine process's app (the fronts
-    send it every request they do not run themselves, and their images through ``EngineServer``)."""
+    send it every request they do not run themselves, and their images through ``EngineServer``).
+    ``registry`` and ``engine``: where the model is known and run when not in this process."""
     settings = settings or get_settings()
     allow_large_uploads_in_memory(settings)
     metrics = Metrics()
-    registry = ModelRegistry(settings)
+    registry = registry or ModelRegistry(settings)
     tally = (lambda field: shared.tallies.tally(ENGINE_ROW, field)) if shared else (lambda field: None)
     decode_budget = DecodeBudget(settings.decode_memory_bytes, metrics, tally(DECODE_BYTES))
     admission = ImageAdmission(metrics, settings.max_queue_images, tally(IMAGES), tally(DECODING))
@@ -139,7 +149,7 @@ def create_app(settings: Settings | None = None, shared: SharedState | None = No
         workers = min(2, settings.decode_workers) if shared else settings.decode_workers
         decoder = DecodePool(workers, settings.decode_timeout_s, metrics)
         app.state.preparation = Preparation(settings, pool, decoder, decode_budget)
-        app.state.engine = LocalEngine(settings, registry, inference, app.state.preparation, metrics)
+        app.state.engine = engine(settings, registry, inference, app.state.preparation, metrics)
         # Where the state cannot be written, training, galleries and activation answer 503.
         app.state.read_only = registry.read_only = await asyncio.to_thread(read_only_reason, settings)
         await asyncio.gather(asyncio.to_thread(registry.load_at_startup), decoder.warm_up())

@@ -25,6 +25,7 @@ from tests.dockerfile import stages
 ROOT = Path(__file__).resolve().parents[1]
 COMPOSE = ROOT / "docker-compose.yml"
 COMPOSE_CPU = ROOT / "docker-compose.cpu.yml"
+COMPOSE_CLUSTER = ROOT / "docker-compose.cluster.yml"
 ENV_EXAMPLE = ROOT / ".env.example"
 SETTING_VARS = {f"ALEXNET_{name.upper()}" for name in Settings.model_fields}
 # Set by the deployment itself rather than left to .env: the container's wiring.
@@ -109,6 +110,26 @@ VARIANTS = {"gpu": [COMPOSE], "cpu": [COMPOSE, COMPOSE_CPU]}
 def test_compose_files_are_valid(compose: list[str], variant: str) -> None:
     out = run_compose(compose, VARIANTS[variant], "config", "--quiet")
     assert out.returncode == 0, f"{compose} config failed:\n{out.stderr}"
+
+
+def test_cluster_compose_file(compose: list[str]) -> None:
+    """docker-compose.cluster.yml: valid, and a head that deploys the service with the worker
+    joining it, from one image that has the cluster extra, on the same volumes."""
+    out = run_compose(compose, [COMPOSE_CLUSTER], "config", "--quiet")
+    assert out.returncode == 0, out.stderr
+    services = resolved(compose, [COMPOSE_CLUSTER])["services"]
+    head, worker = services["ray-head"], services["ray-worker"]
+    assert head["image"] == worker["image"] == services["export"]["image"]
+    assert "cluster" in head["build"]["args"]["EXTRAS"].split(",")
+    head_script, worker_script = " ".join(head["command"]), " ".join(worker["command"])
+    assert "ray start --head --port=6379" in head_script
+    assert "alexnet-serve --ray 127.0.0.1:6379" in head_script
+    assert "ray start --address=127.0.0.1:6379" in worker_script
+    assert head["depends_on"]["export"]["condition"] == "service_completed_successfully"
+    for node in (head, worker):
+        assert node["network_mode"] == "host" and node["shm_size"]
+        assert {v["target"] for v in node["volumes"]} == {"/weights", "/data"}
+        assert set(node["environment"]) <= SETTING_VARS | {"RAY_USAGE_STATS_ENABLED"}
 
 
 def test_compose_rejects_a_broken_file(compose: list[str], tmp_path: Path) -> None:

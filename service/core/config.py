@@ -145,6 +145,27 @@ class Settings(CommonSettings):
         description="open connections (and tasks) before new requests get 503 (uvicorn limit_concurrency)",
     )
     backlog: int = Field(2048, ge=1, description="connections the kernel queues before accept")
+    # Ray Serve (service.cluster; the `cluster` extra)
+    ray: str | None = Field(
+        None,
+        description="address of a Ray cluster (host:port of `ray start --head`): deploy the service there "
+        "as a Ray Serve application (HTTP on host:port of every node) and exit; unset = this host only",
+    )
+    ray_fronts_min: int = Field(1, ge=1, description="fewest HTTP front replicas (autoscaled on requests)")
+    ray_fronts_max: int = Field(4, ge=1, description="most HTTP front replicas")
+    ray_target_ongoing: float = Field(
+        4.0, gt=0, description="requests in progress per front replica that the autoscaler aims at"
+    )
+    ray_max_ongoing: int = Field(16, ge=1, description="requests in progress per front replica at most")
+    ray_max_queued: int = Field(
+        64, ge=1, description="requests waiting for a front replica before Serve answers 503 + Retry-After"
+    )
+    ray_engines: int = Field(
+        0, ge=0, description="engine replicas (each holds the model); 0 = one per GPU in the cluster, or one"
+    )
+    ray_proxy_location: Literal["EveryNode", "HeadOnly"] = Field(
+        "EveryNode", description="where Serve runs its HTTP proxy: on every node, or on the head only"
+    )
     # A closed list: anything else failed at start-up with "Unknown level" from logging.
     log_level: Annotated[Literal["debug", "info", "warning", "error"], BeforeValidator(_lower)] = Field(
         "info", description="debug, info, warning, error"
@@ -156,7 +177,7 @@ class Settings(CommonSettings):
         for key in ("providers", "cors_origins"):
             if key in data:
                 data[key] = _split(data[key])
-        for key in ("workers", "state_dir"):
+        for key in ("workers", "state_dir", "ray"):
             if data.get(key) == "":  # a deployment file passing the default through
                 data[key] = None
         return data
