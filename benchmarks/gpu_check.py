@@ -45,7 +45,7 @@ from typing import Any
 import numpy as np
 import onnxruntime as ort
 
-from alexnet_core.session import OnnxClassifier, provider_list
+from alexnet_core.session import OnnxClassifier, probe_providers
 from benchmarks.gpu_http import (
     ProvidersMissing,
     bench_http,
@@ -140,19 +140,6 @@ def bench_engine(path: Path, providers: list[str], batches: tuple[int, ...], bud
         )
         log(f"engine {path.stem} {images} images: {median * 1000:.1f} ms/call")
     return out
-
-
-def probe_providers(providers: list[str]) -> list[str]:
-    """The providers a session gets here, from a one-node graph: a host without a working CUDA
-    is told in a second rather than after minutes of exports."""
-    from onnx import TensorProto, helper
-
-    value = helper.make_tensor_value_info("x", TensorProto.FLOAT, [1])
-    graph = helper.make_graph([helper.make_node("Identity", ["x"], ["y"])], "probe", [value], [])
-    graph.output.append(helper.make_tensor_value_info("y", TensorProto.FLOAT, [1]))
-    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)], ir_version=9)
-    session = ort.InferenceSession(model.SerializeToString(), providers=provider_list(providers))
-    return session.get_providers()
 
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:

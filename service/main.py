@@ -32,6 +32,8 @@ from service.core.middleware import (
 )
 from service.core.security import needs_key, scope_checker
 from service.decoding import DecodePool
+from service.device_decode import DeviceBatcher
+from service.device_route import DeviceDecodeUnavailable, decode_device
 from service.engine.local import LocalEngine
 from service.engine.server import EngineServer
 from service.image_admission import ImageAdmission
@@ -143,6 +145,10 @@ def create_app(settings: Settings | None = None, shared: SharedState | None = No
         # Where the state cannot be written, training, galleries and activation answer 503.
         app.state.read_only = registry.read_only = await asyncio.to_thread(read_only_reason, settings)
         await asyncio.gather(asyncio.to_thread(registry.load_at_startup), decoder.warm_up())
+        device = app.state.device = await asyncio.to_thread(device_batcher, settings, shared is not None)
+        app.state.engine.device = device
+        if device is not None:
+            device.start()
         watcher = PointerWatcher(registry)  # replicas sharing the weights volume follow activations
         watcher.start()
         app.state.training = await asyncio.to_thread(start_training, settings, registry, app.state.read_only)
@@ -160,6 +166,8 @@ def create_app(settings: Settings | None = None, shared: SharedState | None = No
             if app.state.training is not None:
                 await app.state.training.shutdown()
             inference.stop()
+            if device is not None:
+                device.stop()
             decoder.stop()
             pool.shutdown(wait=True, cancel_futures=True)
             registry.close()
@@ -186,6 +194,26 @@ def create_app(settings: Settings | None = None, shared: SharedState | None = No
     else:
         add_middleware(app, settings, metrics, admission, None)
     return app
+
+
+def device_batcher(settings: Settings, behind_fronts: bool) -> DeviceBatcher | None:
+    """The GPU decode path where ALEXNET_DECODE_DEVICE resolves to cuda (raises, and the server
+    does not start, where cuda is asked and not possible), else None."""
+    workers = 1 if behind_fronts else 0
+    if decode_device(settings.decode_device, settings.providers, workers) == "cpu":
+        return None
+    from service.device_decode import DeviceBatcher, DeviceDecoder
+
+    try:
+        decoder = DeviceDecoder()
+    except Exception as exc:  # installed but not working (driver, nvJPEG library)
+        if settings.decode_device == "cuda":
+            why = f"ALEXNET_DECODE_DEVICE=cuda, but nvImageCodec fails: {exc}"
+            raise DeviceDecodeUnavailable(why) from exc
+        log.warning("GPU decode not available (%s): JPEGs are decoded on the CPU", exc)
+        return None
+    log.info("baseline JPEGs are decoded on the GPU (nvImageCodec)")
+    return DeviceBatcher(decoder, settings.device_batch_images, settings.max_batch_delay_ms / 1000)
 
 
 def allow_large_uploads_in_memory(settings: Settings) -> None:

@@ -78,6 +78,12 @@ class Settings(CommonSettings):
         description="threads that cut a crops-kind model's crops and parse Open Inference Protocol "
         "bodies (off the event loop); 0 = one per core" + AUTO_CPUS,
     )
+    decode_device: Annotated[Literal["auto", "cpu", "cuda"], BeforeValidator(_lower)] = Field(
+        "auto",
+        description="where baseline JPEGs are decoded: cuda = in batches on the GPU (nvImageCodec, the "
+        "[gpu] extra; the server refuses to start without it), cpu = the decode workers, auto = cuda "
+        "where possible; other images always take the decode workers (docs/gpu.md)",
+    )
     decode_workers: int = Field(
         0, ge=0, description="processes that decode images; 0 = two per core" + AUTO_CPUS
     )
@@ -101,6 +107,11 @@ class Settings(CommonSettings):
     )
     batching: bool = Field(True, description="gather concurrent requests into one inference call")
     max_batch_images: int = Field(8, ge=1, description="most images (x10 crops) in one inference call")
+    device_batch_images: int = Field(
+        128,
+        ge=1,
+        description="most images in one GPU decode and inference call (ALEXNET_DECODE_DEVICE path)",
+    )
     max_batch_delay_ms: float = Field(
         10.0, ge=0, description="longest wait for more images to batch, while admitted ones still decode"
     )
