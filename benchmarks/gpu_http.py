@@ -97,7 +97,9 @@ def load_point(server: ServerProcess, upload: Upload, concurrency: int, requests
     }
 
 
-def server_settings(model: Path, providers: list[str], concurrency: int, workers: int | None) -> Json:
+def server_settings(
+    model: Path, providers: list[str], concurrency: int, workers: int | None, extra: Json | None = None
+) -> Json:
     settings = {
         "ALEXNET_WEIGHTS_DIR": str(model.parent),
         "ALEXNET_MODEL": model.stem,
@@ -108,7 +110,7 @@ def server_settings(model: Path, providers: list[str], concurrency: int, workers
     }
     if workers is not None:
         settings["ALEXNET_WORKERS"] = str(workers)
-    return settings
+    return {**settings, **(extra or {})}
 
 
 def bench_http(
@@ -119,12 +121,13 @@ def bench_http(
     requests: int,
     per_client: int,
     workers: int | None,
+    extra: Json | None = None,
 ) -> Json:
     """``alexnet-serve`` (benchmarks/server.py) on these providers; each concurrency's point
     (``requests``, ``per_client`` for each client at least), then the server's memory by kind of
     process."""
     upload = Upload.of(data, "photo.jpg")
-    settings = server_settings(model, providers, max(concurrencies), workers)
+    settings = server_settings(model, providers, max(concurrencies), workers, extra)
     started = time.perf_counter()
     with server_process(settings) as server:
         require_providers(providers, server.ready.get("providers"), f"the server's engine ({model.stem})")

@@ -4,6 +4,7 @@ ALEXNET_DECODE_DEVICE=auto serving /predict through the CPU workers, cuda refuse
 what is missing. The device path itself runs in ``benchmarks.gpu_check`` on a GPU host."""
 
 import asyncio
+import io
 import os
 import shutil
 import subprocess
@@ -20,6 +21,7 @@ from pydantic import ValidationError
 from alexnet_core.images import ImageInputError
 from alexnet_core.pipeline import center_square
 from alexnet_core.session import OnnxClassifier
+from benchmarks.gpu_device import varied_jpegs
 from service.device_decode import DeviceBatcher, _Job, square_geometry, square_graph
 from service.device_route import (
     DeviceDecodeUnavailable,
@@ -73,6 +75,15 @@ EXPECTED = {
     "corrupt-header": "JPEG header unreadable",
     "corrupt-data": None,
 }
+
+
+def test_the_agreement_sets_jpegs_all_take_the_device_path() -> None:
+    """``benchmarks.gpu_check``'s agreement images: varied, and every one a device-path JPEG."""
+    images = varied_jpegs(60)
+    routes = [route(data) for data in images]
+    assert all(each.device for each in routes), [each.cpu_reason for each in routes]
+    assert len({(each.width, each.height) for each in routes}) > 50
+    assert sum(Image.open(io.BytesIO(data)).mode == "L" for data in images) == 6
 
 
 def test_each_kind_of_file_takes_its_path() -> None:
