@@ -98,11 +98,13 @@ class DeviceDecoder:
 
     def __init__(self, device_id: int = 0) -> None:
         codec: Any = importlib.import_module("nvidia.nvimgcodec")
-        self.device_id = device_id
+        self._codec, self.device_id = codec, device_id
         # fancy_upsampling: chroma upsampled as libjpeg-turbo does by default (the CPU path's),
         # for the agreement between the two paths.
         self._decoder = codec.Decoder(device_id=device_id, options=":fancy_upsampling=1")
-        self._params = codec.DecodeParams(color_spec=codec.ColorSpec.RGB, apply_exif_orientation=False)
+        # sRGB interleaved output (the default colour spec); only unrotated JPEGs come here, and
+        # the orientation is never applied twice.
+        self._params = codec.DecodeParams(apply_exif_orientation=False)
         self._cudart = _cuda_runtime()
         self._stream = ctypes.c_void_p()
         if self._cudart.cudaStreamCreate(ctypes.byref(self._stream)) != 0:
@@ -113,22 +115,25 @@ class DeviceDecoder:
             got = self._squares.get_providers()
             raise RuntimeError(f"the square graph's session runs on {got}, not {CUDA}")
 
+    def _streams(self, images: list[bytes]) -> list[Any]:
+        """A code stream per image (None for one whose header nvImageCodec cannot parse)."""
+        streams = []
+        for data in images:
+            try:
+                streams.append(self._codec.CodeStream(data))
+            except Exception:
+                streams.append(None)
+        return streams
+
     def _decoded(self, images: list[bytes]) -> list[Any]:
         """Device images (None for one the decoder refused), complete on return: the decode runs
         on this decoder's stream, which is synchronised before ONNX Runtime's stream reads it."""
-        stream = self._stream.value or 0
-        try:
-            decoded = list(self._decoder.decode(images, params=self._params, cuda_stream=stream))
-        except Exception:  # a version that raises for the batch: one by one, to find the refused
-            decoded = []
-            for data in images:
-                try:
-                    decoded.append(self._decoder.decode(data, params=self._params, cuda_stream=stream))
-                except Exception:
-                    decoded.append(None)
+        streams = self._streams(images)
+        parsed = [stream for stream in streams if stream is not None]
+        decoded = iter(self._decoder.decode(parsed, params=self._params, cuda_stream=self._stream.value or 0))
         if self._cudart.cudaStreamSynchronize(self._stream) != 0:
             raise RuntimeError("cudaStreamSynchronize failed after the decode")
-        return decoded
+        return [None if stream is None else next(decoded) for stream in streams]
 
     def _cut(self, image: Any, batch: ort.OrtValue, slot: int, resize: int) -> None:
         interface = image.__cuda_array_interface__
@@ -164,6 +169,10 @@ class DeviceDecoder:
         return classifier.probabilities_bound(batch), refused
 
 
+class DeviceFailed(RuntimeError):
+    """A device batch failed as a whole (not an image's fault): its requests take the CPU path."""
+
+
 @dataclass
 class _Job:
     classifier: OnnxClassifier
@@ -189,6 +198,7 @@ class DeviceBatcher:
         self._queue: asyncio.Queue[_Job] = asyncio.Queue()
         self._thread = ThreadPoolExecutor(1, thread_name_prefix="device-decode")
         self._task: asyncio.Task[None] | None = None
+        self._running: list[_Job] = []  # the batch in hand
 
     def start(self) -> None:
         self._task = asyncio.get_running_loop().create_task(self._serve())
@@ -197,13 +207,12 @@ class DeviceBatcher:
     def _ended(self, task: "asyncio.Task[None]") -> None:
         if not task.cancelled() and (exc := task.exception()) is not None:
             log.error("the device batcher stopped", exc_info=exc)
-        self._fail_pending(RuntimeError("the device batcher stopped"))
-
-    def _fail_pending(self, exc: BaseException) -> None:
+        # Nothing waits forever: the batch in hand and the queued ones fall back to the CPU path.
         while not self._queue.empty():
-            job = self._queue.get_nowait()
+            self._running.append(self._queue.get_nowait())
+        for job in self._running:
             if not job.future.done():
-                job.future.set_exception(exc)
+                job.future.set_exception(DeviceFailed("the device batcher stopped"))
 
     def stop(self) -> None:
         if self._task is not None:
@@ -214,7 +223,7 @@ class DeviceBatcher:
         self, classifier: OnnxClassifier, images: list[bytes], labels: list[str]
     ) -> DeviceResult:
         if self._task is None or self._task.done():
-            raise RuntimeError("the device batcher is not running")
+            raise DeviceFailed("the device batcher is not running")
         future: asyncio.Future[DeviceResult] = asyncio.get_running_loop().create_future()
         await self._queue.put(_Job(classifier, images, labels, future))
         return await future
@@ -235,7 +244,7 @@ class DeviceBatcher:
     async def _serve(self) -> None:
         loop = asyncio.get_running_loop()
         while True:
-            jobs = await self._gather()
+            jobs = self._running = await self._gather()
             # One model per call: a batch gathered across an activation runs as two calls.
             for classifier in {id(job.classifier): job.classifier for job in jobs}.values():
                 mine = [job for job in jobs if job.classifier is classifier]
@@ -249,7 +258,7 @@ class DeviceBatcher:
                     log.exception("a device batch of %d images failed", len(images))
                     for job in mine:
                         if not job.future.done():
-                            job.future.set_exception(exc)
+                            job.future.set_exception(DeviceFailed(f"{type(exc).__name__}: {exc}"))
                     continue
                 self._answer(mine, probs, refused, time.perf_counter() - started)
 

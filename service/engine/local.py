@@ -22,7 +22,7 @@ from alexnet_core.metadata import ModelMetadata
 from alexnet_core.session import OnnxClassifier
 from service.core.config import Settings
 from service.core.metrics import Metrics
-from service.device_decode import DeviceBatcher
+from service.device_decode import DeviceBatcher, DeviceFailed
 from service.device_route import Route, route
 from service.inference import InferenceQueue
 from service.model_registry import ModelRegistry
@@ -121,7 +121,10 @@ class LocalEngine:
                 loop = asyncio.get_running_loop()
                 routes = await loop.run_in_executor(self.preparation.pool, _routes, images)
                 if all(each.device for each in routes):
-                    return await self._on_device(model, images, labels, routes)
+                    try:
+                        return await self._on_device(model, images, labels, routes)
+                    except DeviceFailed:  # logged by the batcher; the CPU workers can still answer
+                        pass
             admit = inference.admission.admit_within
             async with admit(len(images), self.settings.request_timeout_s) as admission:
                 decoded = await self.preparation.decoded_squares(meta, images, labels, [None] * len(images))
