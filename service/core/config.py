@@ -49,6 +49,11 @@ class Settings(CommonSettings):
         ["CUDAExecutionProvider", "CPUExecutionProvider"],
         description="ONNX Runtime execution providers in order of preference (comma-separated)",
     )
+    prefer_fp16: bool = Field(
+        True,
+        description="with no model chosen (model, ACTIVE file) and the session on CUDA: serve the "
+        "default model's fp16 variant if its agreement check recorded at export passed",
+    )
     state_dir: Path | None = Field(
         None,
         description="where the server writes its state: training job records and runs, galleries, the "
