@@ -49,7 +49,7 @@ def require_decoder(providers: list[str]) -> Any:
     try:
         return DeviceDecoder()
     except Exception as exc:
-        raise ProvidersMissing(f"GPU decode was requested but nvImageCodec fails: {exc!r}") from exc
+        raise ProvidersMissing(f"GPU decode was requested but its decoder cannot start: {exc!r}") from exc
 
 
 def varied_jpegs(count: int, seed: int = 0) -> list[bytes]:

@@ -110,7 +110,12 @@ class DeviceDecoder:
         if self._cudart.cudaStreamCreate(ctypes.byref(self._stream)) != 0:
             raise RuntimeError("cudaStreamCreate failed")
         providers = [(CUDA, {"device_id": str(device_id)})]
-        self._squares = ort.InferenceSession(square_graph().SerializeToString(), providers=providers)
+        options = ort.SessionOptions()
+        # Every node on the GPU or no session: a node left to the CPU would copy each image to the
+        # host and back, silently.
+        options.add_session_config_entry("session.disable_cpu_ep_fallback", "1")
+        graph = square_graph().SerializeToString()
+        self._squares = ort.InferenceSession(graph, options, providers=providers)
         if CUDA not in self._squares.get_providers():
             got = self._squares.get_providers()
             raise RuntimeError(f"the square graph's session runs on {got}, not {CUDA}")
