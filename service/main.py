@@ -18,6 +18,7 @@ from starlette.formparsers import MultiPartParser
 from swagger_ui_bundle import swagger_ui_path
 
 from alexnet_core.resources import keep_freed_memory
+from alexnet_core.session import OnnxClassifier
 from service.admission import DecodeBudget, UploadBudget
 from service.core import errors
 from service.core.config import Settings, get_settings
@@ -33,7 +34,7 @@ from service.core.middleware import (
 from service.core.security import needs_key, scope_checker
 from service.decoding import DecodePool
 from service.device_decode import DeviceBatcher
-from service.device_route import DeviceDecodeUnavailable, decode_device
+from service.device_route import CUDA, DeviceDecodeUnavailable, decode_device
 from service.engine.local import LocalEngine
 from service.engine.server import EngineServer
 from service.image_admission import ImageAdmission
@@ -145,6 +146,7 @@ def create_app(settings: Settings | None = None, shared: SharedState | None = No
         # Where the state cannot be written, training, galleries and activation answer 503.
         app.state.read_only = registry.read_only = await asyncio.to_thread(read_only_reason, settings)
         await asyncio.gather(asyncio.to_thread(registry.load_at_startup), decoder.warm_up())
+        inference.max_batch_images = batch_limit(settings, registry.current)
         device = app.state.device = await asyncio.to_thread(device_batcher, settings, shared is not None)
         app.state.engine.device = device
         if device is not None:
@@ -194,6 +196,15 @@ def create_app(settings: Settings | None = None, shared: SharedState | None = No
     else:
         add_middleware(app, settings, metrics, admission, None)
     return app
+
+
+def batch_limit(settings: Settings, classifier: OnnxClassifier | None) -> int:
+    """Most images per inference call: ``device_batch_images`` where the session runs on CUDA and
+    ``max_batch_images`` was left at its CPU default, else ``max_batch_images``."""
+    on_cuda = classifier is not None and CUDA in classifier.providers
+    if on_cuda and "max_batch_images" not in settings.model_fields_set:
+        return settings.device_batch_images
+    return settings.max_batch_images
 
 
 def device_batcher(settings: Settings, behind_fronts: bool) -> DeviceBatcher | None:

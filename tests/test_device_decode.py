@@ -30,7 +30,7 @@ from service.device_route import (
     missing_for_device_decode,
     route,
 )
-from service.main import device_batcher
+from service.main import batch_limit, device_batcher
 from tests.conftest import cpu_settings, random_model_dir, serve
 from tests.images import encode, model_batch, photo, photo_jpeg
 
@@ -222,3 +222,14 @@ def test_a_device_batch_is_split_back_into_its_requests() -> None:
     assert error.detail.startswith("file 'b': ")
     assert second.probabilities == pytest.approx(np.array([[0.2, 0.8]]))  # type: ignore[attr-defined]
     assert second.batch_images == 3 and not second.errors  # type: ignore[attr-defined]
+
+
+def test_the_batch_limit_follows_the_provider(square_dir: Path) -> None:
+    """On the CPU provider the CPU default (8) or the setting; the GPU's larger default applies
+    only to a session on CUDA (``benchmarks.gpu_check`` records the server's batches there)."""
+    on_cpu = OnnxClassifier(square_dir / "alexnet-random.onnx", ["CPUExecutionProvider"], warm_up=False)
+    settings = cpu_settings(square_dir)
+    assert batch_limit(settings, on_cpu) == settings.max_batch_images == 8
+    assert batch_limit(settings, None) == 8
+    assert batch_limit(cpu_settings(square_dir, max_batch_images=4), on_cpu) == 4
+    assert settings.device_batch_images == 128

@@ -111,11 +111,14 @@ class Settings(CommonSettings):
         64, ge=1, description="most scans in a JPEG (each progressive scan re-reads the whole image)"
     )
     batching: bool = Field(True, description="gather concurrent requests into one inference call")
-    max_batch_images: int = Field(8, ge=1, description="most images (x10 crops) in one inference call")
+    max_batch_images: int = Field(
+        8, ge=1, description="most images (x10 crops) in one inference call on the CPU provider"
+    )
     device_batch_images: int = Field(
         128,
         ge=1,
-        description="most images in one GPU decode and inference call (ALEXNET_DECODE_DEVICE path)",
+        description="most images in one inference call where the session runs on CUDA (unless "
+        "max_batch_images is set), and in one GPU decode (ALEXNET_DECODE_DEVICE)",
     )
     max_batch_delay_ms: float = Field(
         10.0, ge=0, description="longest wait for more images to batch, while admitted ones still decode"
