@@ -53,7 +53,9 @@ import onnxruntime as ort
 
 from alexnet_core.session import OnnxClassifier, probe_providers
 from benchmarks.gpu_device import (
+    DevicePathBroken,
     agreement,
+    device_answers,
     device_engine,
     device_targets,
     peaked_model,
@@ -219,7 +221,15 @@ def measure(report: Json, args: argparse.Namespace, providers: list[str], workdi
     if decoder is not None:  # one process: images reach the engine as bytes (docs/gpu.md)
         device = {"ALEXNET_DECODE_DEVICE": "cuda", "ALEXNET_MAX_BATCH_DELAY_MS": "2"}
         report["http_device_decode"] = bench_http(
-            models["square"], photo, providers, (256,), requests, per_client, 0, device
+            models["square"],
+            photo,
+            providers,
+            (256,),
+            requests,
+            per_client,
+            0,
+            device,
+            lambda url: device_answers(url, photo),
         )
     report["ceilings"] = ceilings(report)
     report["targets"] = [t.model_dump() for t in [*targets(report), *device_targets(report)]]
@@ -241,7 +251,7 @@ def main(argv: list[str] | None = None) -> int:
     try:
         with tempfile.TemporaryDirectory(prefix="gpu-check-") as tmp:
             measure(report, args, providers, Path(tmp))
-    except ProvidersMissing as exc:
+    except (ProvidersMissing, DevicePathBroken) as exc:
         report["error"] = str(exc)
         log(f"FAILED: {exc}")
         status = 3

@@ -14,6 +14,7 @@ the GPU (``service.device_decode``), beside the CPU path's figures of the same r
   images/s with the host under half busy, the CPU path not slower than the first run's.
 """
 
+import io
 import time
 from pathlib import Path
 from typing import Any
@@ -144,6 +145,56 @@ def device_engine(model: Path, providers: list[str], decoder: Any, data: bytes, 
         )
         log(f"device engine {model.stem} {images} images: {median * 1000:.1f} ms/call (decode+cut+run)")
     return {"providers": classifier.session.get_providers(), "batches": points}
+
+
+class DevicePathBroken(RuntimeError):
+    """The server's GPU decode path answered wrongly: its figures would not be worth reporting."""
+
+
+def device_answers(url: str, data: bytes) -> Json:
+    """Before the load: the server decoding on the GPU answers a baseline JPEG as the CPU path
+    does (top-1 and its probability), a corrupt one with a 422 naming the file, a PNG (CPU path)
+    with a 200, and is still alive after them; else ``DevicePathBroken``."""
+    import httpx
+
+    png = encoded(Image.open(io.BytesIO(data)), "PNG")
+    with httpx.Client(base_url=url, timeout=60) as client:
+
+        def top(name: str, body: bytes) -> httpx.Response:
+            return client.post("/predict", files={"file": (name, body)})
+
+        jpeg, corrupt, png_answer = (
+            top("a.jpg", data),
+            top("broken.jpg", data[: len(data) // 3]),
+            top("a.png", png),
+        )
+        after = top("again.jpg", data)
+    found = {
+        "jpeg": jpeg.status_code,
+        "corrupt": corrupt.status_code,
+        "corrupt_detail": corrupt.json().get("detail") if corrupt.status_code != 200 else None,
+        "png": png_answer.status_code,
+        "after": after.status_code,
+    }
+    problems = [
+        f"{name} answered {code}"
+        for name, code in found.items()
+        if name != "corrupt_detail" and code != (422 if name == "corrupt" else 200)
+    ]
+    if not problems and "broken.jpg" not in str(found["corrupt_detail"]):
+        problems.append(f"the corrupt JPEG's 422 does not name the file: {found['corrupt_detail']!r}")
+    if not problems:
+        device_top = jpeg.json()["results"][0]["predictions"][0]
+        cpu_top = png_answer.json()["results"][0]["predictions"][0]
+        found["device_top1"], found["cpu_top1"] = device_top, cpu_top
+        if device_top["index"] != cpu_top["index"]:
+            problems.append(
+                f"top-1 differs: GPU decode {device_top}, CPU decode of the same pixels {cpu_top}"
+            )
+    if problems:
+        raise DevicePathBroken("the GPU decode path answered wrongly: " + "; ".join(problems))
+    log(f"device path answers: {found}")
+    return found
 
 
 def device_targets(report: Json) -> list[Target]:

@@ -21,7 +21,7 @@ from pydantic import ValidationError
 from alexnet_core.images import ImageInputError
 from alexnet_core.pipeline import center_square
 from alexnet_core.session import OnnxClassifier
-from benchmarks.gpu_device import varied_jpegs
+from benchmarks.gpu_device import device_answers, varied_jpegs
 from service.device_decode import DeviceBatcher, _Job, square_geometry, square_graph
 from service.device_route import (
     DeviceDecodeUnavailable,
@@ -233,3 +233,13 @@ def test_the_batch_limit_follows_the_provider(square_dir: Path) -> None:
     assert batch_limit(settings, None) == 8
     assert batch_limit(cpu_settings(square_dir, max_batch_images=4), on_cpu) == 4
     assert settings.device_batch_images == 128
+
+
+def test_the_device_runs_answer_check_passes_on_a_sound_server(square_dir: Path) -> None:
+    """``benchmarks.gpu_check``'s check of a GPU-decoding server's answers, against a real server
+    (here decoding on the CPU, whose answers it must accept)."""
+    with serve(cpu_settings(square_dir)) as url:
+        found = device_answers(url, photo_jpeg())
+    assert (found["jpeg"], found["corrupt"], found["png"], found["after"]) == (200, 422, 200, 200)
+    assert "broken.jpg" in found["corrupt_detail"]
+    assert found["device_top1"]["index"] == found["cpu_top1"]["index"]
