@@ -147,10 +147,7 @@ def create_app(settings: Settings | None = None, shared: SharedState | None = No
         app.state.read_only = registry.read_only = await asyncio.to_thread(read_only_reason, settings)
         await asyncio.gather(asyncio.to_thread(registry.load_at_startup), decoder.warm_up())
         inference.max_batch_images = batch_limit(settings, registry.current)
-        device = app.state.device = await asyncio.to_thread(device_batcher, settings, shared is not None)
-        app.state.engine.device = device
-        if device is not None:
-            device.start()
+        device = await start_device(app.state.engine, settings, shared is not None)
         watcher = PointerWatcher(registry)  # replicas sharing the weights volume follow activations
         watcher.start()
         app.state.training = await asyncio.to_thread(start_training, settings, registry, app.state.read_only)
@@ -205,6 +202,14 @@ def batch_limit(settings: Settings, classifier: OnnxClassifier | None) -> int:
     if on_cuda and "max_batch_images" not in settings.model_fields_set:
         return settings.device_batch_images
     return settings.max_batch_images
+
+
+async def start_device(engine: LocalEngine, settings: Settings, behind_fronts: bool) -> DeviceBatcher | None:
+    """The engine's GPU decode path, started (None where it is not taken)."""
+    device = engine.device = await asyncio.to_thread(device_batcher, settings, behind_fronts)
+    if device is not None:
+        device.start()
+    return device
 
 
 def device_batcher(settings: Settings, behind_fronts: bool) -> DeviceBatcher | None:
