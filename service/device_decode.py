@@ -19,14 +19,16 @@ import logging
 import time
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 import onnxruntime as ort
-from onnx import ModelProto, TensorProto, helper
 
 from alexnet_core.images import ImageInputError
 from alexnet_core.session import OnnxClassifier
+
+if TYPE_CHECKING:
+    import onnx
 
 log = logging.getLogger(__name__)
 CUDA = "CUDAExecutionProvider"
@@ -42,9 +44,11 @@ def square_geometry(width: int, height: int, resize: int) -> tuple[int, int, int
     return new_h, new_w, round((new_h - resize) / 2.0), round((new_w - resize) / 2.0)
 
 
-def square_graph() -> ModelProto:
+def square_graph() -> "onnx.ModelProto":
     """(H, W, 3) uint8 image, its new size, the square's corner and side -> (S, S, 3) uint8: a bilinear,
     antialiased resize at pixel centres (Pillow's BILINEAR, as the CPU path), then the cut."""
+    from onnx import TensorProto, helper  # here only: built once, where the GPU path starts
+
     nodes = [
         helper.make_node("Cast", ["image"], ["pixels"], to=TensorProto.FLOAT),
         helper.make_node(

@@ -5,8 +5,6 @@ import threading
 from collections.abc import Callable
 from pathlib import Path
 
-import onnx
-
 from alexnet_core import files, model_files
 from alexnet_core.metadata import ModelMetadata
 from alexnet_core.session import OnnxClassifier
@@ -30,6 +28,8 @@ def passed_fp16_variant(path: Path) -> Path | None:
     variant = path.with_name(f"{path.stem}{FP16_SUFFIX}.onnx")
     if not variant.is_file():
         return None
+    import onnx  # here only: a CPU server never gets this far
+
     try:
         props = {p.key: p.value for p in onnx.load(variant, load_external_data=False).metadata_props}
         check = ModelMetadata.from_props(props).precision_check
