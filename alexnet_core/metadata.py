@@ -7,7 +7,7 @@ Each field is stored under its own key as JSON, readable in Netron or ``onnx.loa
 
 import json
 from datetime import datetime
-from typing import Literal
+from typing import Any, Literal
 
 import numpy as np
 from pydantic import BaseModel, Field
@@ -54,6 +54,11 @@ class ModelMetadata(BaseModel):
     )
     features_output: str | None = Field(
         None, description="name of the output holding each image's 4096-d feature vector, if any"
+    )
+    precision_check: dict[str, Any] | None = Field(
+        None,
+        description="for a precision variant checked at export: its agreement with its source (top-1, "
+        "largest |delta p|, the bounds, the image set, passed)",
     )
     members: list[str] = Field(
         default_factory=list, description="for an ensemble: the versions whose probabilities it averages"

@@ -50,6 +50,19 @@ def provider_list(names: list[str]) -> list[str | tuple[str, dict[str, str]]]:
     return providers
 
 
+def probe_providers(providers: list[str]) -> list[str]:
+    """The providers a session gets here, from a one-node graph: a host without a working CUDA
+    is told in a second rather than after minutes of exports."""
+    from onnx import TensorProto, helper
+
+    value = helper.make_tensor_value_info("x", TensorProto.FLOAT, [1])
+    graph = helper.make_graph([helper.make_node("Identity", ["x"], ["y"])], "probe", [value], [])
+    graph.output.append(helper.make_tensor_value_info("y", TensorProto.FLOAT, [1]))
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)], ir_version=9)
+    session = ort.InferenceSession(model.SerializeToString(), providers=provider_list(providers))
+    return session.get_providers()
+
+
 PROBE_IMAGES = 2  # more than one: a graph that ignores the batch size shows it
 PROBABILITY_TOLERANCE = 1e-2  # float16 variants sum their softmax rows to 1 within a few 1e-3
 
@@ -163,6 +176,18 @@ class OnnxClassifier:
         if meta.input_kind == "square":
             return self.session.run([meta.output_name], {meta.input_name: batch})[0]
         return probabilities(self.logits(batch), meta.test_crops)
+
+    def probabilities_bound(self, squares: ort.OrtValue) -> np.ndarray:
+        """A square-kind model's probabilities for a batch of squares already on the device (the
+        GPU decode path): bound in place, no copy through host memory."""
+        meta = self.metadata
+        if meta.input_kind != "square":
+            raise ValueError(f"model {meta.version} takes crops: the device path feeds square-kind models")
+        binding = self.session.io_binding()
+        binding.bind_ortvalue_input(meta.input_name, squares)
+        binding.bind_output(meta.output_name)  # on the host: the answer is wanted there
+        self.session.run_with_iobinding(binding)
+        return binding.copy_outputs_to_cpu()[0]
 
     def features(self, batch: np.ndarray) -> np.ndarray:
         """(n, 4096): each image's last hidden layer (fc7 after ReLU), averaged over its crops."""

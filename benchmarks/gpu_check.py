@@ -22,6 +22,12 @@ squares in, the ten crops in the graph; ``crops``: float crops in) and an fp16 v
    p50 at 1 client <= 4 ms (square kind, the export's default), and for each kind served >= 0.8 x
    min(the best engine point of the same model, 2.).
 
+With ``--decode-device cuda`` (the default where CUDA is asked for; ``benchmarks/gpu_device.py``)
+it also measures the GPU decode path: ``DeviceDecoder.classify`` at 32-256 images per call, the
+agreement of its answers with the CPU path's on 512 varied JPEGs, and ``/predict`` at 256 clients
+decoding on the GPU (one process), beside the CPU path's figures of the same run; where that path
+is not possible here it stops, like a missing provider, with exit status 3.
+
 The JSON (stdout; progress on stderr) records the providers each ONNX Runtime session really got
 (``session.get_providers()``) and the device (``nvidia-smi``, else the CPU model). ``--quick``
 (for CPU-only hosts and CI): the square kind's fp16 variant only, 1 and 8 images, the square
@@ -45,7 +51,17 @@ from typing import Any
 import numpy as np
 import onnxruntime as ort
 
-from alexnet_core.session import OnnxClassifier, provider_list
+from alexnet_core.session import OnnxClassifier, probe_providers
+from benchmarks.gpu_device import (
+    DevicePathBroken,
+    agreement,
+    device_answers,
+    device_engine,
+    device_targets,
+    peaked_model,
+    require_decoder,
+    varied_jpegs,
+)
 from benchmarks.gpu_http import (
     ProvidersMissing,
     bench_http,
@@ -142,19 +158,6 @@ def bench_engine(path: Path, providers: list[str], batches: tuple[int, ...], bud
     return out
 
 
-def probe_providers(providers: list[str]) -> list[str]:
-    """The providers a session gets here, from a one-node graph: a host without a working CUDA
-    is told in a second rather than after minutes of exports."""
-    from onnx import TensorProto, helper
-
-    value = helper.make_tensor_value_info("x", TensorProto.FLOAT, [1])
-    graph = helper.make_graph([helper.make_node("Identity", ["x"], ["y"])], "probe", [value], [])
-    graph.output.append(helper.make_tensor_value_info("y", TensorProto.FLOAT, [1]))
-    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)], ir_version=9)
-    session = ort.InferenceSession(model.SerializeToString(), providers=provider_list(providers))
-    return session.get_providers()
-
-
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p = argparse.ArgumentParser(prog="python -m benchmarks.gpu_check", description=__doc__.split("\n")[0])
     p.add_argument("--quick", action="store_true", help="a few minutes on a CPU-only host (see above)")
@@ -173,8 +176,17 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
         type=int,
         help="the server's front processes (ALEXNET_WORKERS; 0: one process; default: one per core)",
     )
+    p.add_argument(
+        "--decode-device",
+        choices=("cuda", "cpu"),
+        help="cuda: also measure the GPU decode path (engine, agreement, /predict at 256 clients) "
+        "and fail (exit 3) if it is not possible; default: cuda when CUDA is among the providers",
+    )
     add_out_option(p)
-    return p.parse_args(argv)
+    args = p.parse_args(argv)
+    if args.decode_device is None:
+        args.decode_device = "cuda" if "CUDAExecutionProvider" in args.providers else "cpu"
+    return args
 
 
 def measure(report: Json, args: argparse.Namespace, providers: list[str], workdir: Path) -> None:
@@ -184,12 +196,16 @@ def measure(report: Json, args: argparse.Namespace, providers: list[str], workdi
 
     report["probe_providers"] = probe_providers(providers)
     require_providers(providers, report["probe_providers"], "a probe session")
+    decoder = require_decoder(providers) if args.decode_device == "cuda" else None
     models = export_models(workdir, args.quick)
     report["engine"] = {}
     for name, path in models.items():
-        batches = (1, 8) if args.quick else (1, 8, 32)
+        batches = (1, 8) if args.quick else (1, 8, 32, 128, 256)
         report["engine"][name] = bench_engine(path, providers, batches, 1.0 if args.quick else 3.0)
     photo = photo_jpeg("china.jpg")  # 640x427
+    if decoder is not None:
+        report["device_engine"] = device_engine(models["square-fp16"], providers, decoder, photo, 3.0)
+        report["agreement"] = agreement(peaked_model(workdir), providers, decoder, varied_jpegs(512))
     concurrencies = (1, 16) if args.quick else (1, 16, 64, 256)
     requests = args.requests or (16 if args.quick else 1000)
     per_client = 2 if args.quick else 4
@@ -202,8 +218,21 @@ def measure(report: Json, args: argparse.Namespace, providers: list[str], workdi
         report["http"][name] = bench_http(
             models[name], photo, providers, concurrencies, requests, per_client, args.workers
         )
+    if decoder is not None:  # one process: images reach the engine as bytes (docs/gpu.md)
+        device = {"ALEXNET_DECODE_DEVICE": "cuda", "ALEXNET_MAX_BATCH_DELAY_MS": "2"}
+        report["http_device_decode"] = bench_http(
+            models["square"],
+            photo,
+            providers,
+            (256,),
+            requests,
+            per_client,
+            0,
+            device,
+            lambda url: device_answers(url, photo),
+        )
     report["ceilings"] = ceilings(report)
-    report["targets"] = [t.model_dump() for t in targets(report)]
+    report["targets"] = [t.model_dump() for t in [*targets(report), *device_targets(report)]]
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -222,7 +251,7 @@ def main(argv: list[str] | None = None) -> int:
     try:
         with tempfile.TemporaryDirectory(prefix="gpu-check-") as tmp:
             measure(report, args, providers, Path(tmp))
-    except ProvidersMissing as exc:
+    except (ProvidersMissing, DevicePathBroken) as exc:
         report["error"] = str(exc)
         log(f"FAILED: {exc}")
         status = 3

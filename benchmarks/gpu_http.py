@@ -7,6 +7,7 @@ import os
 import sys
 import time
 from collections import Counter
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -97,7 +98,9 @@ def load_point(server: ServerProcess, upload: Upload, concurrency: int, requests
     }
 
 
-def server_settings(model: Path, providers: list[str], concurrency: int, workers: int | None) -> Json:
+def server_settings(
+    model: Path, providers: list[str], concurrency: int, workers: int | None, extra: Json | None = None
+) -> Json:
     settings = {
         "ALEXNET_WEIGHTS_DIR": str(model.parent),
         "ALEXNET_MODEL": model.stem,
@@ -108,7 +111,7 @@ def server_settings(model: Path, providers: list[str], concurrency: int, workers
     }
     if workers is not None:
         settings["ALEXNET_WORKERS"] = str(workers)
-    return settings
+    return {**settings, **(extra or {})}
 
 
 def bench_http(
@@ -119,16 +122,19 @@ def bench_http(
     requests: int,
     per_client: int,
     workers: int | None,
+    extra: Json | None = None,
+    probe: Callable[[str], Json] | None = None,
 ) -> Json:
     """``alexnet-serve`` (benchmarks/server.py) on these providers; each concurrency's point
     (``requests``, ``per_client`` for each client at least), then the server's memory by kind of
     process."""
     upload = Upload.of(data, "photo.jpg")
-    settings = server_settings(model, providers, max(concurrencies), workers)
+    settings = server_settings(model, providers, max(concurrencies), workers, extra)
     started = time.perf_counter()
     with server_process(settings) as server:
         require_providers(providers, server.ready.get("providers"), f"the server's engine ({model.stem})")
         log(f"http {model.stem}: ready in {time.perf_counter() - started:.1f} s")
+        answers = probe(server.url) if probe is not None else None
         run_load(server.url, upload, max(concurrencies), max(concurrencies), 3600)  # every batch size
         points = []
         for concurrency in concurrencies:
@@ -147,6 +153,7 @@ def bench_http(
         "server_settings": {k: v for k, v in settings.items() if k != "ALEXNET_WEIGHTS_DIR"},
         "points": points,
         "memory_by_kind": memory,
+        **({"probe": answers} if answers is not None else {}),
     }
 
 

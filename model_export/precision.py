@@ -15,6 +15,7 @@ runs it too, by casting around the kernels it lacks.
 """
 
 import argparse
+import io
 import json
 import sys
 import tempfile
@@ -51,6 +52,7 @@ def _retag(proto: onnx.ModelProto, source: onnx.ModelProto, precision: str, suff
     for key in _VALIDATION_KEYS:
         if key in props:
             props[f"fp32_{key}"] = props.pop(key)
+    props.pop("precision_check", None)  # the variant's own check (set by the conversion), if any
     # Tools add their own keys (the quantiser writes onnx.infer); keep those too.
     extra = {p.key: p.value for p in proto.metadata_props if p.key not in props}
     del proto.metadata_props[:]
@@ -171,9 +173,80 @@ def _keep_fp32_between_blocked_nodes(proto: onnx.ModelProto, source: onnx.ModelP
         graph.node.remove(node)
 
 
-def convert_fp16(onnx_path: Path, out_path: Path | None = None) -> Path:
+# The agreement an fp16 variant must show with its source on ``check_images`` to be served by
+# default on CUDA (``service.model_registry``): nearly every top-1 the same, and no class's
+# probability moved by more than the bound.
+FP16_MIN_TOP1 = 0.99
+FP16_MAX_DELTA_P = 0.02
+CHECK_IMAGE_SET = "64 seeded synthetic JPEGs (model_export.precision.check_images)"
+
+
+def check_images(count: int = 64, seed: int = 0) -> list[bytes]:
+    """A stated, reproducible image set for the fp16 check, made without data files: smooth random
+    colour fields (low-resolution noise upsampled) with random rectangles and ellipses, 200-480
+    pixels a side, saved as JPEGs of quality 75-95."""
+    from PIL import Image, ImageDraw
+
+    rng = np.random.default_rng(seed)
+    out = []
+    for _ in range(count):
+        width, height = (int(v) for v in rng.integers(200, 481, 2))
+        field = rng.integers(0, 256, (int(rng.integers(3, 9)), int(rng.integers(3, 9)), 3), dtype=np.uint8)
+        image = Image.fromarray(field).resize((width, height), Image.Resampling.BICUBIC)
+        draw = ImageDraw.Draw(image)
+        for _ in range(int(rng.integers(2, 7))):
+            x0, x1 = sorted(int(v) for v in rng.integers(0, width, 2))
+            y0, y1 = sorted(int(v) for v in rng.integers(0, height, 2))
+            colour = tuple(int(v) for v in rng.integers(0, 256, 3))
+            shape = draw.ellipse if rng.random() < 0.5 else draw.rectangle
+            shape((x0, y0, x1 + 1, y1 + 1), fill=colour)
+        buffer = io.BytesIO()
+        image.save(buffer, format="JPEG", quality=int(rng.integers(75, 96)))
+        out.append(buffer.getvalue())
+    return out
+
+
+def _probabilities(path: Path, images: Sequence[bytes], providers: list[str]) -> np.ndarray:
+    from alexnet_core.session import OnnxClassifier
+
+    classifier = OnnxClassifier(Path(path), providers, warm_up=False)
+    meta = classifier.metadata
+    rows = []
+    for start in range(0, len(images), 8):
+        batch = [meta.preprocess(data, max_pixels=64_000_000).batch for data in images[start : start + 8]]
+        rows.append(classifier.probabilities(np.concatenate(batch)))
+    return np.concatenate(rows).astype(np.float64)
+
+
+def fp16_check(
+    source: Path, variant: Path, images: Sequence[bytes], providers: list[str] | None = None
+) -> dict[str, object]:
+    """The variant's agreement with its source on ``images``: top-1 agreement, the largest and the
+    mean |delta p| over every class, and whether it passes ``FP16_MIN_TOP1`` / ``FP16_MAX_DELTA_P``."""
+    providers = providers or ["CPUExecutionProvider"]
+    reference, half = (_probabilities(path, images, providers) for path in (source, variant))
+    delta = np.abs(reference - half)
+    top1 = float(np.mean(reference.argmax(1) == half.argmax(1)))
+    largest = float(delta.max())
+    return {
+        "images": len(images),
+        "top1_agreement": round(top1, 4),
+        "max_abs_delta_p": float(f"{largest:.3g}"),
+        "mean_abs_delta_p": float(f"{delta.mean():.3g}"),
+        "min_top1_agreement": FP16_MIN_TOP1,
+        "max_abs_delta_p_bound": FP16_MAX_DELTA_P,
+        "providers": providers,
+        "passed": top1 >= FP16_MIN_TOP1 and largest <= FP16_MAX_DELTA_P,
+    }
+
+
+def convert_fp16(
+    onnx_path: Path, out_path: Path | None = None, check: Sequence[bytes] | None = None, image_set: str = ""
+) -> Path:
     """fp16 weights and activations (for CUDA), the input and outputs as in the source (float32,
-    or the square kind's uint8 input, normalised in float32)."""
+    or the square kind's uint8 input, normalised in float32). With ``check`` (images), the
+    variant's agreement with the source on them (``fp16_check``, on the CPU) is recorded in its
+    metadata as ``precision_check``: the service serves it by default on CUDA only if it passed."""
     # onnxruntime ships the converter (onnxruntime.transformers.float16, the same code as
     # onnxconverter-common's), so this adds no dependency to the serving install.
     from onnxruntime.transformers.float16 import convert_float_to_float16
@@ -185,6 +258,16 @@ def convert_fp16(onnx_path: Path, out_path: Path | None = None) -> Path:
         proto = convert_float_to_float16(model, keep_io_types=True, node_block_list=blocked)
         if blocked:
             _keep_fp32_between_blocked_nodes(proto, source)
+        if check is not None:
+            with tempfile.TemporaryDirectory() as tmp:
+                candidate = Path(tmp) / "fp16.onnx"  # still carries the source's metadata
+                onnx.save_model(proto, candidate)
+                result = {"image_set": image_set or f"{len(check)} given images"}
+                result |= fp16_check(Path(onnx_path), candidate, check)
+            onnx.helper.set_model_props(
+                proto,
+                {**{p.key: p.value for p in proto.metadata_props}, "precision_check": json.dumps(result)},
+            )
         return proto
 
     return _write_variant(onnx_path, out_path, "fp16", FP16_SUFFIX, convert)
@@ -248,11 +331,15 @@ def main(argv: list[str] | None = None) -> int:
     if not args.model.is_file():
         p.error(f"{args.model} does not exist")
     written = []
+    images = [path.read_bytes() for path in args.check or []]
     if args.int8:
         written.append(quantize_int8(args.model))
     if args.fp16:
-        written.append(convert_fp16(args.model))
-    images = [path.read_bytes() for path in args.check or []]
+        # Its agreement with the source, recorded in it: on CUDA it is served by default if it passed.
+        check, image_set = (
+            (images, f"{len(images)} --check images") if images else (check_images(), CHECK_IMAGE_SET)
+        )
+        written.append(convert_fp16(args.model, check=check, image_set=image_set))
     providers = [name.strip() for name in args.providers.split(",") if name.strip()]
     for path in written:
         line = f"wrote {path} ({path.stat().st_size / 2**20:.1f} MiB); ALEXNET_MODEL={path.stem}"

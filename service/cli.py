@@ -22,6 +22,13 @@ def run(args: list[str] | None = None) -> None:
             raise SystemExit(f"--ray needs the `cluster` extra ({exc}): pip install '.[cluster]'") from None
         raise SystemExit(run_on_ray(settings))
     raise_descriptor_limit(settings.max_connections + 256)  # + model, pool, log and job files
+    if settings.decode_device == "cuda":  # refused here, before any process starts, with the reason
+        from service.device_route import DeviceDecodeUnavailable, decode_device
+
+        try:
+            decode_device(settings.decode_device, settings.providers, settings.workers or 0)
+        except DeviceDecodeUnavailable as exc:
+            raise SystemExit(f"alexnet-serve: {exc}") from None
     if settings.workers:
         from service.supervisor import serve_with_fronts
 

@@ -18,6 +18,7 @@ from starlette.formparsers import MultiPartParser
 from swagger_ui_bundle import swagger_ui_path
 
 from alexnet_core.resources import keep_freed_memory
+from alexnet_core.session import OnnxClassifier
 from service.admission import DecodeBudget, UploadBudget
 from service.core import errors
 from service.core.config import Settings, get_settings
@@ -32,6 +33,8 @@ from service.core.middleware import (
 )
 from service.core.security import needs_key, scope_checker
 from service.decoding import DecodePool
+from service.device_decode import DeviceBatcher
+from service.device_route import CUDA, DeviceDecodeUnavailable, decode_device
 from service.engine.local import Engine, LocalEngine
 from service.engine.server import EngineServer
 from service.image_admission import ImageAdmission
@@ -153,6 +156,8 @@ def create_app(
         # Where the state cannot be written, training, galleries and activation answer 503.
         app.state.read_only = registry.read_only = await asyncio.to_thread(read_only_reason, settings)
         await asyncio.gather(asyncio.to_thread(registry.load_at_startup), decoder.warm_up())
+        inference.max_batch_images = batch_limit(settings, registry.current)
+        device = await start_device(app.state.engine, settings, shared is not None)
         watcher = PointerWatcher(registry)  # replicas sharing the weights volume follow activations
         watcher.start()
         app.state.training = await asyncio.to_thread(start_training, settings, registry, app.state.read_only)
@@ -170,6 +175,8 @@ def create_app(
             if app.state.training is not None:
                 await app.state.training.shutdown()
             inference.stop()
+            if device is not None:
+                device.stop()
             decoder.stop()
             pool.shutdown(wait=True, cancel_futures=True)
             registry.close()
@@ -196,6 +203,43 @@ def create_app(
     else:
         add_middleware(app, settings, metrics, admission, None)
     return app
+
+
+def batch_limit(settings: Settings, classifier: OnnxClassifier | None) -> int:
+    """Most images per inference call: ``device_batch_images`` where the session runs on CUDA and
+    ``max_batch_images`` was left at its CPU default, else ``max_batch_images``."""
+    on_cuda = classifier is not None and CUDA in classifier.providers
+    if on_cuda and "max_batch_images" not in settings.model_fields_set:
+        return settings.device_batch_images
+    return settings.max_batch_images
+
+
+async def start_device(engine: LocalEngine, settings: Settings, behind_fronts: bool) -> DeviceBatcher | None:
+    """The engine's GPU decode path, started (None where it is not taken)."""
+    device = engine.device = await asyncio.to_thread(device_batcher, settings, behind_fronts)
+    if device is not None:
+        device.start()
+    return device
+
+
+def device_batcher(settings: Settings, behind_fronts: bool) -> DeviceBatcher | None:
+    """The GPU decode path where ALEXNET_DECODE_DEVICE resolves to cuda (raises, and the server
+    does not start, where cuda is asked and not possible), else None."""
+    workers = 1 if behind_fronts else 0
+    if decode_device(settings.decode_device, settings.providers, workers) == "cpu":
+        return None
+    from service.device_decode import DeviceBatcher, DeviceDecoder
+
+    try:
+        decoder = DeviceDecoder()
+    except Exception as exc:  # installed but not working (driver, nvJPEG library)
+        if settings.decode_device == "cuda":
+            why = f"ALEXNET_DECODE_DEVICE=cuda, but nvImageCodec fails: {exc}"
+            raise DeviceDecodeUnavailable(why) from exc
+        log.warning("GPU decode not available (%s): JPEGs are decoded on the CPU", exc)
+        return None
+    log.info("baseline JPEGs are decoded on the GPU (nvImageCodec)")
+    return DeviceBatcher(decoder, settings.device_batch_images, settings.max_batch_delay_ms / 1000)
 
 
 def allow_large_uploads_in_memory(settings: Settings) -> None:

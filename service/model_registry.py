@@ -6,6 +6,7 @@ from collections.abc import Callable
 from pathlib import Path
 
 from alexnet_core import files, model_files
+from alexnet_core.metadata import ModelMetadata
 from alexnet_core.session import OnnxClassifier
 from service.core.config import Settings
 
@@ -16,6 +17,26 @@ NO_MODEL_HINT = (
     "export one with `alexnet-export --source pretrained` (or `--source random` for a smoke test) "
     "or train one with POST /train, then restart or POST /model/activate"
 )
+
+
+CUDA = "CUDAExecutionProvider"
+FP16_SUFFIX = "-fp16"
+
+
+def passed_fp16_variant(path: Path) -> Path | None:
+    """The fp16 variant beside ``path`` whose recorded agreement check passed, else None."""
+    variant = path.with_name(f"{path.stem}{FP16_SUFFIX}.onnx")
+    if not variant.is_file():
+        return None
+    import onnx  # here only: a CPU server never gets this far
+
+    try:
+        props = {p.key: p.value for p in onnx.load(variant, load_external_data=False).metadata_props}
+        check = ModelMetadata.from_props(props).precision_check
+    except Exception as exc:
+        log.warning("cannot read %s's metadata: %s", variant.name, exc)
+        return None
+    return variant if check is not None and check.get("passed") is True else None
 
 
 class ModelNotFound(LookupError):
@@ -127,6 +148,8 @@ class ModelRegistry:
         for path in preferred + [p for p in candidates if p not in preferred]:
             try:
                 self.current = self._load(path)
+                if not preferred:  # the default choice: on CUDA, its checked fp16 variant
+                    self._prefer_fp16(path)
                 return
             except Exception as exc:
                 log.error("cannot load %s: %s", path.name, exc)
@@ -135,6 +158,22 @@ class ModelRegistry:
         # Names relative to the weights directory: /ready answers anyone.
         self.not_ready_reason = f"no loadable model in the weights directory ({found}): {NO_MODEL_HINT}"
         log.warning("%s (weights directory: %s)", self.not_ready_reason, self.weights_dir)
+
+    def _prefer_fp16(self, path: Path) -> None:
+        """Serve ``path``'s fp16 variant instead where the session runs on CUDA and the variant's
+        agreement check, recorded at export (``model_export.precision``), passed."""
+        current = self.current
+        if not self.settings.prefer_fp16 or current is None or CUDA not in current.providers:
+            return
+        variant = passed_fp16_variant(path)
+        if variant is None:
+            return
+        try:
+            self.current = self._load(variant)
+        except Exception as exc:
+            log.error("cannot load the fp16 variant %s: %s; serving %s", variant.name, exc, path.name)
+            return
+        log.info("serving the fp16 variant %s on CUDA: its export check passed", variant.stem)
 
     def activate(self, version: str) -> OnnxClassifier:
         """Load and warm the new model fully, record it in the ACTIVE file, then swap: requests

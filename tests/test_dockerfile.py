@@ -25,7 +25,8 @@ def test_dockerfile_is_multi_stage_on_cuda13_cudnn9() -> None:
     builder, final = all_stages[0], all_stages[-1]
     assert re.search(r"\bAS builder\b", builder[0][1], re.IGNORECASE)
     builder_runs = " ".join(a for k, a in builder if k == "RUN")
-    assert '".[export]"' in builder_runs and "-c constraints.txt" in builder_runs
+    assert '".[${SERVE_EXTRAS}]"' in builder_runs and "-c constraints.txt" in builder_runs
+    assert args["SERVE_EXTRAS"] == "export,gpu"  # the export stage and the GPU decode path
     final_text = " ".join(a for _, a in final)
     assert "--from=builder" in final_text
     # No package managers' build tooling in the image that runs.

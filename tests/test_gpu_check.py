@@ -19,6 +19,15 @@ def test_cuda_asked_for_and_not_given_fails_loudly(tmp_path: Path) -> None:
     assert "engine" not in report  # nothing was measured on the wrong device
 
 
+def test_gpu_decode_asked_for_and_not_possible_fails_loudly(tmp_path: Path) -> None:
+    """No nvImageCodec or no CUDA here: the check stops before measuring, naming what is missing."""
+    args = ["--quick", "--providers", "CPUExecutionProvider", "--decode-device", "cuda"]
+    done, report = run_report("benchmarks.gpu_check", args, tmp_path, timeout=600, codes=(3,))
+    assert "FAILED: GPU decode was requested but this host lacks" in done.stderr
+    assert "CUDAExecutionProvider" in report["error"]
+    assert "engine" not in report
+
+
 def _point(concurrency: int, images_per_s: float, p50_ms: float) -> dict[str, float]:
     return {"concurrency": concurrency, "images_per_s": images_per_s, "p50_ms": p50_ms}
 

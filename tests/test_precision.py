@@ -7,6 +7,8 @@ validation split, which is what decides whether a variant may be served.
 """
 
 import io
+import json
+import os
 import subprocess
 import sys
 from pathlib import Path
@@ -20,8 +22,16 @@ from PIL import Image
 
 from alexnet_core.session import OnnxClassifier
 from benchmarks.free_engine import default_metadata, write_free_model
-from model_export.precision import convert_fp16, main, quantize_int8, top1_agreement
-from service.model_registry import ModelRegistry
+from model_export.precision import (
+    FP16_MAX_DELTA_P,
+    FP16_MIN_TOP1,
+    check_images,
+    convert_fp16,
+    main,
+    quantize_int8,
+    top1_agreement,
+)
+from service.model_registry import ModelRegistry, passed_fp16_variant
 from tests.conftest import cpu_settings
 from tests.images import model_batch
 
@@ -205,3 +215,39 @@ def test_int8_of_a_trained_digits_model_keeps_its_validation_accuracy(tmp_path: 
     # A trained model has clear margins: int8 of the FC layers should change almost no decision.
     assert agreement >= 0.97
     assert accuracy["int8"] >= accuracy["fp32"] - 0.02, accuracy
+
+
+def test_fp16_check_is_recorded_at_export_and_decides_the_default_on_cuda(
+    source: Path, tmp_path: Path
+) -> None:
+    """The check runs at export on a stated image set and is recorded in the variant; the
+    registry's default on CUDA takes the variant only where it passed."""
+    weights = tmp_path / "weights"
+    weights.mkdir()
+    os.link(source, weights / "alexnet-random.onnx")  # same file, no copy
+    model = weights / "alexnet-random.onnx"
+    assert passed_fp16_variant(model) is None  # no variant at all
+    images = check_images(12)
+    assert len({Image.open(io.BytesIO(data)).size for data in images}) == 12  # varied sizes
+    unchecked = convert_fp16(model)
+    assert OnnxClassifier(unchecked, CPU, warm_up=False).metadata.precision_check is None
+    assert passed_fp16_variant(model) is None  # written without a check: never the default
+    checked = convert_fp16(model, check=images, image_set="twelve synthetic")
+    record = OnnxClassifier(checked, CPU, warm_up=False).metadata.precision_check
+    assert record is not None
+    assert record["image_set"] == "twelve synthetic" and record["images"] == 12
+    assert (record["min_top1_agreement"], record["max_abs_delta_p_bound"]) == (
+        FP16_MIN_TOP1,
+        FP16_MAX_DELTA_P,
+    )
+    passes = record["top1_agreement"] >= FP16_MIN_TOP1 and record["max_abs_delta_p"] <= FP16_MAX_DELTA_P
+    assert record["passed"] is passes
+    assert passed_fp16_variant(model) == (checked if passes else None)
+    # A variant whose recorded check failed is never the default.
+    proto = onnx.load(checked)
+    props = {p.key: p.value for p in proto.metadata_props}
+    props["precision_check"] = json.dumps({**record, "passed": False})
+    del proto.metadata_props[:]
+    onnx.helper.set_model_props(proto, props)
+    onnx.save_model(proto, checked)
+    assert passed_fp16_variant(model) is None

@@ -49,6 +49,11 @@ class Settings(CommonSettings):
         ["CUDAExecutionProvider", "CPUExecutionProvider"],
         description="ONNX Runtime execution providers in order of preference (comma-separated)",
     )
+    prefer_fp16: bool = Field(
+        True,
+        description="with no model chosen (model, ACTIVE file) and the session on CUDA: serve the "
+        "default model's fp16 variant if its agreement check recorded at export passed",
+    )
     state_dir: Path | None = Field(
         None,
         description="where the server writes its state: training job records and runs, galleries, the "
@@ -78,6 +83,12 @@ class Settings(CommonSettings):
         description="threads that cut a crops-kind model's crops and parse Open Inference Protocol "
         "bodies (off the event loop); 0 = one per core" + AUTO_CPUS,
     )
+    decode_device: Annotated[Literal["auto", "cpu", "cuda"], BeforeValidator(_lower)] = Field(
+        "auto",
+        description="where baseline JPEGs are decoded: cuda = in batches on the GPU (nvImageCodec, the "
+        "[gpu] extra; the server refuses to start without it), cpu = the decode workers, auto = cuda "
+        "where possible; other images always take the decode workers (docs/gpu.md)",
+    )
     decode_workers: int = Field(
         0, ge=0, description="processes that decode images; 0 = two per core" + AUTO_CPUS
     )
@@ -100,7 +111,15 @@ class Settings(CommonSettings):
         64, ge=1, description="most scans in a JPEG (each progressive scan re-reads the whole image)"
     )
     batching: bool = Field(True, description="gather concurrent requests into one inference call")
-    max_batch_images: int = Field(8, ge=1, description="most images (x10 crops) in one inference call")
+    max_batch_images: int = Field(
+        8, ge=1, description="most images (x10 crops) in one inference call on the CPU provider"
+    )
+    device_batch_images: int = Field(
+        128,
+        ge=1,
+        description="most images in one inference call where the session runs on CUDA (unless "
+        "max_batch_images is set), and in one GPU decode (ALEXNET_DECODE_DEVICE)",
+    )
     max_batch_delay_ms: float = Field(
         10.0, ge=0, description="longest wait for more images to batch, while admitted ones still decode"
     )

@@ -17,10 +17,13 @@ from typing import Any, Protocol
 import numpy as np
 from fastapi import HTTPException, Request, status
 
+from alexnet_core.images import DecodeCost, ImageInputError, decode_cost
 from alexnet_core.metadata import ModelMetadata
 from alexnet_core.session import OnnxClassifier
 from service.core.config import Settings
 from service.core.metrics import Metrics
+from service.device_decode import DeviceBatcher, DeviceFailed
+from service.device_route import Route, route
 from service.inference import InferenceQueue
 from service.model_registry import ModelRegistry
 from service.preparation import Preparation, unless_disconnected
@@ -85,9 +88,11 @@ class LocalEngine:
         inference: InferenceQueue,
         preparation: Preparation,
         metrics: Metrics,
+        device: DeviceBatcher | None = None,
     ) -> None:
         self.settings, self.registry, self.inference = settings, registry, inference
         self.preparation, self.metrics = preparation, metrics
+        self.device = device  # the GPU decode path, where ALEXNET_DECODE_DEVICE resolved to cuda
 
     def served(self) -> OnnxClassifier:
         """The model in service when the request arrives; it serves the whole request even if
@@ -112,6 +117,14 @@ class LocalEngine:
 
         async def work() -> EngineResult:
             inference, meta = self.inference, model.metadata
+            if self.device is not None and meta.input_kind == "square" and not (features or squares):
+                loop = asyncio.get_running_loop()
+                routes = await loop.run_in_executor(self.preparation.pool, _routes, images)
+                if all(each.device for each in routes):
+                    try:
+                        return await self._on_device(model, images, labels, routes)
+                    except DeviceFailed:  # logged by the batcher; the CPU workers can still answer
+                        pass
             admit = inference.admission.admit_within
             async with admit(len(images), self.settings.request_timeout_s) as admission:
                 decoded = await self.preparation.decoded_squares(meta, images, labels, [None] * len(images))
@@ -131,6 +144,38 @@ class LocalEngine:
 
         return await cancelled_with(cancel_on, work(), self.metrics)
 
+    async def _on_device(
+        self, model: OnnxClassifier, images: list[bytes], labels: list[str], routes: list[Route]
+    ) -> EngineResult:
+        """A request of baseline JPEGs only: admitted, its headers' decode memory (the full-size
+        image and its float copy on the device) reserved against the decode budget, then decoded,
+        cut and run on the GPU with other requests' images."""
+        assert self.device is not None
+        settings, budget = self.settings, self.preparation.budget
+        costs = await asyncio.get_running_loop().run_in_executor(
+            self.preparation.pool, _weighed, images, labels, model.metadata.resize_size, settings
+        )
+        # The device decodes at full size (no draft scale): the image and its float32 copy.
+        pairs = zip(costs, routes, strict=True)
+        held = sum(max(cost.bytes, each.width * each.height * 15) for cost, each in pairs)
+        async with self.inference.admission.admit_within(len(images), settings.request_timeout_s):
+            budget.reserve(held)
+            try:
+                result = await self.device.classify(model, images, labels)
+            finally:
+                budget.release(held)
+        if result.errors:
+            raise result.errors[min(result.errors)]
+        per_image = result.seconds / max(result.batch_images, 1)
+        return EngineResult(
+            result.probabilities,
+            None,
+            [per_image] * len(images),
+            [0.0] * len(images),
+            result.seconds,
+            result.batch_images,
+        )
+
     async def run_tensor(self, model: OnnxClassifier, batch: np.ndarray, images: int) -> EngineResult:
         """The model's own input (Open Inference Protocol tensors), through the same batcher."""
         async with self.inference.admission.admit_within(
@@ -140,3 +185,19 @@ class LocalEngine:
         return EngineResult(
             result.probabilities, None, [0.0] * images, [0.0] * images, result.seconds, result.batch_images
         )
+
+
+def _routes(images: list[bytes]) -> list[Route]:
+    return [route(data) for data in images]
+
+
+def _weighed(images: list[bytes], labels: list[str], resize: int, settings: Settings) -> list[DecodeCost]:
+    """Each image's header weighed as for the CPU path (pixel limit, JPEG scans), its file named
+    in a refusal."""
+    costs = []
+    for data, label in zip(images, labels, strict=True):
+        try:
+            costs.append(decode_cost(data, resize, settings.max_pixels, settings.max_jpeg_scans))
+        except ImageInputError as exc:
+            raise ImageInputError(exc.status_code, label + exc.detail) from None
+    return costs
