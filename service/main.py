@@ -214,8 +214,11 @@ def batch_limit(settings: Settings, classifier: OnnxClassifier | None) -> int:
     return settings.max_batch_images
 
 
-async def start_device(engine: LocalEngine, settings: Settings, behind_fronts: bool) -> DeviceBatcher | None:
-    """The engine's GPU decode path, started (None where it is not taken)."""
+async def start_device(engine: Engine, settings: Settings, behind_fronts: bool) -> DeviceBatcher | None:
+    """The engine's GPU decode path, started (None where it is not taken: also where the engine is
+    elsewhere, as a Ray cluster's, and this process only decodes on the CPU for it)."""
+    if not isinstance(engine, LocalEngine):
+        return None
     device = engine.device = await asyncio.to_thread(device_batcher, settings, behind_fronts)
     if device is not None:
         device.start()
@@ -228,7 +231,7 @@ def device_batcher(settings: Settings, behind_fronts: bool) -> DeviceBatcher | N
     workers = 1 if behind_fronts else 0
     if decode_device(settings.decode_device, settings.providers, workers) == "cpu":
         return None
-    from service.device_decode import DeviceBatcher, DeviceDecoder
+    from service.device_decode import DeviceDecoder
 
     try:
         decoder = DeviceDecoder()
