@@ -86,33 +86,44 @@ def _start(command: list[str], log: Path) -> subprocess.Popen[bytes]:
 
 
 def _wait_for_nodes(address: str, count: int, nodes: list[subprocess.Popen[bytes]], timeout: float) -> None:
+    # One connection that polls (a driver in this process would stay connected to the cluster).
     probe = (
-        "import ray, sys; ray.init(address=sys.argv[1], logging_level='ERROR'); "
-        "print(sum(n['Alive'] for n in ray.nodes()))"
+        "import ray, sys, time\n"
+        "ray.init(address=sys.argv[1], logging_level='ERROR')\n"
+        "while sum(n['Alive'] for n in ray.nodes()) < int(sys.argv[2]):\n"
+        "    time.sleep(0.5)\n"
     )
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
         if any(node.poll() is not None for node in nodes):
             raise ClusterUnavailable("a Ray node exited at start-up (see its log in the cluster's folder)")
-        done = subprocess.run(
-            [sys.executable, "-c", probe, address], capture_output=True, text=True, timeout=120, cwd=REPO_ROOT
-        )
-        if done.returncode == 0 and done.stdout.strip().splitlines()[-1:] == [str(count)]:
+        try:
+            done = subprocess.run(
+                [sys.executable, "-c", probe, address, str(count)], capture_output=True, text=True,
+                timeout=max(1.0, deadline - time.monotonic()), cwd=REPO_ROOT,
+            )  # fmt: skip
+        except subprocess.TimeoutExpired:
+            break
+        if done.returncode == 0:
             return
-        time.sleep(1)
+        time.sleep(1)  # the head not up yet: the connection failed
     raise ClusterUnavailable(f"the Ray cluster did not reach {count} live nodes within {timeout:.0f} s")
 
 
-def stop_node(node: subprocess.Popen[bytes], timeout: float = 30) -> None:
-    """Ends one node: SIGTERM to its ``ray start`` (which stops the node's processes), then
-    SIGKILL to whatever of its session is left."""
-    if node.poll() is None:
-        node.send_signal(signal.SIGTERM)
+def stop_nodes(nodes: list[subprocess.Popen[bytes]], timeout: float = 10) -> None:
+    """Ends nodes: SIGTERM to each ``ray start`` (which stops its node's processes), then SIGKILL
+    to whatever of their sessions is left."""
+    for node in nodes:
+        if node.poll() is None:
+            node.send_signal(signal.SIGTERM)
+    deadline = time.monotonic() + timeout
+    for node in nodes:
         with suppress(subprocess.TimeoutExpired):
-            node.wait(timeout)
-    with suppress(ProcessLookupError):
-        os.killpg(node.pid, signal.SIGKILL)
-    node.wait()
+            node.wait(max(0.1, deadline - time.monotonic()))
+    for node in nodes:
+        with suppress(ProcessLookupError):
+            os.killpg(node.pid, signal.SIGKILL)
+        node.wait()
 
 
 @contextmanager
@@ -137,6 +148,5 @@ def local_cluster(nodes: int = 2, cpus_per_node: int = 1, timeout: float = 180) 
         _wait_for_nodes(cluster.address, nodes, cluster.nodes, timeout)
         yield cluster
     finally:
-        for node in reversed(cluster.nodes):
-            stop_node(node)
+        stop_nodes(cluster.nodes[::-1])
         shutil.rmtree(temp_dir, ignore_errors=True)

@@ -182,11 +182,10 @@ def drive(config: TrainRun) -> int:
     # A new run's rank 0 starts metrics.jsonl afresh; a resumed one appends after these.
     earlier = len(read_events(config.run_dir)) if config.resume else 0
     cancel = CancelFlag()
-    cancel.install()
     try:
+        # Before this, a SIGTERM ends the process as it would a local run still importing torch.
         ray.init(address=config.ray, logging_level=logging.WARNING)
-        if cancel:
-            return ExitCode.CANCELLED
+        cancel.install()  # after ray.init, which installs a SIGTERM handler of its own that exits
         failure = fit(config, cancel)
     except (ConnectionError, ray.exceptions.RayError) as exc:
         failure = exc
