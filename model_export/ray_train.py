@@ -73,6 +73,8 @@ class RemoteCancel(CancelFlag):
         while not self.stopped.wait(POLL_S):
             try:
                 on = ray.get(self.switch.get.remote(), timeout=30)
+            except ray.exceptions.GetTimeoutError:  # a busy node: ask again
+                continue
             except ray.exceptions.RayError:  # the driver, which owns the switch, is gone: stop too
                 on = True
             if on:
