@@ -57,6 +57,19 @@ class LocalCluster:
                 found.append(pid)
         return found
 
+    def free_cpus(self) -> float:
+        """CPUs of the cluster no actor or placement group holds, asked of Ray in a subprocess (a
+        driver in this process would stay connected)."""
+        probe = (
+            "import ray, sys; ray.init(address=sys.argv[1], logging_level='ERROR'); "
+            "print(ray.available_resources().get('CPU', 0))"
+        )
+        done = subprocess.run(
+            [sys.executable, "-c", probe, self.address], capture_output=True, text=True, timeout=120,
+            cwd=REPO_ROOT, check=True,
+        )  # fmt: skip
+        return float(done.stdout.strip().splitlines()[-1])
+
 
 def _ray() -> str:
     ray = Path(sys.executable).with_name("ray")
