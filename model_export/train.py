@@ -364,8 +364,12 @@ def main(argv: list[str] | None = None) -> int:
         )
         return ExitCode.ERROR
     if config.ray:  # this process drives the Ray Train workers (Ray is imported only there)
-        from model_export.ray_train import drive
-
+        try:
+            from model_export.ray_train import drive
+        except ImportError as exc:
+            print(f"alexnet-train: error: --ray needs the cluster extra: pip install '.[cluster]' ({exc})",
+                  file=sys.stderr)  # fmt: skip
+            return ExitCode.ERROR
         return drive(config)
     cancel = CancelFlag()
     cancel.install()
