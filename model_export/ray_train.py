@@ -18,6 +18,7 @@ Ray is imported here only: neither the server nor a local run loads it.
 
 import logging
 import signal
+import socket
 import sys
 import threading
 from pathlib import Path
@@ -178,9 +179,33 @@ def fit(config: TrainRun, cancel: CancelFlag) -> BaseException | None:
     return outcome[0] if outcome else None
 
 
+def unreachable(address: str) -> str | None:
+    """Why the head at host:port cannot be reached (ray.init would wait for it for minutes)."""
+    host, colon, port = address.rpartition(":")
+    if not colon or not port.isdigit():
+        return None  # "auto", or another form ray.init resolves itself
+    try:
+        socket.create_connection((host, int(port)), timeout=10).close()
+    except OSError as exc:
+        return f"cannot reach the Ray cluster at {address}: {exc.strerror or exc}"
+    return None
+
+
+def record_error(config: TrainRun, message: str) -> int:
+    """The run's end where no worker recorded one."""
+    log = MetricsLog(config.run_dir / METRICS, append=True)
+    log.write(ErrorEvent(message=message))
+    log.close()
+    print(f"alexnet-train: error: {message}", file=sys.stderr)
+    return ExitCode.ERROR
+
+
 def drive(config: TrainRun) -> int:
     config = absolute(config)
     config.run_dir.mkdir(parents=True, exist_ok=True)
+    assert config.ray is not None  # main() calls this only with --ray
+    if (problem := unreachable(config.ray)) is not None:
+        return record_error(config, problem)
     # A new run's rank 0 starts metrics.jsonl afresh; a resumed one appends after these.
     earlier = len(read_events(config.run_dir)) if config.resume else 0
     cancel = CancelFlag()
@@ -198,10 +223,6 @@ def drive(config: TrainRun) -> int:
         message = f"the Ray Train workers ended without a result: {type(failure).__name__}: {failure}"
         if cancel:
             message = f"cancelled, but {message}"
-        log = MetricsLog(config.run_dir / METRICS, append=True)
-        log.write(ErrorEvent(message=message))
-        log.close()
-        print(f"alexnet-train: error: {message}", file=sys.stderr)
-        code = ExitCode.ERROR
+        code = record_error(config, message)
     ray.shutdown()
     return code

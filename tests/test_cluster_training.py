@@ -18,6 +18,7 @@ import httpx
 import pytest
 
 from benchmarks.ray_cluster import ClusterUnavailable, LocalCluster, local_cluster
+from benchmarks.server import free_port
 from tests.digits import CLASS_NAMES, DigitsFolder, write_digits
 from tests.processes import ServerProcess, server_subprocess, wait_until
 
@@ -158,3 +159,18 @@ def test_cancel_stops_the_workers_resume_continues_and_a_killed_driver_ends_the_
         wait_until(lambda: cluster.processes(WORKER) == [], 90, "no Ray Train worker left")
         # And what the job held on the cluster is free again for the next one.
         wait_until(lambda: cluster.free_cpus() == 2, 90, "both CPUs of the cluster free")
+
+
+def test_an_unreachable_cluster_fails_the_job_at_once_saying_why(
+    data_root: tuple[Path, DigitsFolder], tmp_path: Path
+) -> None:
+    nowhere = f"127.0.0.1:{free_port()}"  # nothing listens there
+    with (
+        server_subprocess(
+            tmp_path / "weights", tmp_path, data_root[0], api_key="test-key", ray_address=nowhere, workers=0
+        ) as server,
+        httpx.Client(base_url=server.url, timeout=60) as api,
+    ):
+        job_id = api.post("/train", json={**QUICK, "epochs": 1}, headers=KEY).json()["id"]
+        failed = wait_for(api, job_id, ENDED, timeout=120)
+        assert failed["state"] == "failed" and f"cannot reach the Ray cluster at {nowhere}" in failed["error"]
