@@ -128,6 +128,12 @@ class TrainConfig(BaseModel):
     val10_max_images: Annotated[int | None, Cli(metavar="N", group="running")] = Field(
         None, ge=1, description="test-crop validation of the exported model on at most N images (default all)"
     )
+    ray_workers: Annotated[int, Cli(metavar="N", group="running")] = Field(
+        1,
+        ge=1,
+        description="data-parallel training processes as Ray Train workers on a Ray cluster (more than 1 "
+        "needs the cluster); the batch is split between them",
+    )
 
     @property
     def resize(self) -> int:
@@ -169,11 +175,18 @@ class TrainRun(TrainConfig):
         None, ge=1, description="torch threads (default: cores / processes)"
     )
     progress: Annotated[bool, Cli(group="running")] = Field(True, description="progress bar")
+    ray: Annotated[str | None, Cli(metavar="ADDRESS", group="running")] = Field(
+        None,
+        description="run as --ray-workers Ray Train workers on the Ray cluster at ADDRESS (host:port of its "
+        "head, or auto); the data, --out and --weights-dir must be at the same path on every node",
+    )
 
     @model_validator(mode="after")
     def _run_folder(self) -> "TrainRun":
         if self.out is None:
             self.out = Path("runs") / self.data.resolve().name
+        if self.ray_workers > 1 and not self.ray:
+            raise ValueError(f"{self.ray_workers} workers need a Ray cluster: pass --ray ADDRESS")
         return self
 
     @property

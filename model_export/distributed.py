@@ -1,4 +1,8 @@
-"""Data-parallel set-up under torchrun (RANK/WORLD_SIZE set): gloo on CPU, NCCL on GPU."""
+"""Data-parallel set-up under torchrun or Ray Train (RANK/WORLD_SIZE set): gloo on CPU, NCCL on GPU.
+
+torchrun only sets the environment and the process makes the group; Ray Train makes the group
+itself (its TorchConfig) before it calls the training function, so ``init`` leaves that one as it is.
+"""
 
 import os
 from dataclasses import dataclass
@@ -36,7 +40,7 @@ def processes_from_env() -> Processes:
 
 
 def init(procs: Processes, device: str) -> None:
-    if not procs.distributed:
+    if not procs.distributed or dist.is_initialized():
         return
     nccl = device != "cpu" and torch.cuda.is_available()
     if nccl:  # NCCL binds each rank to the current device when the group is made

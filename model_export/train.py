@@ -5,6 +5,7 @@
     alexnet-train data/digits --out runs/digits --epochs 20 --resume
     alexnet-train --config runs/digits/config.json
     torchrun --standalone --nproc_per_node=2 -m model_export.train data/digits --out runs/ddp
+    alexnet-train /shared/data/digits --out /shared/runs/ray --ray head-host:6379 --ray-workers 2
 
 The dataset is ``<data>/train/<class>/*`` and ``<data>/val/<class>/*`` (see model_export.data).
 
@@ -29,7 +30,9 @@ Exit codes (``alexnet_core.training.ExitCode``): 0 done; 1 error (bad dataset, c
 export; message on stderr); 2 bad arguments; 3 training diverged (loss NaN/inf); 130 cancelled by
 SIGTERM or SIGINT (the last completed epoch's checkpoint is left intact).
 
-Under torchrun (RANK/WORLD_SIZE set) it trains data-parallel: gloo on CPU, NCCL on GPU. On a GPU
+Under torchrun (RANK/WORLD_SIZE set) it trains data-parallel: gloo on CPU, NCCL on GPU. With
+``--ray ADDRESS --ray-workers N`` the same code runs as N Ray Train workers on a Ray cluster
+(model_export.ray_train; ``pip install '.[cluster]'``), this process only driving them. On a GPU
 it runs in mixed precision (bf16 where supported, else fp16 with a gradient scaler).
 """
 
@@ -317,21 +320,11 @@ def train(
     return done
 
 
-def main(argv: list[str] | None = None) -> int:
-    config = options.parse(argv, parser())
-    warnings.filterwarnings("ignore", category=FutureWarning)
-    procs = distributed.processes_from_env()
-    if not config.resume and (config.run_dir / CHECKPOINT).exists():
-        print(
-            f"alexnet-train: error: {config.run_dir / CHECKPOINT} exists: pass --resume to continue it, "
-            "or choose another --out",
-            file=sys.stderr,
-        )
-        return ExitCode.ERROR
+def run(config: TrainRun, procs: Processes, cancel: CancelFlag) -> int:
+    """One process of a run, from the process group to its exit code: the whole of a plain or
+    torchrun launch, and what each Ray Train worker calls (model_export.ray_train)."""
     distributed.init(procs, config.device)
     log = MetricsLog(config.run_dir / METRICS if procs.main else None, append=config.resume)
-    cancel = CancelFlag()
-    cancel.install()
     position = Position()
     try:
         log.write(train(config, procs, log, cancel, position))
@@ -356,9 +349,34 @@ def main(argv: list[str] | None = None) -> int:
         log.write(ErrorEvent(message=f"{type(exc).__name__}: {exc}"))
         raise
     finally:
-        cancel.restore()
         log.close()
         distributed.close(procs)
+
+
+def main(argv: list[str] | None = None) -> int:
+    config = options.parse(argv, parser())
+    warnings.filterwarnings("ignore", category=FutureWarning)
+    if not config.resume and (config.run_dir / CHECKPOINT).exists():
+        print(
+            f"alexnet-train: error: {config.run_dir / CHECKPOINT} exists: pass --resume to continue it, "
+            "or choose another --out",
+            file=sys.stderr,
+        )
+        return ExitCode.ERROR
+    if config.ray:  # this process drives the Ray Train workers (Ray is imported only there)
+        try:
+            from model_export.ray_train import drive
+        except ImportError as exc:
+            print(f"alexnet-train: error: --ray needs the cluster extra: pip install '.[cluster]' ({exc})",
+                  file=sys.stderr)  # fmt: skip
+            return ExitCode.ERROR
+        return drive(config)
+    cancel = CancelFlag()
+    cancel.install()
+    try:
+        return run(config, distributed.processes_from_env(), cancel)
+    finally:
+        cancel.restore()
 
 
 if __name__ == "__main__":

@@ -197,6 +197,12 @@ class TrainRequest(TrainConfig):
     resize_size: int | None = _api("resize_size", le=1024)
     stats_images: int = _api("stats_images", le=100_000)
     seed: int = _api("seed", le=2**31 - 1)
+    ray_workers: int = _api(
+        "ray_workers",
+        le=256,
+        description="data-parallel training processes as Ray Train workers (the batch is split between "
+        "them); more than 1 needs a server configured with a Ray cluster (ALEXNET_RAY_ADDRESS)",
+    )
     activate: bool = Field(False, description="serve the model when the job succeeds")
 
 

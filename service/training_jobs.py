@@ -1,12 +1,11 @@
 """Training jobs: each one an ``alexnet-train`` process, its record in SQLite.
 
-The server never trains in its own process: it writes the job's parameters to
-``<run dir>/config.json`` (``alexnet_core.training.TrainRun``) and starts
-``python -m model_export.train --config <run dir>/config.json`` (torch is imported there, not
-here), follows the run through the events it writes to ``metrics.jsonl``, and cancels it with
-SIGTERM (the trainer stops within one batch and keeps its last checkpoint). One job runs at a
-time; a second request while one is running gets 409 rather than waiting in a queue, so that a
-client always knows at once whether its job started.
+The server never trains in its own process: it writes the job's parameters (``TrainRun``) to
+``<run dir>/config.json``, starts ``python -m model_export.train --config <run dir>/config.json``
+(torch is imported there; on a Ray cluster it drives the job's workers: service.training_cluster),
+follows the run through the events it writes to ``metrics.jsonl``, and cancels it with SIGTERM (the
+trainer stops within one batch and keeps its last checkpoint). One job runs at a time; a second
+request while one runs gets 409 rather than waiting in a queue: a client knows at once if it started.
 
 A job belongs to the server process that started it: that process holds an exclusive
 ``flock`` on ``<run dir>/owner.lock`` while the job is queued or running, and the kernel drops
@@ -46,6 +45,7 @@ from alexnet_core.training import (
 from service.job_store import STORAGE_ERRORS, JobRecord, JobStore, refusal
 from service.model_registry import ModelRegistry
 from service.schemas import TrainRequest
+from service.training_cluster import check_cluster
 from service.training_datasets import DatasetRefused, check_dataset
 
 __all__ = ["JobError", "JobRecord", "JobStore", "TrainingManager", "read_metrics"]
@@ -114,8 +114,10 @@ class TrainingManager:
     into the weights directory: where it is read-only, ``models_read_only`` says why."""
 
     def __init__(self, weights_dir: Path, data_root: Path, registry: ModelRegistry,
-                 state_dir: Path | None = None, models_read_only: str | None = None) -> None:  # fmt: skip
+                 state_dir: Path | None = None, models_read_only: str | None = None,
+                 ray_address: str | None = None) -> None:  # fmt: skip
         self.weights_dir = weights_dir
+        self.ray_address = ray_address
         self.data_root = data_root
         self.registry = registry
         self.state_dir = state_dir or weights_dir
@@ -199,14 +201,15 @@ class TrainingManager:
         if running:
             raise JobError(409, f"job {running[0]} is running; one job runs at a time (cancel it or wait)")
 
-    async def _dataset(self, relative: str) -> Path:
+    async def _dataset(self, request: TrainRequest) -> Path:
+        check_cluster(self.ray_address, request.ray_workers)
         try:
-            return await asyncio.to_thread(check_dataset, self.data_root, relative)
+            return await asyncio.to_thread(check_dataset, self.data_root, request.dataset)
         except DatasetRefused as exc:
             raise JobError(400, str(exc)) from None
 
     async def submit(self, request: TrainRequest) -> JobRecord:
-        dataset = await self._dataset(request.dataset)
+        dataset = await self._dataset(request)
         async with self._starting:  # check and record with no other start in between
             await asyncio.to_thread(self._check_can_start)
             job_id = uuid.uuid4().hex[:12]
@@ -229,7 +232,7 @@ class TrainingManager:
             # The trainer of a server that was killed, told to stop at start-up and still
             # finishing its batch: a second one on the same run folder would race it.
             raise JobError(409, f"job {job_id}: its last trainer is still stopping; retry in a few seconds")
-        dataset = await self._dataset(job.request.dataset)
+        dataset = await self._dataset(job.request)
         async with self._starting:
             await asyncio.to_thread(self._check_can_start)
             job = await asyncio.to_thread(self.get, job_id)  # as recorded now, after the wait
@@ -242,7 +245,7 @@ class TrainingManager:
         return TrainRun.model_validate(
             job.request.model_dump(include=set(TrainConfig.model_fields))
             | {"data": dataset, "out": job.run_dir, "weights_dir": self.weights_dir, "resume": resume,
-               "data_root": self.data_root, "progress": False}
+               "data_root": self.data_root, "progress": False, "ray": self.ray_address}
         )  # fmt: skip
 
     def _prepare(self, job: JobRecord, dataset: Path, resume: bool) -> None:

@@ -179,3 +179,13 @@ def test_bad_training_parameters(api: httpx.Client) -> None:
         response = api.post("/train", json={**SMALL, **bad}, headers=KEY)
         assert response.status_code == 422, bad
         assert "invalid request" in response.json()["detail"]
+
+
+def test_several_workers_need_a_cluster(api: httpx.Client) -> None:
+    # This server has no ALEXNET_RAY_ADDRESS: the request is refused before anything is recorded.
+    response = api.post("/train", json={**SMALL, "ray_workers": 2}, headers=KEY)
+    assert response.status_code == 422, response.text
+    detail = response.json()["detail"]
+    assert "ray_workers" in detail and "ALEXNET_RAY_ADDRESS" in detail
+    assert api.post("/train", json={**SMALL, "ray_workers": 0}, headers=KEY).status_code == 422
+    assert api.get("/train").json() == []

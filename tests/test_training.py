@@ -142,6 +142,16 @@ def test_divergence_stops_with_a_clear_error(
     assert not (run / "checkpoint.pt").exists()
 
 
+def test_several_workers_need_a_ray_cluster(
+    digits: DigitsFolder, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    with pytest.raises(SystemExit) as exited:
+        main([str(digits.root), "--out", str(tmp_path / "run"), *SMALL, "--ray-workers", "2"])
+    assert exited.value.code == ExitCode.USAGE
+    assert "2 workers need a Ray cluster: pass --ray ADDRESS" in capsys.readouterr().err
+    assert not (tmp_path / "run").exists()
+
+
 @pytest.mark.long
 def test_resume_continues_the_epoch_count(digits: DigitsFolder, tmp_path: Path) -> None:
     run, straight = tmp_path / "run", tmp_path / "straight"

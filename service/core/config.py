@@ -137,6 +137,14 @@ class Settings(CommonSettings):
         "the environment: a command line is visible to every user of the machine)",
     )
 
+    ray_address: str | None = Field(
+        None,
+        description="Ray cluster (host:port of its head) that runs every training job as Ray Train "
+        "workers (TrainRequest ray_workers, default 1); this server only submits and follows them. "
+        "Needs the cluster extra and the data root, state dir and weights dir shared at the same "
+        "path on every node; unset = jobs train on this host, one process each",
+    )
+
     # Feature search (/embed, /gallery, /similar)
     gallery_max_items: int = Field(
         10_000, ge=1, description="most images in one model's gallery (16 KiB of vector each in memory)"
@@ -196,7 +204,7 @@ class Settings(CommonSettings):
         for key in ("providers", "cors_origins"):
             if key in data:
                 data[key] = _split(data[key])
-        for key in ("workers", "state_dir", "ray"):
+        for key in ("workers", "state_dir", "ray", "train_on_ray"):
             if data.get(key) == "":  # a deployment file passing the default through
                 data[key] = None
         return data

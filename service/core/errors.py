@@ -12,8 +12,10 @@ from starlette.formparsers import MultiPartException
 from starlette.requests import ClientDisconnect
 from starlette.routing import Match
 
+from alexnet_core.errors import StatusError
 from alexnet_core.images import ImageInputError
 from service.image_admission import ServiceUnavailable
+from service.training_cluster import ClusterRefused
 from service.training_jobs import JobError
 
 log = logging.getLogger("service")
@@ -68,7 +70,7 @@ async def _unexpected(request: Request, exc: Exception) -> JSONResponse:
 
 
 def install(app: FastAPI) -> None:
-    async def domain_error(request: Request, exc: ImageInputError | JobError) -> JSONResponse:
+    async def domain_error(request: Request, exc: StatusError) -> JSONResponse:
         retry = getattr(exc, "retry_after_s", None)
         return error(exc.status_code, exc.detail, {"Retry-After": str(retry)} if retry else None)
 
@@ -77,6 +79,7 @@ def install(app: FastAPI) -> None:
 
     app.add_exception_handler(ImageInputError, domain_error)  # type: ignore[arg-type]
     app.add_exception_handler(JobError, domain_error)  # type: ignore[arg-type]
+    app.add_exception_handler(ClusterRefused, domain_error)  # type: ignore[arg-type]
     app.add_exception_handler(ServiceUnavailable, unavailable)  # type: ignore[arg-type]
     app.add_exception_handler(RequestValidationError, _validation_error)  # type: ignore[arg-type]
     # Starlette's own (404 no route, 405 wrong method) as well as FastAPI's subclass.
