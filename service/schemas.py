@@ -201,7 +201,7 @@ class TrainRequest(TrainConfig):
         "ray_workers",
         le=256,
         description="data-parallel training processes as Ray Train workers (the batch is split between "
-        "them); more than 1 needs a server configured with a Ray cluster (ALEXNET_RAY_ADDRESS)",
+        "them); more than 1 needs a server configured with a Ray cluster (ALEXNET_TRAIN_ON_RAY)",
     )
     activate: bool = Field(False, description="serve the model when the job succeeds")
 

@@ -48,7 +48,7 @@ def start_training(
         settings.data_root,
         registry,
         state_dir=settings.state_path,
-        ray_address=settings.ray_address,
+        ray_address=settings.train_on_ray,
         models_read_only=exports
         and f"the weights directory, where a job's model goes, cannot be written ({exports})",
     )

@@ -1,4 +1,4 @@
-"""Training jobs on a Ray cluster (``ALEXNET_RAY_ADDRESS``): what the server checks before one.
+"""Training jobs on a Ray cluster (``ALEXNET_TRAIN_ON_RAY``): what the server checks before one.
 
 The server runs such a job as it runs any: one ``alexnet-train`` process, whose config.json
 carries the cluster's address and the number of workers. That process is then only the driver of
@@ -23,10 +23,10 @@ def check_cluster(ray_address: str | None, workers: int) -> None:
         raise ClusterRefused(
             422,
             f"ray_workers: {workers} workers need a Ray cluster, and this server has none "
-            "(ALEXNET_RAY_ADDRESS is unset): ask for 1 worker, or configure the cluster",
+            "(ALEXNET_TRAIN_ON_RAY is unset): ask for 1 worker, or configure the cluster",
         )
     if ray_address is not None and importlib.util.find_spec("ray") is None:
         raise ClusterRefused(
             501,
-            "ALEXNET_RAY_ADDRESS is set but Ray is not installed here: pip install '.[cluster]'",
+            "ALEXNET_TRAIN_ON_RAY is set but Ray is not installed here: pip install '.[cluster]'",
         )

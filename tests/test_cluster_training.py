@@ -58,7 +58,7 @@ def api_server(
     """The server as in production, in one process, configured with the cluster."""
     with (
         server_subprocess(
-            weights, tmp, data_root, api_key="test-key", ray_address=cluster.address, workers=0
+            weights, tmp, data_root, api_key="test-key", train_on_ray=cluster.address, workers=0
         ) as server,
         httpx.Client(base_url=server.url, timeout=60) as api,
     ):
@@ -167,7 +167,7 @@ def test_an_unreachable_cluster_fails_the_job_at_once_saying_why(
     nowhere = f"127.0.0.1:{free_port()}"  # nothing listens there
     with (
         server_subprocess(
-            tmp_path / "weights", tmp_path, data_root[0], api_key="test-key", ray_address=nowhere, workers=0
+            tmp_path / "weights", tmp_path, data_root[0], api_key="test-key", train_on_ray=nowhere, workers=0
         ) as server,
         httpx.Client(base_url=server.url, timeout=60) as api,
     ):

@@ -182,10 +182,10 @@ def test_bad_training_parameters(api: httpx.Client) -> None:
 
 
 def test_several_workers_need_a_cluster(api: httpx.Client) -> None:
-    # This server has no ALEXNET_RAY_ADDRESS: the request is refused before anything is recorded.
+    # This server has no ALEXNET_TRAIN_ON_RAY: the request is refused before anything is recorded.
     response = api.post("/train", json={**SMALL, "ray_workers": 2}, headers=KEY)
     assert response.status_code == 422, response.text
     detail = response.json()["detail"]
-    assert "ray_workers" in detail and "ALEXNET_RAY_ADDRESS" in detail
+    assert "ray_workers" in detail and "ALEXNET_TRAIN_ON_RAY" in detail
     assert api.post("/train", json={**SMALL, "ray_workers": 0}, headers=KEY).status_code == 422
     assert api.get("/train").json() == []

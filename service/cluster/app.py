@@ -141,6 +141,8 @@ def run_on_ray(settings: Settings) -> int:
     """``alexnet-serve --ray ADDRESS``: deploy the app on that cluster, then leave it running."""
     import ray
 
+    # A training job sent to any front runs on this cluster as Ray Train workers, not in the front.
+    settings = settings.model_copy(update={"train_on_ray": settings.train_on_ray or settings.ray})
     ray.init(address=settings.ray, log_to_driver=False)
     http = {"host": settings.host, "port": settings.port}
     serve.start(proxy_location=settings.ray_proxy_location, http_options=http)

@@ -137,7 +137,7 @@ class Settings(CommonSettings):
         "the environment: a command line is visible to every user of the machine)",
     )
 
-    ray_address: str | None = Field(
+    train_on_ray: str | None = Field(
         None,
         description="Ray cluster (host:port of its head) that runs every training job as Ray Train "
         "workers (TrainRequest ray_workers, default 1); this server only submits and follows them. "
