@@ -1,12 +1,15 @@
-"""Where the server writes its state (job records, runs, galleries, ``ACTIVE``): the state
-directory (``ALEXNET_STATE_DIR``, default the weights directory), and what is disabled when it
-cannot be written (a read-only volume of models)."""
+"""Where the server writes its state: the state directory (``ALEXNET_STATE_DIR``, default the
+weights directory) for runs and, by default, the SQLite files of job records, the activation
+history and galleries and the ``ACTIVE`` file; or, where ``ALEXNET_DATABASE_URL`` is set, a
+PostgreSQL database for the records. And what is disabled when they cannot be written."""
 
 import logging
 import tempfile
 from pathlib import Path
 
 from service.core.config import Settings
+from service.database import Database, open_database, sqlite_database
+from service.job_store import JOB_DATABASE, JobStore
 from service.model_registry import ModelRegistry
 from service.training_jobs import TrainingManager
 
@@ -35,8 +38,21 @@ def read_only_reason(settings: Settings) -> str | None:
     return None
 
 
+def open_state_database(settings: Settings, read_only: str | None) -> Database | None:
+    """The database of job records, activations and (shared) galleries, migrated to the current
+    schema: PostgreSQL where configured, else the state directory's SQLite file (None where that
+    directory is read-only)."""
+    if settings.database_url is not None:
+        database = open_database(settings.database_url.get_secret_value())
+        log.info("state in %s", database.name)
+        return database
+    if read_only is not None:
+        return None
+    return sqlite_database(settings.state_path / JOB_DATABASE, "the job database")
+
+
 def start_training(
-    settings: Settings, registry: ModelRegistry, read_only: str | None
+    settings: Settings, registry: ModelRegistry, read_only: str | None, database: Database | None = None
 ) -> TrainingManager | None:
     """The job manager on the state directory (None where it is read-only)."""
     if read_only is not None:
@@ -50,4 +66,5 @@ def start_training(
         state_dir=settings.state_path,
         models_read_only=exports
         and f"the weights directory, where a job's model goes, cannot be written ({exports})",
+        store=JobStore(database) if database is not None else None,
     )

@@ -1,18 +1,18 @@
-"""Training jobs: each one an ``alexnet-train`` process, its record in SQLite.
+"""Training jobs: each one an ``alexnet-train`` process, its record in the state database.
 
 The server never trains in its own process: it writes the job's parameters to
-``<run dir>/config.json`` (``alexnet_core.training.TrainRun``) and starts
-``python -m model_export.train --config <run dir>/config.json`` (torch is imported there, not
-here), follows the run through the events it writes to ``metrics.jsonl``, and cancels it with
-SIGTERM (the trainer stops within one batch and keeps its last checkpoint). One job runs at a
-time; a second request while one is running gets 409 rather than waiting in a queue, so that a
-client always knows at once whether its job started.
+``<run dir>/config.json`` (``alexnet_core.training.TrainRun``), starts ``python -m
+model_export.train --config <run dir>/config.json`` (torch is imported there, not here), follows
+the run through the events it writes to ``metrics.jsonl``, and cancels it with SIGTERM (the
+trainer stops within one batch and keeps its last checkpoint). One job runs at a time (on a
+shared database, cluster-wide); a second request meanwhile gets 409, never a queue.
 
 A job belongs to the server process that started it: that process holds an exclusive
 ``flock`` on ``<run dir>/owner.lock`` while the job is queued or running, and the kernel drops
 the lock when the process ends, however it ends. Another server on the same weights directory
 finds the lock held and leaves the job alone; a server starting after the owner died finds it
-free and settles the job (succeeded if its trainer finished, else interrupted).
+free and settles the job (succeeded if its trainer finished, else interrupted); on a shared
+database, only a server on the job's host settles it.
 """
 
 import asyncio
@@ -23,6 +23,7 @@ import logging
 import os
 import shutil
 import signal
+import socket
 import sys
 import time
 import uuid
@@ -43,7 +44,7 @@ from alexnet_core.training import (
     last,
     read_events,
 )
-from service.job_store import STORAGE_ERRORS, JobRecord, JobStore, refusal
+from service.job_store import JOB_DATABASE, STORAGE_ERRORS, JobRecord, JobStore, refusal
 from service.model_registry import ModelRegistry
 from service.schemas import TrainRequest
 from service.training_datasets import DatasetRefused, check_dataset
@@ -114,14 +115,16 @@ class TrainingManager:
     into the weights directory: where it is read-only, ``models_read_only`` says why."""
 
     def __init__(self, weights_dir: Path, data_root: Path, registry: ModelRegistry,
-                 state_dir: Path | None = None, models_read_only: str | None = None) -> None:  # fmt: skip
+                 state_dir: Path | None = None, models_read_only: str | None = None,
+                 store: JobStore | None = None) -> None:  # fmt: skip
         self.weights_dir = weights_dir
         self.data_root = data_root
         self.registry = registry
         self.state_dir = state_dir or weights_dir
         self.models_read_only = models_read_only
         self.runs_dir = self.state_dir / "runs"
-        self.store = JobStore(self.state_dir / "jobs.sqlite3")
+        self.store = store or JobStore(self.state_dir / JOB_DATABASE)
+        self.host = socket.gethostname()
         self._tasks: dict[str, asyncio.Task[None]] = {}
         self._unsaved: dict[str, JobRecord] = {}  # ended, their record waiting for room on disk
         self._starting = asyncio.Lock()  # one check-and-record at a time
@@ -135,8 +138,8 @@ class TrainingManager:
         """Jobs recorded as queued or running whose owner is gone (its lock is free): a trainer
         that finished while no server watched it succeeded; any other was cut off."""
         for job in self.store.all():
-            if job.state not in ACTIVE_STATES:
-                continue
+            if job.state not in ACTIVE_STATES or job.host not in (None, self.host):
+                continue  # ended, or run by a server on another machine (a shared database)
             try:
                 fd = claim(job.run_dir)
             except OSError:  # its run folder is gone: nothing runs there
@@ -172,7 +175,7 @@ class TrainingManager:
     def _activate(self, job: JobRecord) -> None:
         assert job.model_version is not None
         try:
-            self.registry.activate(job.model_version)
+            self.registry.activate(job.model_version, by=f"job {job.id}")
             job.activated = True
         except Exception as exc:  # the served model stays as it was
             job.error = f"trained and exported, but activation failed: {exc}"
@@ -209,8 +212,8 @@ class TrainingManager:
         dataset = await self._dataset(request.dataset)
         async with self._starting:  # check and record with no other start in between
             await asyncio.to_thread(self._check_can_start)
-            job_id = uuid.uuid4().hex[:12]
-            job = JobRecord(job_id, JobState.queued, request, self.runs_dir / job_id, time.time())
+            job_id, now = uuid.uuid4().hex[:12], time.time()
+            job = JobRecord(job_id, JobState.queued, request, self.runs_dir / job_id, now, host=self.host)
             await asyncio.to_thread(self._prepare, job, dataset, False)
             self._launch(job)
         return job
@@ -233,7 +236,7 @@ class TrainingManager:
         async with self._starting:
             await asyncio.to_thread(self._check_can_start)
             job = await asyncio.to_thread(self.get, job_id)  # as recorded now, after the wait
-            job.state, job.error, job.finished_at = JobState.queued, None, None
+            job.state, job.error, job.finished_at, job.host = JobState.queued, None, None, self.host
             await asyncio.to_thread(self._prepare, job, dataset, True)
             self._launch(job)
         return job
@@ -265,7 +268,7 @@ class TrainingManager:
             if not resume:
                 shutil.rmtree(job.run_dir, ignore_errors=True)
             if isinstance(exc, STORAGE_ERRORS):
-                raise JobError(*refusal(exc, self._reason(exc))) from exc
+                raise JobError(*refusal(exc, self._reason(exc), self.store.name)) from exc
             raise
 
     def _reason(self, exc: BaseException) -> str:
