@@ -7,6 +7,8 @@ import threading
 from collections.abc import Callable
 from pathlib import Path
 
+from sqlalchemy.exc import SQLAlchemyError
+
 from alexnet_core import files, model_files
 from alexnet_core.session import OnnxClassifier
 from service.core.config import Settings
@@ -154,7 +156,10 @@ class ModelRegistry:
             path = self.find(version)
             classifier = self._load(path)
             if self.follows_history and self.history:
-                self.history.record(path.name, by)
+                try:
+                    self.history.record(path.name, by)
+                except SQLAlchemyError as exc:  # down or refusing: a 503 naming it
+                    raise self.history.database.unavailable(exc) or exc from None
             else:
                 files.write_text(self.pointer, path.name)
                 self._log_in_history(path.name, by)

@@ -3,6 +3,7 @@
 
 import logging
 import sqlite3
+import threading
 import time
 from collections.abc import Iterator
 from contextlib import contextmanager
@@ -21,6 +22,8 @@ log = logging.getLogger(__name__)
 MIGRATIONS = Path(__file__).parent / "migrations"
 RETRY_AFTER_S = 2
 CONNECT_TIMEOUT_S = 5  # a database host that does not answer: a 503 after this, not a hung request
+# Alembic's ``context`` and ``op`` are module-level proxies: one migration at a time in a process.
+_MIGRATING = threading.Lock()
 
 
 class DatabaseError(StatusError):
@@ -132,6 +135,11 @@ def open_database(url: str) -> Database:
     database = Database(engine, name, shared=True)
     try:
         upgrade(database)
+    except OperationalError as exc:
+        database.close()
+        raise RuntimeError(
+            f"{unavailable_detail(exc, name)}: check ALEXNET_DATABASE_URL and that the database server is up"
+        ) from None
     except BaseException:
         database.close()
         raise
@@ -146,7 +154,7 @@ def upgrade(database: Database, attempts: int = 5) -> None:
     config.set_main_option("script_location", str(MIGRATIONS))
     for attempt in range(attempts):
         try:
-            with database.write() as connection:
+            with _MIGRATING, database.write() as connection:
                 config.attributes["connection"] = connection
                 command.upgrade(config, "head")
             return
