@@ -205,3 +205,30 @@ def test_database_stopped_under_a_running_server(
         assert add(c, "after", image(2)).status_code == 201
         assert sorted(i["id"] for i in c.get("/gallery").json()["items"]) == ["after", "before"]
         assert c.post("/model/activate", json={"version": "feat"}, headers=AUTH).status_code == 200
+
+
+def test_a_job_that_ends_while_the_database_is_down_is_recorded_once_it_is_back(
+    postgres: Postgres, database: str, tmp_path: Path
+) -> None:
+    write_digits(tmp_path / "data" / "digits", size=16, held_out_per_class=0)
+    weights = tmp_path / "weights"
+    write_free_model(weights / "first.onnx")
+    dbname = database.rsplit("/", 1)[1]
+    with server(weights, tmp_path, database, "a") as a, httpx.Client(base_url=a.url, timeout=60) as c:
+        job = c.post("/train", json=QUICK, headers=AUTH).json()
+        wait_until(lambda: c.get(job["url"]).json()["state"] == "running", 120, "the job running")
+        postgres.stop("fast")
+        try:
+            # Shown ended by the server that ran it while its record waits for the database.
+            wait_until(
+                lambda: (r := c.get(job["url"])).status_code == 200 and r.json()["state"] == "succeeded",
+                300,
+                "the job's end, shown during the outage",
+                interval=1.0,
+            )
+            assert c.get("/train").status_code == 503  # the listing needs the database
+        finally:
+            postgres.start()
+        recorded = lambda: postgres.query(dbname, f"SELECT state FROM jobs WHERE id = '{job['id']}'")  # noqa: E731
+        wait_until(lambda: recorded() == [("succeeded",)], 30, "the record written once the database is back")
+        assert [j["state"] for j in c.get("/train").json()] == ["succeeded"]
