@@ -73,7 +73,7 @@ COPY alexnet_core ./alexnet_core
 COPY model_export ./model_export
 COPY service ./service
 # A regular (non-editable) install: the final stage gets /opt/venv only, not the sources.
-RUN pip install -c constraints.txt ".[export]" \
+RUN pip install -c constraints.txt ".[export,postgres]" \
     && python -c "import onnxruntime, service.main, model_export.cli"
 
 # ---------------------------------------------------------------------------------------------
