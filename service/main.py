@@ -31,18 +31,17 @@ from service.core.middleware import (
     RoomCheck,
 )
 from service.core.security import needs_key, scope_checker
-from service.database.history import ActivationHistory
 from service.decoding import DecodePool
 from service.engine.local import LocalEngine
 from service.engine.server import EngineServer
 from service.image_admission import ImageAdmission
 from service.inference import InferenceQueue
-from service.model_registry import HistoryWatcher, ModelRegistry, PointerWatcher
+from service.model_registry import ModelRegistry
 from service.preparation import Preparation
 from service.routers import ensemble, gallery, health, kernels, models, page, predict, train
 from service.routers import v2 as open_inference
 from service.shared_state import ENGINE_ROW, SharedState
-from service.state_storage import open_state_database, read_only_reason, start_training
+from service.state_storage import open_state, read_only_reason, start_training
 from service.tallies import DECODE_BYTES, DECODING, IMAGES, Tally
 
 log = logging.getLogger(__name__)
@@ -143,22 +142,11 @@ def create_app(settings: Settings | None = None, shared: SharedState | None = No
         app.state.engine = LocalEngine(settings, registry, inference, app.state.preparation, metrics)
         # Where the state cannot be written, training, galleries and activation answer 503.
         app.state.read_only = registry.read_only = await asyncio.to_thread(read_only_reason, settings)
-        database = app.state.database = await asyncio.to_thread(
-            open_state_database, settings, app.state.read_only
-        )
-        if database is not None:
-            registry.history, registry.follows_history = ActivationHistory(database), database.shared
+        database, watcher = await asyncio.to_thread(open_state, settings, registry)
+        app.state.database = database
         await asyncio.gather(asyncio.to_thread(registry.load_at_startup), decoder.warm_up())
-        # Replicas follow activations: through the shared database's history, else the ACTIVE file.
-        watcher = (
-            HistoryWatcher(registry, settings.database_poll_s)
-            if registry.follows_history
-            else PointerWatcher(registry)
-        )
-        watcher.start()
-        app.state.training = await asyncio.to_thread(
-            start_training, settings, registry, app.state.read_only, database
-        )
+        watcher.start()  # replicas follow activations: the shared history, else the ACTIVE file
+        app.state.training = await asyncio.to_thread(start_training, settings, registry, database)
         inference.start()
         fronts = None
         if shared:
@@ -176,8 +164,6 @@ def create_app(settings: Settings | None = None, shared: SharedState | None = No
             decoder.stop()
             pool.shutdown(wait=True, cancel_futures=True)
             registry.close()
-            if database is not None:
-                database.close()
 
     app = FastAPI(
         title="alexnet-serve",
@@ -193,7 +179,6 @@ def create_app(settings: Settings | None = None, shared: SharedState | None = No
     app.state.inference = inference
     app.state.fronts = None
     app.state.read_only = None  # why the server cannot write its state: found at start-up
-    app.state.database = None  # the state database, opened at start-up
 
     _add_routes(app)
     errors.install(app)

@@ -173,6 +173,8 @@ class ModelRegistry:
         with self._activation:
             self.current = None
             self.not_ready_reason = "the server is shutting down"
+            if self.history is not None:
+                self.history.database.close()
 
     def pin_current(self) -> None:
         """Record the served model as the activated one where nothing is recorded yet. Called

@@ -9,8 +9,9 @@ from pathlib import Path
 
 from service.core.config import Settings
 from service.database import Database, open_database, sqlite_database
+from service.database.history import ActivationHistory
 from service.job_store import JOB_DATABASE, JobStore
-from service.model_registry import ModelRegistry
+from service.model_registry import HistoryWatcher, ModelRegistry, PointerWatcher
 from service.training_jobs import TrainingManager
 
 log = logging.getLogger(__name__)
@@ -51,10 +52,22 @@ def open_state_database(settings: Settings, read_only: str | None) -> Database |
     return sqlite_database(settings.state_path / JOB_DATABASE, "the job database")
 
 
+def open_state(settings: Settings, registry: ModelRegistry) -> tuple[Database | None, PointerWatcher]:
+    """The state database, given to the registry for its activation history, and what follows
+    activations made by other servers (not started): the shared history, else the ACTIVE file."""
+    database = open_state_database(settings, registry.read_only)
+    if database is not None:
+        registry.history, registry.follows_history = ActivationHistory(database), database.shared
+    if registry.follows_history:
+        return database, HistoryWatcher(registry, settings.database_poll_s)
+    return database, PointerWatcher(registry)
+
+
 def start_training(
-    settings: Settings, registry: ModelRegistry, read_only: str | None, database: Database | None = None
+    settings: Settings, registry: ModelRegistry, database: Database | None
 ) -> TrainingManager | None:
     """The job manager on the state directory (None where it is read-only)."""
+    read_only = registry.read_only
     if read_only is not None:
         log.warning("training, galleries and activation are disabled: %s", read_only)
         return None

@@ -107,7 +107,8 @@ def http_errors() -> Iterator[None]:
 
 async def galleries(request: Request) -> Galleries:
     state = request.app.state
-    shared = state.database if state.database is not None and state.database.shared else None
+    database = getattr(state, "database", None)  # opened at start-up
+    shared = database if database is not None and database.shared else None
     if state.read_only and shared is None:  # no writable place for the galleries' files
         raise HTTPException(
             status.HTTP_503_SERVICE_UNAVAILABLE, f"the gallery is disabled: {state.read_only}"
