@@ -62,4 +62,3 @@ def local_cluster(nodes: int = 2, cpus: int = 1) -> Iterator[Any]:
         ray.shutdown()
         cluster.shutdown()
         shutil.rmtree(root, ignore_errors=True)  # logs and sockets: nothing left in /tmp
-

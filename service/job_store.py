@@ -1,21 +1,29 @@
-"""Training job records, kept in SQLite under the weights directory so that history survives
-restarts. One shape: ``JobRecord``; a row is read by column name into it, and the API's
-``TrainingJob`` is derived from it (``service.routers.train``)."""
+"""Training job records in the state database (``service.database``: SQLite under the state
+directory by default, PostgreSQL where configured), so that history survives restarts and, on
+PostgreSQL, every server sees every job. One shape: ``JobRecord``; a row is read by column name
+into it, and the API's ``TrainingJob`` is derived from it (``service.routers.train``)."""
 
 import asyncio
 import logging
 import sqlite3
-import threading
 from collections.abc import Callable
 from dataclasses import dataclass, fields
 from pathlib import Path
 from typing import Any
 
+from sqlalchemy import RowMapping, select
+from sqlalchemy.exc import SQLAlchemyError
+
 from alexnet_core.training import JobState
+from service.database import Database, sqlite_database, unavailable_detail
+from service.database.schema import jobs
 from service.schemas import TrainRequest
 
 log = logging.getLogger(__name__)
-STORAGE_ERRORS = (OSError, sqlite3.Error)  # what writing a record or a run's file may raise
+# What writing a record or a run's file may raise.
+STORAGE_ERRORS = (OSError, sqlite3.Error, SQLAlchemyError)
+JOB_DATABASE = "jobs.sqlite3"
+LOCKED_RETRY_S = 2
 
 
 @dataclass
@@ -31,11 +39,10 @@ class JobRecord:
     error: str | None = None
     model_version: str | None = None
     activated: bool = False
+    host: str | None = None  # the machine running it (None: recorded before hosts were)
 
 
 COLUMNS = [f.name for f in fields(JobRecord)]
-SQL_TYPES = {"created_at": "REAL", "started_at": "REAL", "finished_at": "REAL", "pid": "INTEGER",
-             "activated": "INTEGER"}  # fmt: skip
 
 
 def _to_row(job: JobRecord) -> dict[str, Any]:
@@ -44,19 +51,10 @@ def _to_row(job: JobRecord) -> dict[str, Any]:
         "state": job.state.value,
         "request": job.request.model_dump_json(),
         "run_dir": str(job.run_dir),
-        "activated": int(job.activated),
     }
 
 
-def refusal(exc: BaseException, reason: str) -> tuple[int, str, int | None]:
-    """Status, detail and Retry-After seconds for a job that could not be recorded: ``exc``, told
-    to a client as ``reason``."""
-    if isinstance(exc, sqlite3.OperationalError) and "locked" in str(exc):
-        return 503, f"the job database is locked by another process ({reason}); retry shortly", 2
-    return 507, f"no room to record the job ({reason}): free space on the server's state disk", None
-
-
-def _from_row(row: sqlite3.Row) -> JobRecord:
+def _from_row(row: RowMapping) -> JobRecord:
     values = {name: row[name] for name in COLUMNS}
     return JobRecord(**values | {
         "state": JobState(row["state"]),
@@ -66,30 +64,40 @@ def _from_row(row: sqlite3.Row) -> JobRecord:
     })  # fmt: skip
 
 
+def refusal(
+    exc: BaseException, reason: str, database: str = "the job database"
+) -> tuple[int, str, int | None]:
+    """Status, detail and Retry-After seconds for a job that could not be recorded: ``exc``, told
+    to a client as ``reason``."""
+    original = getattr(exc, "orig", None) or exc
+    if isinstance(original, sqlite3.OperationalError) and "locked" in str(original):
+        return 503, f"the job database is locked by another process ({reason}); retry shortly", LOCKED_RETRY_S
+    if not isinstance(original, sqlite3.Error) and (detail := unavailable_detail(exc, database)):
+        return 503, f"the job was not recorded: {detail}", LOCKED_RETRY_S
+    return 507, f"no room to record the job ({reason}): free space on the server's state disk", None
+
+
 class JobStore:
-    def __init__(self, path: Path) -> None:
-        path.parent.mkdir(parents=True, exist_ok=True)
-        self._db = sqlite3.connect(path, check_same_thread=False, isolation_level=None)
-        self._db.row_factory = sqlite3.Row
-        self._db.execute("PRAGMA journal_mode=WAL")
-        self._lock = threading.Lock()
-        columns = ", ".join(f"{name} {SQL_TYPES.get(name, 'TEXT')}" for name in COLUMNS)
-        self._db.execute(f"CREATE TABLE IF NOT EXISTS jobs ({columns}, PRIMARY KEY (id))")
-        # A store written by an older version lacks the columns added since: add them (NULL).
-        present = {row["name"] for row in self._db.execute("PRAGMA table_info(jobs)")}
-        for name in COLUMNS:
-            if name not in present:
-                self._db.execute(f"ALTER TABLE jobs ADD COLUMN {name} {SQL_TYPES.get(name, 'TEXT')}")
+    """The job records of ``database`` (a path: that SQLite file)."""
+
+    def __init__(self, database: Database | Path) -> None:
+        self.database = (
+            database if isinstance(database, Database) else sqlite_database(database, "the job database")
+        )
+
+    @property
+    def name(self) -> str:
+        return self.database.name
 
     def save(self, job: JobRecord) -> None:
-        names = ", ".join(COLUMNS)
-        values = ", ".join(f":{name}" for name in COLUMNS)
-        with self._lock:
-            self._db.execute(f"INSERT OR REPLACE INTO jobs ({names}) VALUES ({values})", _to_row(job))
+        row = _to_row(job)
+        with self.database.write() as db:
+            if db.execute(jobs.update().where(jobs.c.id == job.id).values(row)).rowcount == 0:
+                db.execute(jobs.insert().values(row))
 
     async def save_retrying(self, job: JobRecord, give_up: Callable[[], bool]) -> bool:
-        """Saves ``job``, retrying (backing off to every 5 s) while the disk refuses, until it is
-        written (True) or ``give_up()`` (False)."""
+        """Saves ``job``, retrying (backing off to every 5 s) while the disk or the database
+        refuses, until it is written (True) or ``give_up()`` (False)."""
         delay = 0.5
         while True:
             try:
@@ -104,14 +112,14 @@ class JobStore:
                 delay = min(delay * 2, 5.0)
 
     def get(self, job_id: str) -> JobRecord | None:
-        with self._lock:
-            row = self._db.execute("SELECT * FROM jobs WHERE id = ?", (job_id,)).fetchone()
+        with self.database.read() as db:
+            row = db.execute(select(jobs).where(jobs.c.id == job_id)).mappings().first()
         return _from_row(row) if row else None
 
     def all(self) -> list[JobRecord]:
-        with self._lock:
-            rows = self._db.execute("SELECT * FROM jobs ORDER BY created_at DESC").fetchall()
+        with self.database.read() as db:
+            rows = db.execute(select(jobs).order_by(jobs.c.created_at.desc())).mappings().all()
         return [_from_row(row) for row in rows]
 
     def close(self) -> None:
-        self._db.close()
+        self.database.close()

@@ -39,12 +39,12 @@ from service.engine.local import Engine, LocalEngine
 from service.engine.server import EngineServer
 from service.image_admission import ImageAdmission
 from service.inference import InferenceQueue
-from service.model_registry import ModelRegistry, PointerWatcher
+from service.model_registry import ModelRegistry
 from service.preparation import Preparation
 from service.routers import ensemble, gallery, health, kernels, models, page, predict, train
 from service.routers import v2 as open_inference
 from service.shared_state import ENGINE_ROW, SharedState
-from service.state_storage import read_only_reason, start_training
+from service.state_storage import open_state, read_only_reason, start_training
 from service.tallies import DECODE_BYTES, DECODING, IMAGES, Tally
 
 log = logging.getLogger(__name__)
@@ -155,12 +155,13 @@ def create_app(
         app.state.engine = engine(settings, registry, inference, app.state.preparation, metrics)
         # Where the state cannot be written, training, galleries and activation answer 503.
         app.state.read_only = registry.read_only = await asyncio.to_thread(read_only_reason, settings)
+        database, watcher = await asyncio.to_thread(open_state, settings, registry)
+        app.state.database = database
         await asyncio.gather(asyncio.to_thread(registry.load_at_startup), decoder.warm_up())
         inference.max_batch_images = batch_limit(settings, registry.current)
         device = await start_device(app.state.engine, settings, shared is not None)
-        watcher = PointerWatcher(registry)  # replicas sharing the weights volume follow activations
-        watcher.start()
-        app.state.training = await asyncio.to_thread(start_training, settings, registry, app.state.read_only)
+        watcher.start()  # replicas follow activations: the shared history, else the ACTIVE file
+        app.state.training = await asyncio.to_thread(start_training, settings, registry, database)
         inference.start()
         fronts = None
         if shared:

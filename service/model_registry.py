@@ -1,14 +1,19 @@
-"""Which model is in service: chosen at start-up, swapped atomically on activation."""
+"""Which model is in service: chosen at start-up, swapped atomically on activation. Each activation
+is recorded in the activation history; replicas agree on the activated model through the ``ACTIVE``
+file in the state directory, or, on a shared (PostgreSQL) database, through that history."""
 
 import logging
 import threading
 from collections.abc import Callable
 from pathlib import Path
 
+from sqlalchemy.exc import SQLAlchemyError
+
 from alexnet_core import files, model_files
 from alexnet_core.metadata import ModelMetadata
 from alexnet_core.session import OnnxClassifier
 from service.core.config import Settings
+from service.database.history import ActivationHistory
 
 log = logging.getLogger(__name__)
 
@@ -59,6 +64,8 @@ class ModelRegistry:
         self.listeners: list[Callable[[OnnxClassifier | None], None]] = []
         self._activation = threading.Lock()
         self._verified: set[Path] = set()  # files whose SHA-256 matched their export manifest
+        self.history: ActivationHistory | None = None  # where the state database can be written
+        self.follows_history = False  # the history, not the ACTIVE file, says what is activated
 
     @property
     def current(self) -> OnnxClassifier | None:
@@ -140,7 +147,9 @@ class ModelRegistry:
         try:
             if self.settings.model:
                 preferred = [self.find(self.settings.model)]
-            elif pointer := self.recorded_choice():
+            elif self.follows_history and self.history and (latest := self.history.latest()):
+                preferred = [self.find(latest[1])]
+            elif not self.follows_history and (pointer := self.recorded_choice()):
                 preferred = [self.find(pointer.read_text().strip())]
         except ModelNotFound as exc:
             log.error("%s; trying the other models", exc)
@@ -175,16 +184,24 @@ class ModelRegistry:
             return
         log.info("serving the fp16 variant %s on CUDA: its export check passed", variant.stem)
 
-    def activate(self, version: str) -> OnnxClassifier:
-        """Load and warm the new model fully, record it in the ACTIVE file, then swap: requests
-        already holding the old one finish on it. Any failure (a model that cannot be loaded, an
-        ACTIVE file that cannot be written) leaves the served model and the file as they were."""
-        if self.read_only:
+    def activate(self, version: str, by: str = "request") -> OnnxClassifier:
+        """Load and warm the new model fully, record it (the ACTIVE file, or the shared history),
+        then swap: requests already holding the old one finish on it. Any failure (a model that
+        cannot be loaded, a record that cannot be written) leaves the served model and the record
+        as they were. ``by``: what activated it, for the history."""
+        if self.read_only and not self.follows_history:
             raise StateReadOnly(f"activation is disabled: {self.read_only}")
         with self._activation:
             path = self.find(version)
             classifier = self._load(path)
-            files.write_text(self.pointer, path.name)
+            if self.follows_history and self.history:
+                try:
+                    self.history.record(path.name, by)
+                except SQLAlchemyError as exc:  # down or refusing: a 503 naming it
+                    raise self.history.database.unavailable(exc) or exc from None
+            else:
+                files.write_text(self.pointer, path.name)
+                self._log_in_history(path.name, by)
             self.current = classifier
             log.info("activated model %s", classifier.version)
             return classifier
@@ -195,24 +212,44 @@ class ModelRegistry:
         with self._activation:
             self.current = None
             self.not_ready_reason = "the server is shutting down"
+            if self.history is not None:
+                self.history.database.close()
 
     def pin_current(self) -> None:
         """Record the served model as the activated one where nothing is recorded yet. Called
         before a training job starts: a model that appears later (the job's, not to be activated)
         must not become, as the newest file, what the next start-up serves."""
         with self._activation:
-            if self.current is not None and not self.pointer.exists():
+            if self.current is None:
+                return
+            if self.follows_history and self.history:
+                if self.history.latest() is None:
+                    self.history.record(self.current.path.name, "pin")
+            elif not self.pointer.exists():
                 files.write_text(self.pointer, self.current.path.name)
 
-    def follow_pointer(self) -> OnnxClassifier | None:
-        """Serve the model the ACTIVE file names when another process sharing the weights
-        directory (a replica, or its training job) activated it. Never writes the file: a replica
-        that lags behind must not undo a later activation. None when it names the model served."""
-        with self._activation:
+    def _log_in_history(self, model_file: str, by: str) -> None:
+        """Beside the ACTIVE file, which decides: a history that cannot be written (a database
+        locked by a backup) is logged, and the activation stands."""
+        if self.history is not None:
             try:
-                name = self.pointer.read_text().strip()
-            except FileNotFoundError:
-                return None
+                self.history.record(model_file, by)
+            except Exception as exc:
+                log.warning("activation of %s not recorded in the history: %s", model_file, exc)
+
+    def follow_pointer(self) -> OnnxClassifier | None:
+        """Serve the model the ACTIVE file (or the shared history) names when another process
+        (a replica, or its training job) activated it. Never writes it: a replica that lags
+        behind must not undo a later activation. None when it names the model served."""
+        with self._activation:
+            if self.follows_history and self.history:
+                latest = self.history.latest()
+                name = latest[1] if latest else ""
+            else:
+                try:
+                    name = self.pointer.read_text().strip()
+                except FileNotFoundError:
+                    return None
             current = self.current
             if not name or (current is not None and current.path.name == name):
                 return None
@@ -232,9 +269,10 @@ class PointerWatcher:
         self.registry = registry
         self.interval_s = interval_s
         self._stop = threading.Event()
+        self._failing = False
         self._thread = threading.Thread(target=self._run, name="active-pointer", daemon=True)
 
-    def _stamp(self) -> tuple[int, int, int] | None:
+    def _stamp(self) -> tuple[int, ...] | None:
         try:
             st = self.registry.pointer.stat()
         except OSError:
@@ -253,7 +291,16 @@ class PointerWatcher:
 
     def _run(self) -> None:
         while not self._stop.wait(self.interval_s):
-            stamp = self._stamp()
+            try:
+                stamp = self._stamp()
+            except Exception as exc:  # the database is down: keep serving, look again next time
+                if not self._failing:
+                    log.warning("cannot read the activation history: %s", exc)
+                self._failing = True
+                continue
+            if self._failing:
+                log.info("the activation history can be read again")
+            self._failing = False
             if stamp == self._last:
                 continue
             self._last = stamp
@@ -261,3 +308,15 @@ class PointerWatcher:
                 self.registry.follow_pointer()
             except Exception as exc:  # a bad or missing model: keep serving, log, wait for the next change
                 log.error("cannot follow the ACTIVE file: %s", exc)
+
+
+class HistoryWatcher(PointerWatcher):
+    """Replicas on one PostgreSQL database agree through its activation history: polled every
+    ``interval_s`` (one indexed read of the newest row), the model loaded and warmed before the
+    swap. A replica serves an activation made elsewhere within ``interval_s`` plus the model's
+    load time."""
+
+    def _stamp(self) -> tuple[int, ...] | None:
+        assert self.registry.history is not None
+        latest = self.registry.history.latest()
+        return (latest[0],) if latest else None

@@ -1,17 +1,16 @@
-"""Training jobs: each one an ``alexnet-train`` process, its record in SQLite.
+"""Training jobs: each one an ``alexnet-train`` process, its record in the state database.
 
-The server never trains in its own process: it writes the job's parameters (``TrainRun``) to
-``<run dir>/config.json``, starts ``python -m model_export.train --config <run dir>/config.json``
-(torch is imported there; on a Ray cluster it drives the job's workers: service.training_cluster),
-follows the run through the events it writes to ``metrics.jsonl``, and cancels it with SIGTERM (the
-trainer stops within one batch and keeps its last checkpoint). One job runs at a time; a second
-request while one runs gets 409 rather than waiting in a queue: a client knows at once if it started.
+The server never trains in its own process: it writes the job's ``TrainRun`` to ``<run
+dir>/config.json``, starts ``python -m model_export.train --config`` on it (torch is imported
+there; on a Ray cluster it drives the job's workers), follows the events it writes to
+``metrics.jsonl``, and cancels it with SIGTERM (it stops within one batch, keeping its checkpoint).
+One job runs at a time (cluster-wide on a shared database); another request meanwhile gets 409.
 
-A job belongs to the server process that started it: that process holds an exclusive
-``flock`` on ``<run dir>/owner.lock`` while the job is queued or running, and the kernel drops
-the lock when the process ends, however it ends. Another server on the same weights directory
-finds the lock held and leaves the job alone; a server starting after the owner died finds it
-free and settles the job (succeeded if its trainer finished, else interrupted).
+A job belongs to the server process that started it: that process holds an exclusive ``flock`` on
+``<run dir>/owner.lock`` while the job is queued or running, which the kernel drops when the
+process ends, however it ends. Another server finds the lock held and leaves the job alone; a
+server starting after the owner died settles the job (succeeded if its trainer finished, else
+interrupted); on a shared database, only a server on the job's host does.
 """
 
 import asyncio
@@ -22,6 +21,7 @@ import logging
 import os
 import shutil
 import signal
+import socket
 import sys
 import time
 import uuid
@@ -42,7 +42,7 @@ from alexnet_core.training import (
     last,
     read_events,
 )
-from service.job_store import STORAGE_ERRORS, JobRecord, JobStore, refusal
+from service.job_store import JOB_DATABASE, STORAGE_ERRORS, JobRecord, JobStore, refusal
 from service.model_registry import ModelRegistry
 from service.schemas import TrainRequest
 from service.training_cluster import check_cluster
@@ -115,7 +115,7 @@ class TrainingManager:
 
     def __init__(self, weights_dir: Path, data_root: Path, registry: ModelRegistry,
                  state_dir: Path | None = None, models_read_only: str | None = None,
-                 ray_address: str | None = None) -> None:  # fmt: skip
+                 store: JobStore | None = None, ray_address: str | None = None) -> None:  # fmt: skip
         self.weights_dir = weights_dir
         self.ray_address = ray_address
         self.data_root = data_root
@@ -123,7 +123,8 @@ class TrainingManager:
         self.state_dir = state_dir or weights_dir
         self.models_read_only = models_read_only
         self.runs_dir = self.state_dir / "runs"
-        self.store = JobStore(self.state_dir / "jobs.sqlite3")
+        self.store = store or JobStore(self.state_dir / JOB_DATABASE)
+        self.host = socket.gethostname()
         self._tasks: dict[str, asyncio.Task[None]] = {}
         self._unsaved: dict[str, JobRecord] = {}  # ended, their record waiting for room on disk
         self._starting = asyncio.Lock()  # one check-and-record at a time
@@ -137,8 +138,8 @@ class TrainingManager:
         """Jobs recorded as queued or running whose owner is gone (its lock is free): a trainer
         that finished while no server watched it succeeded; any other was cut off."""
         for job in self.store.all():
-            if job.state not in ACTIVE_STATES:
-                continue
+            if job.state not in ACTIVE_STATES or job.host not in (None, self.host):
+                continue  # ended, or run by a server on another machine (a shared database)
             try:
                 fd = claim(job.run_dir)
             except OSError:  # its run folder is gone: nothing runs there
@@ -174,7 +175,7 @@ class TrainingManager:
     def _activate(self, job: JobRecord) -> None:
         assert job.model_version is not None
         try:
-            self.registry.activate(job.model_version)
+            self.registry.activate(job.model_version, by=f"job {job.id}")
             job.activated = True
         except Exception as exc:  # the served model stays as it was
             job.error = f"trained and exported, but activation failed: {exc}"
@@ -212,8 +213,8 @@ class TrainingManager:
         dataset = await self._dataset(request)
         async with self._starting:  # check and record with no other start in between
             await asyncio.to_thread(self._check_can_start)
-            job_id = uuid.uuid4().hex[:12]
-            job = JobRecord(job_id, JobState.queued, request, self.runs_dir / job_id, time.time())
+            job_id, now = uuid.uuid4().hex[:12], time.time()
+            job = JobRecord(job_id, JobState.queued, request, self.runs_dir / job_id, now, host=self.host)
             await asyncio.to_thread(self._prepare, job, dataset, False)
             self._launch(job)
         return job
@@ -223,9 +224,7 @@ class TrainingManager:
         if job.state not in (JobState.interrupted, JobState.failed, JobState.cancelled):
             raise JobError(409, f"job {job_id} is {job.state.value}; only a stopped job can be resumed")
         if not resumable(job):
-            raise JobError(
-                409, f"job {job_id} has no checkpoint to resume from (it stopped in its first epoch)"
-            )
+            raise JobError(409, f"job {job_id} has no checkpoint to resume from (it stopped in epoch 1)")
         if job_id in self._tasks:
             raise JobError(409, f"job {job_id} has ended but its record is not written yet; retry shortly")
         if job.pid is not None and _is_trainer(job.pid, job.run_dir):
@@ -236,7 +235,7 @@ class TrainingManager:
         async with self._starting:
             await asyncio.to_thread(self._check_can_start)
             job = await asyncio.to_thread(self.get, job_id)  # as recorded now, after the wait
-            job.state, job.error, job.finished_at = JobState.queued, None, None
+            job.state, job.error, job.finished_at, job.host = JobState.queued, None, None, self.host
             await asyncio.to_thread(self._prepare, job, dataset, True)
             self._launch(job)
         return job
@@ -268,7 +267,7 @@ class TrainingManager:
             if not resume:
                 shutil.rmtree(job.run_dir, ignore_errors=True)
             if isinstance(exc, STORAGE_ERRORS):
-                raise JobError(*refusal(exc, self._reason(exc))) from exc
+                raise JobError(*refusal(exc, self._reason(exc), self.store.name)) from exc
             raise
 
     def _reason(self, exc: BaseException) -> str:

@@ -150,7 +150,7 @@ def test_gallery_add_search_delete_and_restart(client: httpx.Client, weights: Pa
     directory = next((weights / "gallery").iterdir())
     assert {p.name for p in directory.iterdir()} <= {f"gallery.sqlite{s}" for s in ("", "-wal", "-shm")}
     with closing(sqlite3.connect(directory / "gallery.sqlite")) as db:
-        assert db.execute("SELECT count(*) FROM items").fetchone() == (5,)
+        assert db.execute("SELECT count(*) FROM gallery_items").fetchone() == (5,)
     # A restart keeps the gallery.
     with serve(cpu_settings(weights, api_key=KEY)) as url, httpx.Client(base_url=url, timeout=60) as c:
         assert c.get("/gallery").json()["count"] == 5
@@ -164,8 +164,8 @@ def test_corrupt_store_is_reported_and_not_served(client: httpx.Client, weights:
     database = directory / "gallery.sqlite"
     with closing(sqlite3.connect(database)) as db, db:
         # One flipped byte inside a stored vector: SQLite alone would serve it.
-        (vector,) = db.execute("SELECT vector FROM items").fetchone()
-        db.execute("UPDATE items SET vector = ?", (bytes([vector[0] ^ 0xFF]) + vector[1:],))
+        (vector,) = db.execute("SELECT vector FROM gallery_items").fetchone()
+        db.execute("UPDATE gallery_items SET vector = ?", (bytes([vector[0] ^ 0xFF]) + vector[1:],))
 
     def refused(c: httpx.Client) -> None:
         for response in (

@@ -20,7 +20,7 @@ from service.core.config import Settings
 from service.core.metrics import Metrics
 from service.embedding import feature_dim
 from service.engine.local import EngineResult, cancelled_with, no_model
-from service.image_admission import ImageAdmission, Overloaded
+from service.image_admission import ImageAdmission, Overloaded, ServiceUnavailable
 from service.inference import InferenceQueue, InferenceResult
 from service.model_registry import ModelRegistry
 from service.preparation import Preparation, input_batch
@@ -150,18 +150,19 @@ class RayEngine:
         async def work() -> EngineResult:
             timeout = self.settings.request_timeout_s
             async with self.admission.admit_within(len(images), timeout) as admission:
-                decoded = await self.preparation.squares(model.metadata, images, labels, [None] * len(images))
+                outs: list[np.ndarray | None] = [None] * len(images)
+                decoded = await self.preparation.decoded_squares(model.metadata, images, labels, outs)
                 self.admission.handed_over(admission)
-                batch = np.stack([square for square, _, _ in decoded])
+                batch = np.stack([each.pixels for each in decoded])
                 result = await self._call("infer", model.path.name, batch, features)
             return EngineResult(
                 result.probabilities,
                 result.features,
-                [decode_s for _, decode_s, _ in decoded],
-                [square_s for _, _, square_s in decoded],
+                [each.decode_s for each in decoded],
+                [each.square_s for each in decoded],
                 result.seconds,
                 result.batch_images,
-                [square for square, _, _ in decoded] if squares else None,
+                [each.pixels for each in decoded] if squares else None,
             )
 
         return await cancelled_with(cancel_on, work(), self.metrics)
@@ -180,12 +181,13 @@ class RayEngine:
                 return await getattr(self.handle, method).remote(*args)
             except REPLICA_GONE:
                 if attempt:
-                    raise Overloaded("the engine replicas are restarting: send the request again") from None
+                    why = "the engine replicas are restarting: send the request again"
+                    raise ServiceUnavailable(why) from None
                 log.warning("an engine replica ended under a request: sending it to another")
             except (BackPressureError, DeploymentUnavailableError) as exc:
                 raise Overloaded(f"the engine replicas are busy or starting: {exc}") from None
             except RayTaskError as exc:
-                if isinstance(exc.cause, Overloaded):  # the engine replica's own bound
-                    raise Overloaded(str(exc.cause)) from None
+                if isinstance(exc.cause, ServiceUnavailable):  # the engine replica's own bound, or stopping
+                    raise ServiceUnavailable(str(exc.cause)) from None
                 raise
         raise AssertionError("unreachable")

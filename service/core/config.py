@@ -59,6 +59,18 @@ class Settings(CommonSettings):
         description="where the server writes its state: training job records and runs, galleries, the "
         "ACTIVE file; default: weights_dir (a read-only weights_dir without it: those are disabled)",
     )
+    database_url: SecretStr | None = Field(
+        None,
+        description="PostgreSQL database for job records, the activation history and the galleries, "
+        "shared by every server given it (postgresql+psycopg://user:password@host:5432/db; needs the "
+        "postgres extra); unset = SQLite files in the state directory",
+    )
+    database_poll_s: float = Field(
+        0.5,
+        gt=0,
+        description="with database_url: how often a server reads the activation history to follow "
+        "an activation made through another",
+    )
     intra_op_threads: int = Field(
         0,
         ge=0,
@@ -204,7 +216,7 @@ class Settings(CommonSettings):
         for key in ("providers", "cors_origins"):
             if key in data:
                 data[key] = _split(data[key])
-        for key in ("workers", "state_dir", "ray", "train_on_ray"):
+        for key in ("workers", "state_dir", "ray", "train_on_ray", "database_url"):
             if data.get(key) == "":  # a deployment file passing the default through
                 data[key] = None
         return data

@@ -7,6 +7,7 @@ from contextlib import suppress
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
+from sqlalchemy.exc import SQLAlchemyError
 from starlette.exceptions import HTTPException
 from starlette.formparsers import MultiPartException
 from starlette.requests import ClientDisconnect
@@ -14,6 +15,8 @@ from starlette.routing import Match
 
 from alexnet_core.errors import StatusError
 from alexnet_core.images import ImageInputError
+from service.database import DatabaseError, unavailable_detail
+from service.database.engine import RETRY_AFTER_S
 from service.image_admission import ServiceUnavailable
 from service.training_cluster import ClusterRefused
 from service.training_jobs import JobError
@@ -69,6 +72,16 @@ async def _unexpected(request: Request, exc: Exception) -> JSONResponse:
     return error(500, f"internal error: {type(exc).__name__}")
 
 
+async def _database_error(request: Request, exc: SQLAlchemyError) -> JSONResponse:
+    """A database that is down or refuses, wherever a route met it: 503 naming it, never a 500."""
+    database = getattr(request.app.state, "database", None)
+    detail = unavailable_detail(exc, database.name if database else "the state database")
+    if detail is None:
+        return await _unexpected(request, exc)
+    log.warning("%s %s: %s", request.method, request.url.path, detail)
+    return error(503, detail, {"Retry-After": str(RETRY_AFTER_S)})
+
+
 def install(app: FastAPI) -> None:
     async def domain_error(request: Request, exc: StatusError) -> JSONResponse:
         retry = getattr(exc, "retry_after_s", None)
@@ -80,6 +93,8 @@ def install(app: FastAPI) -> None:
     app.add_exception_handler(ImageInputError, domain_error)  # type: ignore[arg-type]
     app.add_exception_handler(JobError, domain_error)  # type: ignore[arg-type]
     app.add_exception_handler(ClusterRefused, domain_error)  # type: ignore[arg-type]
+    app.add_exception_handler(DatabaseError, domain_error)  # type: ignore[arg-type]
+    app.add_exception_handler(SQLAlchemyError, _database_error)  # type: ignore[arg-type]
     app.add_exception_handler(ServiceUnavailable, unavailable)  # type: ignore[arg-type]
     app.add_exception_handler(RequestValidationError, _validation_error)  # type: ignore[arg-type]
     # Starlette's own (404 no route, 405 wrong method) as well as FastAPI's subclass.

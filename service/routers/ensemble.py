@@ -16,6 +16,7 @@ from alexnet_core import model_files
 from alexnet_core.files import WriteError
 from model_export.ensemble import MAX_MEMBERS, EnsembleError, build_ensemble
 from service.core.security import ApiKey
+from service.database import DatabaseError
 from service.deps import RegistryDep, SettingsDep
 from service.model_registry import ModelNotFound, ModelRegistry
 from service.schemas import BODY, KEYED, error_responses
@@ -60,6 +61,8 @@ async def _activate_or_remove(registry: ModelRegistry, version: str, output: Pat
     except Exception as exc:
         output.unlink(missing_ok=True)
         model_files.manifest_path(output).unlink(missing_ok=True)
+        if isinstance(exc, DatabaseError):  # the activation cannot be recorded now: retry
+            raise HTTPException(503, exc.detail, {"Retry-After": str(exc.retry_after_s)}) from None
         raise HTTPException(
             status.HTTP_422_UNPROCESSABLE_CONTENT,
             f"the ensemble {version!r} cannot be served, so it was not kept: {registry.redact_paths(exc)}",

@@ -28,7 +28,8 @@ from service.core.security import ApiKey
 from service.deps import ClassifierDep, EngineDep, SettingsDep
 from service.embedding import AGGREGATION, NoFeatures, aggregation, feature_dim
 from service.engine.local import EngineResult
-from service.gallery import ID_PATTERN, Galleries, Gallery, GalleryBusy, GalleryError, Item, thumbnail
+from service.gallery import Galleries, Gallery
+from service.gallery_items import ID_PATTERN, GalleryError, Item, thumbnail
 from service.preparation import read_uploads
 from service.routers.predict import Uploads, top_k_predictions
 from service.schemas import Prediction, error_responses
@@ -97,22 +98,23 @@ ITEM_ERRORS: dict[int, str | None] = {
 def http_errors() -> Iterator[None]:
     try:
         yield
-    except GalleryBusy as exc:
-        raise HTTPException(exc.status_code, exc.detail, headers={"Retry-After": "1"}) from None
-    except GalleryError as exc:
-        raise HTTPException(exc.status_code, exc.detail) from None
+    except GalleryError as exc:  # busy, or a database that cannot be reached: Retry-After
+        retry = {"Retry-After": str(exc.retry_after_s)} if exc.retry_after_s else None
+        raise HTTPException(exc.status_code, exc.detail, headers=retry) from None
     except NoFeatures as exc:
         raise HTTPException(status.HTTP_409_CONFLICT, str(exc)) from None
 
 
 async def galleries(request: Request) -> Galleries:
     state = request.app.state
-    if state.read_only:  # no writable place for the galleries' files
+    database = getattr(state, "database", None)  # opened at start-up
+    shared = database if database is not None and database.shared else None
+    if state.read_only and shared is None:  # no writable place for the galleries' files
         raise HTTPException(
             status.HTTP_503_SERVICE_UNAVAILABLE, f"the gallery is disabled: {state.read_only}"
         )
     if getattr(state, "galleries", None) is None:  # no await before the assignment: no race
-        state.galleries = Galleries(state.settings.state_path, state.settings.gallery_max_items)
+        state.galleries = Galleries(state.settings.state_path, state.settings.gallery_max_items, shared)
     return state.galleries
 
 

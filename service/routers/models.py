@@ -6,6 +6,7 @@ from alexnet_core.files import WriteError
 from alexnet_core.session import OnnxClassifier
 from service.core.config import Settings
 from service.core.security import ApiKey
+from service.database import DatabaseError
 from service.deps import ClassifierDep, RegistryDep, SettingsDep
 from service.model_registry import ModelNotFound, ModelRegistry, StateReadOnly
 from service.schemas import BODY, KEYED, ActivateRequest, ModelInfo, error_responses
@@ -43,7 +44,7 @@ async def get_model(classifier: ClassifierDep, registry: RegistryDep, settings: 
         | {
             404: None,
             422: "invalid body, or the model cannot be loaded",
-            503: "activation disabled: no writable state directory",
+            503: "activation disabled (no writable state directory), or the database cannot be reached",
             507: "the ACTIVE file cannot be written (disk full): nothing changed",
         }
     ),
@@ -57,6 +58,11 @@ async def activate(body: ActivateRequest, registry: RegistryDep, settings: Setti
         raise HTTPException(status.HTTP_404_NOT_FOUND, str(exc)) from None
     except StateReadOnly as exc:
         raise HTTPException(status.HTTP_503_SERVICE_UNAVAILABLE, str(exc)) from None
+    except DatabaseError as exc:
+        headers = {"Retry-After": str(exc.retry_after_s)}
+        raise HTTPException(
+            exc.status_code, f"model {body.version!r} not activated: {exc.detail}", headers
+        ) from None
     except WriteError as exc:
         raise HTTPException(
             status.HTTP_507_INSUFFICIENT_STORAGE,
