@@ -8,6 +8,7 @@ from collections.abc import AsyncIterator, Callable
 from concurrent.futures import ThreadPoolExecutor
 from contextlib import asynccontextmanager
 from functools import cache
+from typing import Any
 
 from fastapi import FastAPI
 from fastapi.middleware.cors import CORSMiddleware
@@ -182,21 +183,13 @@ def create_app(
             pool.shutdown(wait=True, cancel_futures=True)
             registry.close()
 
-    app = FastAPI(
-        title="alexnet-serve",
-        version="0.1.0",
-        description=DESCRIPTION,
-        lifespan=lifespan,
-        docs_url=None,  # served below from local assets: the default loads them from a CDN
-        redoc_url=None,
-    )
+    app = _new_app(lifespan)
     app.state.settings = settings
     app.state.metrics = metrics
     app.state.registry = registry
     app.state.inference = inference
     app.state.fronts = None
     app.state.read_only = None  # why the server cannot write its state: found at start-up
-
     _add_routes(app)
     errors.install(app)
     if shared:
@@ -204,6 +197,17 @@ def create_app(
     else:
         add_middleware(app, settings, metrics, admission, None)
     return app
+
+
+def _new_app(lifespan: Callable[[FastAPI], Any]) -> FastAPI:
+    return FastAPI(
+        title="alexnet-serve",
+        version="0.1.0",
+        description=DESCRIPTION,
+        lifespan=lifespan,
+        docs_url=None,  # served from local assets (_add_routes): the default loads them from a CDN
+        redoc_url=None,
+    )
 
 
 def batch_limit(settings: Settings, classifier: OnnxClassifier | None) -> int:
