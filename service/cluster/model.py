@@ -81,10 +81,11 @@ class ClusterRegistry(ModelRegistry):
         current = self.current
         return current is not None and current.path == path and bool(getattr(current, "verified", False))
 
-    def activate(self, version: str) -> FrontModel:  # type: ignore[override]
+    def activate(self, version: str, by: str = "request") -> FrontModel:  # type: ignore[override]
         """Load the model on an engine replica first (a model that cannot be loaded changes
         nothing), record it in the ACTIVE file (the next deployment starts with it), then update
-        the app's config: every replica reconfigures in place, and this returns once they have."""
+        the app's config: every replica reconfigures in place, and this returns once they have.
+        ``by`` (a request, a training job) goes into the activation history."""
         if self.read_only:
             raise StateReadOnly(f"activation is disabled: {self.read_only}")
         with self._activation:
@@ -98,5 +99,6 @@ class ClusterRegistry(ModelRegistry):
                 if served is not None:
                     files.write_text(self.pointer, served.path.name)
                 raise
+            self._log_in_history(path.name, by)
             log.info("activated model %s across the cluster", described.file)
             return self.show(described)
