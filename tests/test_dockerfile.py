@@ -26,7 +26,7 @@ def test_dockerfile_is_multi_stage_on_cuda13_cudnn9() -> None:
     assert re.search(r"\bAS builder\b", builder[0][1], re.IGNORECASE)
     builder_runs = " ".join(a for k, a in builder if k == "RUN")
     assert '".[${SERVE_EXTRAS}]"' in builder_runs and "-c constraints.txt" in builder_runs
-    assert args["SERVE_EXTRAS"] == "export,gpu"  # the export stage and the GPU decode path
+    assert args["SERVE_EXTRAS"] == "export,gpu,postgres"  # export, the GPU decode path, the state database
     final_text = " ".join(a for _, a in final)
     assert "--from=builder" in final_text
     # No package managers' build tooling in the image that runs.
