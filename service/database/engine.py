@@ -15,6 +15,7 @@ from alembic import command
 from alembic.config import Config
 from sqlalchemy import Connection, Engine, create_engine, event, make_url
 from sqlalchemy.exc import DBAPIError, IntegrityError, InterfaceError, OperationalError, ProgrammingError
+from sqlalchemy.pool import QueuePool
 
 from alexnet_core.errors import StatusError
 
@@ -84,7 +85,9 @@ def _sqlite_engine(path: Path, busy_timeout_s: float, create: bool) -> Engine:
         return sqlite3.connect(uri, uri=True, timeout=busy_timeout_s, check_same_thread=False,
                                isolation_level=None)  # fmt: skip
 
-    engine = create_engine("sqlite+pysqlite://", creator=connect)
+    # A URL without a file would make SQLAlchemy choose SingletonThreadPool (one connection per
+    # thread, closed under other threads past its size): a queue of whole connections instead.
+    engine = create_engine("sqlite+pysqlite://", creator=connect, poolclass=QueuePool, max_overflow=-1)
 
     # SQLAlchemy's documented recipe for pysqlite: SQLAlchemy, not the driver, begins transactions,
     # and a write transaction takes the write lock at once rather than on its first write.
