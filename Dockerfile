@@ -73,7 +73,8 @@ COPY alexnet_core ./alexnet_core
 COPY model_export ./model_export
 COPY service ./service
 # A regular (non-editable) install: the final stage gets /opt/venv only, not the sources.
-# The postgres extra (psycopg, for ALEXNET_DATABASE_URL) and the gpu extra (nvImageCodec for ALEXNET_DECODE_DEVICE, docs/gpu.md): pure manylinux wheels that
+# The postgres extra (psycopg, for ALEXNET_DATABASE_URL) and the gpu extra (nvImageCodec for
+# ALEXNET_DECODE_DEVICE, docs/gpu.md): pure manylinux wheels that
 # install without a GPU and are imported only when the GPU decode path starts, so the image stays
 # one for GPU and CPU hosts. --build-arg SERVE_EXTRAS=export leaves it out (a platform without
 # its wheels).
