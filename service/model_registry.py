@@ -141,16 +141,22 @@ class ModelRegistry:
             )
         return classifier
 
+    def chosen(self) -> Path | None:
+        """The model chosen for start-up: ALEXNET_MODEL, else the recorded activation (the shared
+        history, or the ACTIVE file); None where none is. Raises ModelNotFound for a missing one."""
+        if self.settings.model:
+            return self.find(self.settings.model)
+        if self.follows_history and self.history and (latest := self.history.latest()):
+            return self.find(latest[1])
+        if not self.follows_history and (pointer := self.recorded_choice()):
+            return self.find(pointer.read_text().strip())
+        return None
+
     def load_at_startup(self) -> None:
         candidates = self.onnx_files()
         preferred: list[Path] = []
         try:
-            if self.settings.model:
-                preferred = [self.find(self.settings.model)]
-            elif self.follows_history and self.history and (latest := self.history.latest()):
-                preferred = [self.find(latest[1])]
-            elif not self.follows_history and (pointer := self.recorded_choice()):
-                preferred = [self.find(pointer.read_text().strip())]
+            preferred = [chosen] if (chosen := self.chosen()) else []
         except ModelNotFound as exc:
             log.error("%s; trying the other models", exc)
         problems = []

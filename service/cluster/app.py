@@ -125,10 +125,8 @@ def initial_model(settings: Settings) -> str:
     """The model file to deploy with: as the one-host server chooses it at start-up."""
     registry = ModelRegistry(settings)
     try:
-        if settings.model:
-            return registry.find(settings.model).name
-        if pointer := registry.recorded_choice():
-            return registry.find(pointer.read_text().strip()).name
+        if chosen := registry.chosen():
+            return chosen.name
     except ModelNotFound as exc:
         raise SystemExit(f"{exc}: {NO_MODEL_HINT}") from None
     available = registry.available()
