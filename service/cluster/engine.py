@@ -155,15 +155,7 @@ class RayEngine:
                 self.admission.handed_over(admission)
                 batch = np.stack([each.pixels for each in decoded])
                 result = await self._call("infer", model.path.name, batch, features)
-            return EngineResult(
-                result.probabilities,
-                result.features,
-                [each.decode_s for each in decoded],
-                [each.square_s for each in decoded],
-                result.seconds,
-                result.batch_images,
-                [each.pixels for each in decoded] if squares else None,
-            )
+            return EngineResult.of_decoded(result, decoded, keep_squares=squares)
 
         return await cancelled_with(cancel_on, work(), self.metrics)
 

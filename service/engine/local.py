@@ -22,6 +22,7 @@ from alexnet_core.metadata import ModelMetadata
 from alexnet_core.session import OnnxClassifier
 from service.core.config import Settings
 from service.core.metrics import Metrics
+from service.decoding import DecodedSquare
 from service.device_decode import DeviceBatcher, DeviceFailed
 from service.device_route import Route, route
 from service.inference import InferenceQueue
@@ -48,6 +49,31 @@ class EngineResult:
     seconds: float  # the inference call
     batch_images: int  # images in that call, this request's and others'
     squares: list[np.ndarray] | None = None  # the decoded central squares, when asked for
+
+    @classmethod
+    def of_decoded(
+        cls, answer: "Answer", decoded: list[DecodedSquare], cut_s: float = 0.0, keep_squares: bool = False
+    ) -> "EngineResult":
+        """``answer`` to images the decode workers squared: their timings (``cut_s`` per image
+        added to their squaring), and their squares where ``keep_squares``."""
+        return cls(
+            answer.probabilities,
+            answer.features,
+            [each.decode_s for each in decoded],
+            [each.square_s + cut_s for each in decoded],
+            answer.seconds,
+            answer.batch_images,
+            [each.pixels for each in decoded] if keep_squares else None,
+        )
+
+
+class Answer(Protocol):
+    """An inference call's answer, wherever the engine runs."""
+
+    probabilities: np.ndarray
+    features: np.ndarray | None
+    seconds: float
+    batch_images: int
 
 
 class Engine(Protocol):
@@ -132,15 +158,7 @@ class LocalEngine:
                 batch = await self.preparation.model_input(meta, [each.pixels for each in decoded])
                 cut_s = (time.perf_counter() - started) / len(images)
                 result = await inference.infer(admission, model, batch, features)
-            return EngineResult(
-                result.probabilities,
-                result.features,
-                [each.decode_s for each in decoded],
-                [each.square_s + cut_s for each in decoded],
-                result.seconds,
-                result.batch_images,
-                [each.pixels for each in decoded] if squares else None,
-            )
+            return EngineResult.of_decoded(result, decoded, cut_s, keep_squares=squares)
 
         return await cancelled_with(cancel_on, work(), self.metrics)
 

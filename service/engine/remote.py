@@ -76,14 +76,7 @@ class RemoteEngine:
                     raise
                 self.admission.handed_over(admission)
                 answer = await self._answer(model, slots, features)
-            return EngineResult(
-                answer.probabilities,
-                answer.features,
-                [each.decode_s for each in decoded],
-                [each.square_s for each in decoded],
-                answer.seconds,
-                answer.batch_images,
-            )
+            return EngineResult.of_decoded(answer, decoded)
 
         return await cancelled_with(cancel_on, work(), self.metrics)
 
